@@ -1,0 +1,42 @@
+// Every fastattn op schema, declared once. Kernels register per backend in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake kernels and autograd
+// formulas live next to the Python wrappers in fastattn/_ops.py.
+//
+// The contract of each op (shapes, tie rules, NaN rules) is spelled out in
+// fastattn/reference.py, whose `ref_*` functions are the ground truth.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastattn, m) {
+  // ---- CBAM -----------------------------------------------------------------
+  // x: (N, C, H, W) -> avg, max: (N, C) in x.dtype; argmax: (N, C) int64 (first
+  // index h*W+w of the max, first NaN wins); count: (N, C) int32 ties of the max.
+  m.def("channel_pool(Tensor x) -> (Tensor avg, Tensor max, Tensor argmax, Tensor count)");
+  // mean and max over C of z = x * gate[:, :, None, None] (z rounded to x.dtype).
+  // pooled: (N, 2, H, W) contiguous, [:, 0] = mean, [:, 1] = max; argmax/count: (N, H, W).
+  m.def("gated_spatial_pool(Tensor x, Tensor gate) -> (Tensor pooled, Tensor argmax, Tensor count)");
+  // y = x * ch_gate[n, c] * sp_gate[n, h, w]; y keeps x's memory format.
+  m.def("cbam_apply(Tensor x, Tensor ch_gate, Tensor sp_gate) -> Tensor");
+  // Reductions of the backward of cbam_apply: grad_ch_gate (N, C), grad_sp_gate (N, H, W).
+  m.def("cbam_apply_backward(Tensor grad_y, Tensor x, Tensor ch_gate, Tensor sp_gate) -> (Tensor, Tensor)");
+  // Gradient of gated_spatial_pool with respect to gate: (N, C).
+  m.def(
+      "gated_spatial_pool_backward_gate(Tensor grad_pooled, Tensor x, Tensor gate, Tensor pooled, "
+      "Tensor argmax, Tensor count, bool split_ties) -> Tensor");
+  // The x-sized gradient of the whole CBAM graph in one pass: the sum of the
+  // terms whose inputs are given (see fastattn.reference.ref_cbam_grad_x).
+  m.def(
+      "cbam_grad_x(Tensor x, Tensor? grad_y, Tensor? ch_gate, Tensor? sp_gate, "
+      "Tensor? grad_pooled, Tensor? pooled, Tensor? sp_argmax, Tensor? sp_count, "
+      "Tensor? grad_avg, Tensor? grad_max, Tensor? ch_max, Tensor? ch_argmax, Tensor? ch_count, "
+      "bool split_ties) -> Tensor");
+
+  // ---- Spatial attention ----------------------------------------------------
+  // q: (N, Cq, Lq), k: (N, Cq, Lk), v: (N, Cv, Lk), any strides.
+  // out: (N, Cv, Lq) in q.dtype, channel-last strides when q.stride(1) == 1;
+  // lse: (N, heads, Lq) float32, natural log-sum-exp of the scaled logits.
+  m.def("spatial_attention_forward(Tensor q, Tensor k, Tensor v, int heads, float scale) -> (Tensor out, Tensor lse)");
+  // dq, dk, dv with the shape, dtype and layout of q, k, v.
+  m.def(
+      "spatial_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, int heads, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+}

@@ -1,0 +1,198 @@
+"""Pure-PyTorch ground truth for every fastattn op and module.
+
+Two levels live here:
+
+* ``ref_*`` functions implement the *op contract* of ``csrc/ops.cpp`` exactly
+  (same inputs, same outputs, including the saved index tensors). Every C++,
+  CUDA and Triton kernel is tested against them.
+* ``channel_pool``, ``gated_spatial_pool``, ``cbam_apply`` and
+  ``spatial_attention`` are the public functions written the plain eager way;
+  the ``backend="reference"`` path runs them, and their autograd is PyTorch's.
+
+Tie rules of the max pools (DESIGN.md §4):
+* ``split_ties=True`` (timm, ``amax``): the gradient of a max is split evenly
+  among all positions equal to it: ``mask * (grad / mask.sum())``. When the
+  max is NaN no position equals it and every position gets NaN, as in PyTorch.
+* ``split_ties=False`` (official CBAM, ``max_pool2d`` / ``torch.max``): the
+  whole gradient goes to one index, the first maximum (the first NaN if any).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+# --------------------------------------------------------------------------
+# Op contract (csrc/ops.cpp)
+# --------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _first_max(values: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Max along ``dim`` with NaN propagation, its first index and its tie count."""
+    mx = values.amax(dim)
+    eq = values == mx.unsqueeze(dim)
+    nan = values.isnan()
+    row_has_nan = nan.any(dim)
+    # first NaN if the row has one, else the first position equal to the max
+    hit = torch.where(row_has_nan.unsqueeze(dim), nan, eq)
+    size = values.shape[dim]
+    idx = torch.arange(size, device=values.device).view([-1 if d == dim % values.dim() else 1 for d in range(values.dim())])
+    argmax = torch.where(hit, idx, size).amin(dim)
+    count = eq.sum(dim, dtype=torch.int32)
+    return mx, argmax.to(torch.int64), count
+
+
+def ref_channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x: (N, C, H, W) -> avg, max (N, C) in x.dtype; argmax (N, C) int64; count (N, C) int32."""
+    flat = x.flatten(2)
+    avg = flat.to(_acc_dtype(x.dtype)).mean(2).to(x.dtype)
+    mx, argmax, count = _first_max(flat, 2)
+    return avg, mx, argmax, count
+
+
+def _gated(x: Tensor, gate: Tensor) -> Tensor:
+    return x * gate[:, :, None, None]
+
+
+def ref_gated_spatial_pool(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (N, C, H, W), gate: (N, C) -> pooled (N, 2, H, W) [mean, max], argmax, count (N, H, W)."""
+    z = _gated(x, gate)
+    mean = z.to(_acc_dtype(x.dtype)).mean(1).to(x.dtype)
+    mx, argmax, count = _first_max(z, 1)
+    return torch.stack([mean, mx], 1).contiguous(), argmax, count
+
+
+def ref_cbam_apply(x: Tensor, ch_gate: Tensor, sp_gate: Tensor) -> Tensor:
+    """x: (N, C, H, W), ch_gate: (N, C), sp_gate: (N, H, W) -> y (N, C, H, W)."""
+    acc = _acc_dtype(x.dtype)
+    y = x.to(acc) * ch_gate.to(acc)[:, :, None, None] * sp_gate.to(acc)[:, None]
+    return y.to(x.dtype)
+
+
+def ref_cbam_apply_backward(grad_y: Tensor, x: Tensor, ch_gate: Tensor, sp_gate: Tensor) -> tuple[Tensor, Tensor]:
+    """-> grad_ch_gate (N, C), grad_sp_gate (N, H, W), accumulated in float32."""
+    acc = _acc_dtype(x.dtype)
+    gx = grad_y.to(acc) * x.to(acc)
+    d_ch = (gx * sp_gate.to(acc)[:, None]).sum((2, 3))
+    d_sp = (gx * ch_gate.to(acc)[:, :, None, None]).sum(1)
+    return d_ch.to(ch_gate.dtype), d_sp.to(sp_gate.dtype)
+
+
+def _max_weight(values: Tensor, mx: Tensor, argmax: Tensor, count: Tensor, dim: int, split_ties: bool) -> Tensor:
+    """Share of the max's gradient that each position gets (float, broadcast over ``dim``)."""
+    acc = _acc_dtype(values.dtype)
+    if split_ties:
+        mask = (values == mx.unsqueeze(dim)).to(acc)
+        return mask / count.unsqueeze(dim).to(acc)  # 0/0 and x/0 give the NaN PyTorch gives
+    size = values.shape[dim]
+    idx = torch.arange(size, device=values.device).view([-1 if d == dim else 1 for d in range(values.dim())])
+    return (idx == argmax.unsqueeze(dim)).to(acc)
+
+
+def ref_gated_spatial_pool_backward_gate(grad_pooled: Tensor, x: Tensor, gate: Tensor, pooled: Tensor,
+                                         argmax: Tensor, count: Tensor, split_ties: bool) -> Tensor:
+    """-> grad_gate (N, C): sum over H, W of x * (grad_mean / C + w_max * grad_max)."""
+    acc = _acc_dtype(x.dtype)
+    z = _gated(x, gate)
+    w = _max_weight(z, pooled[:, 1], argmax, count, 1, split_ties)
+    gp = grad_pooled.to(acc)
+    dz = gp[:, 0:1] / x.shape[1] + w * gp[:, 1:2]
+    return (dz * x.to(acc)).sum((2, 3)).to(gate.dtype)
+
+
+def ref_cbam_grad_x(x: Tensor, grad_y: Tensor | None, ch_gate: Tensor | None, sp_gate: Tensor | None,
+                    grad_pooled: Tensor | None, pooled: Tensor | None, sp_argmax: Tensor | None,
+                    sp_count: Tensor | None, grad_avg: Tensor | None, grad_max: Tensor | None,
+                    ch_max: Tensor | None, ch_argmax: Tensor | None, ch_count: Tensor | None,
+                    split_ties: bool) -> Tensor:
+    """The x-sized gradient of the CBAM graph, the sum of the terms whose inputs are given:
+
+    * ``grad_y`` (needs ch_gate, sp_gate):      grad_y * ch_gate * sp_gate
+    * ``grad_pooled`` (needs ch_gate, pooled, sp_argmax, sp_count):
+                                                ch_gate * (grad_pooled[:, 0] / C + w_sp * grad_pooled[:, 1])
+    * ``grad_avg``:                             grad_avg / (H * W)
+    * ``grad_max`` (needs ch_max, ch_argmax, ch_count): w_ch * grad_max
+    where w_sp, w_ch are the tie weights (``_max_weight``) of the spatial and channel max.
+    Accumulated in float32, written once in x.dtype with x's memory format.
+    """
+    acc = _acc_dtype(x.dtype)
+    n, c, h, w = x.shape
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    if grad_y is not None:
+        dx = dx + grad_y.to(acc) * ch_gate.to(acc)[:, :, None, None] * sp_gate.to(acc)[:, None]
+    if grad_pooled is not None:
+        z = _gated(x, ch_gate)
+        wsp = _max_weight(z, pooled[:, 1], sp_argmax, sp_count, 1, split_ties)
+        gp = grad_pooled.to(acc)
+        dx = dx + ch_gate.to(acc)[:, :, None, None] * (gp[:, 0:1] / c + wsp * gp[:, 1:2])
+    if grad_avg is not None:
+        dx = dx + grad_avg.to(acc)[:, :, None, None] / (h * w)
+    if grad_max is not None:
+        flat = x.flatten(2)
+        wch = _max_weight(flat, ch_max, ch_argmax, ch_count, 2, split_ties)
+        dx = dx + (wch * grad_max.to(acc)[:, :, None]).view(n, c, h, w)
+    return dx.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """(N, C, L) -> (N, heads, L, C // heads)."""
+    n, c, length = t.shape
+    return t.reshape(n, heads, c // heads, length).transpose(-1, -2)
+
+
+def ref_spatial_attention_forward(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    """q: (N, Cq, Lq), k: (N, Cq, Lk), v: (N, Cv, Lk) -> out (N, Cv, Lq), lse (N, heads, Lq) float32."""
+    acc = _acc_dtype(q.dtype)
+    qh, kh, vh = (_split_heads(t.to(acc), heads) for t in (q, k, v))
+    logits = scale * (qh @ kh.transpose(-1, -2))  # (N, heads, Lq, Lk)
+    lse = torch.logsumexp(logits, -1)
+    out = torch.softmax(logits, -1) @ vh  # (N, heads, Lq, dv)
+    n, _, lq = q.shape
+    out = out.transpose(-1, -2).reshape(n, v.shape[1], lq).to(q.dtype)
+    if q.stride(1) == 1 and q.shape[1] > 1:
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out, lse.to(torch.float32)
+
+
+# --------------------------------------------------------------------------
+# Public functions, the plain eager way (backend="reference")
+# --------------------------------------------------------------------------
+def channel_pool(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x: (N, C, H, W) -> (avg, max), each (N, C); max gradients split among ties (amax)."""
+    return x.mean((2, 3)), x.amax((2, 3))
+
+
+def gated_spatial_pool(x: Tensor, ch_gate: Tensor) -> Tensor:
+    """x: (N, C, H, W), ch_gate: (N, C) -> (N, 2, H, W): mean and max over C of x * ch_gate."""
+    z = x * ch_gate[:, :, None, None]
+    return torch.cat([z.mean(1, keepdim=True), z.amax(1, keepdim=True)], 1)
+
+
+def cbam_apply(x: Tensor, ch_gate: Tensor, sp_gate: Tensor) -> Tensor:
+    """x: (N, C, H, W), ch_gate: (N, C), sp_gate: (N, 1, H, W) or (N, H, W) -> x * ch_gate * sp_gate."""
+    if sp_gate.dim() == 3:
+        sp_gate = sp_gate.unsqueeze(1)
+    return x * ch_gate[:, :, None, None] * sp_gate
+
+
+def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int = 1, scale: float | None = None) -> Tensor:
+    """Eager bmm-softmax-bmm. q: (N, Cq, Hq, Wq) or (N, Cq, Lq); k: (N, Cq, ...); v: (N, Cv, ...)."""
+    spatial_q = q.shape[2:]
+    n, cq = q.shape[:2]
+    cv = v.shape[1]
+    if scale is None:
+        scale = (cq // heads) ** -0.5
+    qh = _split_heads(q.reshape(n, cq, -1), heads)
+    kh = _split_heads(k.reshape(n, cq, -1), heads)
+    vh = _split_heads(v.reshape(n, cv, -1), heads)
+    attn = torch.softmax(scale * (qh @ kh.transpose(-1, -2)), -1)
+    out = (attn @ vh).transpose(-1, -2).reshape(n, cv, *spatial_q)
+    return out
