@@ -10,10 +10,11 @@ TORCH_LIBRARY(fastattn, m) {
   // ---- CBAM -----------------------------------------------------------------
   // x: (N, C, H, W) -> avg, max: (N, C) in x.dtype; argmax: (N, C) int64 (first
   // index h*W+w of the max, first NaN wins); count: (N, C) int32 ties of the max.
-  m.def("channel_pool(Tensor x) -> (Tensor avg, Tensor max, Tensor argmax, Tensor count)");
+  // split_ties only selects the tie rule of the backward (the autograd formula reads it).
+  m.def("channel_pool(Tensor x, bool split_ties) -> (Tensor avg, Tensor max, Tensor argmax, Tensor count)");
   // mean and max over C of z = x * gate[:, :, None, None] (z rounded to x.dtype).
   // pooled: (N, 2, H, W) contiguous, [:, 0] = mean, [:, 1] = max; argmax/count: (N, H, W).
-  m.def("gated_spatial_pool(Tensor x, Tensor gate) -> (Tensor pooled, Tensor argmax, Tensor count)");
+  m.def("gated_spatial_pool(Tensor x, Tensor gate, bool split_ties) -> (Tensor pooled, Tensor argmax, Tensor count)");
   // y = x * ch_gate[n, c] * sp_gate[n, h, w]; y keeps x's memory format.
   m.def("cbam_apply(Tensor x, Tensor ch_gate, Tensor sp_gate) -> Tensor");
   // Reductions of the backward of cbam_apply: grad_ch_gate (N, C), grad_sp_gate (N, H, W).

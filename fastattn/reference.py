@@ -44,7 +44,7 @@ def _first_max(values: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     return mx, argmax.to(torch.int64), count
 
 
-def ref_channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def ref_channel_pool(x: Tensor, split_ties: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x: (N, C, H, W) -> avg, max (N, C) in x.dtype; argmax (N, C) int64; count (N, C) int32."""
     flat = x.flatten(2)
     avg = flat.to(_acc_dtype(x.dtype)).mean(2).to(x.dtype)
@@ -56,7 +56,7 @@ def _gated(x: Tensor, gate: Tensor) -> Tensor:
     return x * gate[:, :, None, None]
 
 
-def ref_gated_spatial_pool(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def ref_gated_spatial_pool(x: Tensor, gate: Tensor, split_ties: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """x: (N, C, H, W), gate: (N, C) -> pooled (N, 2, H, W) [mean, max], argmax, count (N, H, W)."""
     z = _gated(x, gate)
     mean = z.to(_acc_dtype(x.dtype)).mean(1).to(x.dtype)
@@ -196,3 +196,156 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int = 1, scale:
     attn = torch.softmax(scale * (qh @ kh.transpose(-1, -2)), -1)
     out = (attn @ vh).transpose(-1, -2).reshape(n, cv, *spatial_q)
     return out
+
+
+# --------------------------------------------------------------------------
+# Reference modules: the two CBAM flavours, written as their authors wrote them
+# --------------------------------------------------------------------------
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+    """timm.layers.make_divisible: round channels to a multiple of divisor."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+class Flatten(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+class BasicConv(nn.Module):
+    """Official CBAM's conv + BN (momentum 0.01) + optional ReLU."""
+
+    def __init__(self, in_planes, out_planes, kernel_size, stride=1, padding=0, relu=True, bn=True, bias=False):
+        super().__init__()
+        self.out_channels = out_planes
+        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size, stride=stride, padding=padding, bias=bias)
+        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=0.01, affine=True) if bn else None
+        self.relu = nn.ReLU() if relu else None
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.relu is not None:
+            x = self.relu(x)
+        return x
+
+
+class OfficialChannelGate(nn.Module):
+    """Jongchan/attention-module ChannelGate (avg + max pools, Linear MLP with biases)."""
+
+    def __init__(self, gate_channels, reduction_ratio=16):
+        super().__init__()
+        self.gate_channels = gate_channels
+        self.mlp = nn.Sequential(Flatten(), nn.Linear(gate_channels, gate_channels // reduction_ratio), nn.ReLU(),
+                                 nn.Linear(gate_channels // reduction_ratio, gate_channels))
+
+    def forward(self, x):
+        size = (x.size(2), x.size(3))
+        att = self.mlp(F.avg_pool2d(x, size, stride=size)) + self.mlp(F.max_pool2d(x, size, stride=size))
+        return x * torch.sigmoid(att).unsqueeze(2).unsqueeze(3).expand_as(x)
+
+
+class ChannelPool(nn.Module):
+    def forward(self, x):
+        return torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
+
+
+class OfficialSpatialGate(nn.Module):
+    """Jongchan/attention-module SpatialGate: cat[max, mean] -> 7x7 conv -> BN -> sigmoid."""
+
+    def __init__(self, kernel_size=7):
+        super().__init__()
+        self.compress = ChannelPool()
+        self.spatial = BasicConv(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, relu=False)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.spatial(self.compress(x)))
+
+
+class OfficialCBAM(nn.Module):
+    """Jongchan/attention-module CBAM; its checkpoints load as they are."""
+
+    def __init__(self, gate_channels, reduction_ratio=16, no_spatial=False, kernel_size=7):
+        super().__init__()
+        self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio)
+        self.no_spatial = no_spatial
+        if not no_spatial:
+            self.SpatialGate = OfficialSpatialGate(kernel_size)
+
+    def forward(self, x):
+        x_out = self.ChannelGate(x)
+        if not self.no_spatial:
+            x_out = self.SpatialGate(x_out)
+        return x_out
+
+
+class ConvBN(nn.Module):
+    """timm's ConvNormAct(apply_act=False) layout: .conv, .bn."""
+
+    def __init__(self, in_channels, out_channels, kernel_size):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class TimmChannelAttn(nn.Module):
+    """timm.layers.cbam.ChannelAttn (light=False) / LightChannelAttn (light=True)."""
+
+    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, mlp_bias=False, light=False):
+        super().__init__()
+        if not rd_channels:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        self.light = light
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        if self.light:
+            pool = 0.5 * x.mean((2, 3), keepdim=True) + 0.5 * x.amax((2, 3), keepdim=True)
+            return x * self.gate(self.fc2(self.act(self.fc1(pool))))
+        x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        x_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        return x * self.gate(x_avg + x_max)
+
+
+class TimmSpatialAttn(nn.Module):
+    """timm.layers.cbam.SpatialAttn (light=False) / LightSpatialAttn (light=True)."""
+
+    def __init__(self, kernel_size=7, light=False):
+        super().__init__()
+        self.light = light
+        self.conv = ConvBN(1 if light else 2, 1, kernel_size)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        if self.light:
+            attn = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
+        else:
+            attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * self.gate(self.conv(attn))
+
+
+class TimmCBAM(nn.Module):
+    """timm.layers.cbam.CbamModule (light=False) / LightCbamModule (light=True); same state_dict keys."""
+
+    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, spatial_kernel_size=7,
+                 mlp_bias=False, light=False):
+        super().__init__()
+        self.channel = TimmChannelAttn(channels, rd_ratio, rd_channels, rd_divisor, mlp_bias, light)
+        self.spatial = TimmSpatialAttn(spatial_kernel_size, light)
+
+    def forward(self, x):
+        return self.spatial(self.channel(x))

@@ -1,0 +1,153 @@
+"""The whole CBAM block as one autograd.Function over the fused kernels.
+
+Memory traffic, counted in passes over x-sized tensors (N*C*H*W elements):
+
+forward   channel_pool        reads x                          1 read
+          gated_spatial_pool  reads x (x*gate never written)   1 read
+          cbam_apply          reads x, writes y                1 read, 1 write
+          -> x read 3 times, y written once.
+backward  cbam_apply_backward reads dy and x                   2 reads
+          gated_spatial_pool_backward_gate reads x             1 read
+          cbam_grad_x         reads dy and x, writes dx        2 reads, 1 write
+          -> 5 reads, dx written once.
+Saved for backward: x, the two gates, the pooled map and the small index and
+tie-count tensors (N*C and N*H*W); not y and not x*ch_gate. The tie counts
+come from the forward, so timm's split-ties rule costs no extra read.
+
+The small parts (the shared MLP on (N, C) vectors, the k*k conv + BatchNorm +
+sigmoid on (N, 2, H, W)) are ordinary PyTorch ops; their backward is written
+out here so the block stays a single traceable Function (torch.compile
+fullgraph) with one x-sized gradient pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastattn._ops import kernels_for
+
+
+@dataclass(frozen=True)
+class CbamSpec:
+    """What distinguishes the CBAM flavours, all python constants."""
+    light: bool                 # timm Light*: one MLP on 0.5*avg + 0.5*max; conv on 0.5*mean + 0.5*max
+    max_first: bool             # official: spatial conv input is cat[max, mean]
+    split_ties: bool            # timm amax (split) vs official max_pool2d / torch.max (first index)
+    no_spatial: bool
+    padding: tuple[int, int]
+    bn_eps: float
+    bn_batch_stats: bool        # BatchNorm normalises with batch statistics (training or no running stats)
+    backend: str
+
+
+def _mlp_forward(v: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None):
+    hidden = F.linear(v, w1.flatten(1), b1)
+    return F.linear(torch.relu(hidden), w2.flatten(1), b2), hidden
+
+
+def _spatial_input(pooled: Tensor, spec: CbamSpec) -> Tensor:
+    if spec.light:
+        return 0.5 * pooled[:, 0:1] + 0.5 * pooled[:, 1:2]
+    return pooled.flip(1) if spec.max_first else pooled
+
+
+def _spatial_input_backward(d_in: Tensor, spec: CbamSpec) -> Tensor:
+    if spec.light:
+        return (0.5 * d_in).expand(-1, 2, -1, -1).contiguous()
+    return d_in.flip(1).contiguous() if spec.max_first else d_in.contiguous()
+
+
+class FusedCBAMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, conv_w, bn_w, bn_b, bn_mean, bn_var, spec: CbamSpec):
+        kernels = kernels_for(spec.backend)
+        n, c, h, w = x.shape
+        avg, mx, ch_argmax, ch_count = kernels.channel_pool(x, spec.split_ties)
+        mlp_in = 0.5 * avg + 0.5 * mx if spec.light else torch.cat([avg, mx])
+        mlp_out, hidden = _mlp_forward(mlp_in, w1, b1, w2, b2)
+        pre = mlp_out if spec.light else mlp_out[:n] + mlp_out[n:]
+        ch_gate = torch.sigmoid(pre)
+
+        if spec.no_spatial:
+            sp_gate = x.new_ones(n, h, w)
+            pooled = sp_in = conv_out = sp_argmax = sp_count = stat_mean = stat_var = None
+        else:
+            pooled, sp_argmax, sp_count = kernels.gated_spatial_pool(x, ch_gate, spec.split_ties)
+            sp_in = _spatial_input(pooled, spec)
+            conv_out = F.conv2d(sp_in, conv_w, None, 1, spec.padding)
+            if spec.bn_batch_stats:
+                stat_var, stat_mean = torch.var_mean(conv_out, dim=(0, 2, 3), unbiased=False)
+            else:
+                stat_mean, stat_var = bn_mean, bn_var
+            normed = F.batch_norm(conv_out, None if spec.bn_batch_stats else bn_mean,
+                                  None if spec.bn_batch_stats else bn_var, bn_w, bn_b,
+                                  spec.bn_batch_stats, 0.0, spec.bn_eps)
+            sp_gate = torch.sigmoid(normed).view(n, h, w)
+
+        y = kernels.cbam_apply(x, ch_gate, sp_gate)
+        ctx.spec = spec
+        ctx.save_for_backward(x, w1, b1, w2, conv_w, bn_w, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
+                              sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, stat_mean, stat_var)
+        ctx.mark_non_differentiable(*(t for t in (stat_mean, stat_var) if t is not None))
+        return y, stat_mean, stat_var
+
+    @staticmethod
+    def backward(ctx, dy, _d_mean, _d_var):
+        spec: CbamSpec = ctx.spec
+        kernels = kernels_for(spec.backend)
+        (x, w1, b1, w2, conv_w, bn_w, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
+         sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, stat_mean, stat_var) = ctx.saved_tensors
+        n = x.shape[0]
+        dy = dy.contiguous(memory_format=torch.channels_last) if _channels_last(x) else dy.contiguous()
+        d_ch_gate, d_sp_gate = kernels.cbam_apply_backward(dy, x, ch_gate, sp_gate)
+
+        d_conv_w = d_bn_w = d_bn_b = d_pooled = None
+        if not spec.no_spatial:
+            # sigmoid -> BatchNorm -> conv, backwards
+            d_normed = (d_sp_gate * sp_gate * (1 - sp_gate)).view(n, 1, *x.shape[2:])
+            rstd = torch.rsqrt(stat_var + spec.bn_eps)[None, :, None, None]
+            x_hat = (conv_out - stat_mean[None, :, None, None]) * rstd
+            d_bn_w = (d_normed * x_hat).sum((0, 2, 3)) if bn_w is not None else None
+            d_bn_b = d_normed.sum((0, 2, 3))
+            d_hat = d_normed * bn_w[None, :, None, None] if bn_w is not None else d_normed
+            if spec.bn_batch_stats:
+                d_conv = rstd * (d_hat - d_hat.mean((0, 2, 3), keepdim=True)
+                                 - x_hat * (d_hat * x_hat).mean((0, 2, 3), keepdim=True))
+            else:
+                d_conv = rstd * d_hat
+            d_sp_in, d_conv_w, _ = torch.ops.aten.convolution_backward(
+                d_conv, sp_in, conv_w, None, [1, 1], list(spec.padding), [1, 1], False, [0, 0], 1,
+                [True, ctx.needs_input_grad[5], False])
+            d_pooled = _spatial_input_backward(d_sp_in, spec)
+            d_ch_gate = d_ch_gate + kernels.gated_spatial_pool_backward_gate(
+                d_pooled, x, ch_gate, pooled, sp_argmax, sp_count, spec.split_ties)
+
+        # sigmoid -> shared MLP, backwards
+        d_pre = d_ch_gate * ch_gate * (1 - ch_gate)
+        d_mlp_out = d_pre if spec.light else torch.cat([d_pre, d_pre])
+        relu_hidden = torch.relu(hidden)
+        d_w2 = (d_mlp_out.t() @ relu_hidden).view_as(w2)
+        d_b2 = d_mlp_out.sum(0)
+        d_hidden = (d_mlp_out @ w2.flatten(1)) * (hidden > 0)
+        d_w1 = (d_hidden.t() @ mlp_in).view_as(w1)
+        d_b1 = d_hidden.sum(0) if b1 is not None else None
+        d_mlp_in = d_hidden @ w1.flatten(1)
+        if spec.light:
+            d_avg = d_max = 0.5 * d_mlp_in
+        else:
+            d_avg, d_max = d_mlp_in[:n], d_mlp_in[n:]
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.cbam_grad_x(x, dy, ch_gate, sp_gate, d_pooled, pooled, sp_argmax, sp_count,
+                                     d_avg.contiguous(), d_max.contiguous(), mx, ch_argmax, ch_count,
+                                     spec.split_ties)
+        return (dx, d_w1, d_b1, d_w2, d_b2 if ctx.needs_input_grad[4] else None, d_conv_w,
+                d_bn_w, d_bn_b, None, None, None)
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -1,0 +1,229 @@
+"""Op registration on the Python side: fake (meta) kernels, autograd formulas,
+and the Triton ops.
+
+The compiled ops (`torch.ops.fastattn.<op>`, schemas in csrc/ops.cpp) dispatch
+by device to the CPU or CUDA kernels. The Triton kernels are registered as
+ops of their own (`torch.ops.fastattn.triton_<op>`) with the same schemas, so
+both go through one fake kernel and one autograd formula per op.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from fastattn import _ext
+from fastattn import reference as _ref
+
+
+class KernelSet:
+    """The ops of one backend, by contract name: `kernels.channel_pool(...)`."""
+
+    def __init__(self, name: str, lookup):
+        self.name = name
+        self._lookup = lookup
+
+    def __getattr__(self, op: str):
+        return self._lookup(op)
+
+    def __repr__(self) -> str:
+        return f"KernelSet({self.name!r})"
+
+
+COMPILED = KernelSet("compiled", lambda op: getattr(torch.ops.fastattn, op))
+TRITON = KernelSet("triton", lambda op: getattr(torch.ops.fastattn, "triton_" + op))
+# The op contract in plain PyTorch: lets tests drive the fused-module code path without kernels.
+REFERENCE = KernelSet("reference", lambda op: getattr(_ref, "ref_" + op))
+
+
+def kernels_for(backend: str) -> KernelSet:
+    if backend in ("cpu", "cuda"):
+        _ext.require_compiled(backend)
+        return COMPILED
+    if backend == "triton":
+        return TRITON
+    if backend == "reference":
+        return REFERENCE
+    raise ValueError(f"no kernel set for backend {backend!r}")
+
+
+def _channel_last_3d(t: Tensor) -> bool:
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: output metadata only (shapes, dtypes, strides)
+# ---------------------------------------------------------------------------
+def _fake_channel_pool(x, split_ties):
+    n, c = x.shape[:2]
+    return (x.new_empty(n, c), x.new_empty(n, c), x.new_empty(n, c, dtype=torch.int64),
+            x.new_empty(n, c, dtype=torch.int32))
+
+
+def _fake_gated_spatial_pool(x, gate, split_ties):
+    n, _, h, w = x.shape
+    return x.new_empty(n, 2, h, w), x.new_empty(n, h, w, dtype=torch.int64), x.new_empty(n, h, w, dtype=torch.int32)
+
+
+def _fake_cbam_apply(x, ch_gate, sp_gate):
+    return torch.empty_like(x)
+
+
+def _fake_cbam_apply_backward(grad_y, x, ch_gate, sp_gate):
+    return torch.empty_like(ch_gate, memory_format=torch.contiguous_format), \
+        torch.empty_like(sp_gate, memory_format=torch.contiguous_format)
+
+
+def _fake_gated_spatial_pool_backward_gate(grad_pooled, x, gate, pooled, argmax, count, split_ties):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+def _fake_cbam_grad_x(x, *args):
+    return torch.empty_like(x)
+
+
+def _fake_spatial_attention_forward(q, k, v, heads, scale):
+    n, _, lq = q.shape
+    cv = v.shape[1]
+    if _channel_last_3d(q):
+        out = q.new_empty(n, lq, cv).transpose(1, 2)
+    else:
+        out = q.new_empty(n, cv, lq)
+    return out, q.new_empty(n, heads, lq, dtype=torch.float32)
+
+
+def _fake_spatial_attention_backward(grad_out, q, k, v, out, lse, heads, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_FAKES = {
+    "channel_pool": _fake_channel_pool,
+    "gated_spatial_pool": _fake_gated_spatial_pool,
+    "cbam_apply": _fake_cbam_apply,
+    "cbam_apply_backward": _fake_cbam_apply_backward,
+    "gated_spatial_pool_backward_gate": _fake_gated_spatial_pool_backward_gate,
+    "cbam_grad_x": _fake_cbam_grad_x,
+    "spatial_attention_forward": _fake_spatial_attention_forward,
+    "spatial_attention_backward": _fake_spatial_attention_backward,
+}
+
+
+# ---------------------------------------------------------------------------
+# Autograd formulas, one per forward op, shared by the compiled and Triton ops
+# ---------------------------------------------------------------------------
+def _autograd_for(kernels: KernelSet) -> dict:
+    def channel_pool_setup(ctx, inputs, output):
+        x, split_ties = inputs
+        _, mx, argmax, count = output
+        ctx.split_ties = split_ties
+        ctx.save_for_backward(x, mx, argmax, count)
+
+    def channel_pool_backward(ctx, grad_avg, grad_max, _ga, _gc):
+        x, mx, argmax, count = ctx.saved_tensors
+        dx = kernels.cbam_grad_x(x, None, None, None, None, None, None, None,
+                                 grad_avg, grad_max, mx, argmax, count, ctx.split_ties)
+        return dx, None
+
+    def gated_spatial_pool_setup(ctx, inputs, output):
+        x, gate, split_ties = inputs
+        pooled, argmax, count = output
+        ctx.split_ties = split_ties
+        ctx.save_for_backward(x, gate, pooled, argmax, count)
+
+    def gated_spatial_pool_backward(ctx, grad_pooled, _ga, _gc):
+        x, gate, pooled, argmax, count = ctx.saved_tensors
+        grad_pooled = grad_pooled.contiguous()
+        dx = dgate = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.cbam_grad_x(x, None, gate, None, grad_pooled, pooled, argmax, count,
+                                     None, None, None, None, None, ctx.split_ties)
+        if ctx.needs_input_grad[1]:
+            dgate = kernels.gated_spatial_pool_backward_gate(grad_pooled, x, gate, pooled, argmax, count,
+                                                             ctx.split_ties)
+        return dx, dgate, None
+
+    def cbam_apply_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def cbam_apply_backward(ctx, grad_y):
+        x, ch_gate, sp_gate = ctx.saved_tensors
+        dx = dch = dsp = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.cbam_grad_x(x, grad_y, ch_gate, sp_gate, None, None, None, None,
+                                     None, None, None, None, None, False)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dch, dsp = kernels.cbam_apply_backward(grad_y, x, ch_gate, sp_gate)
+        return dx, dch, dsp
+
+    def attention_setup(ctx, inputs, output):
+        q, k, v, heads, scale = inputs
+        out, lse = output
+        ctx.heads, ctx.scale = heads, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+
+    def attention_backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = kernels.spatial_attention_backward(grad_out, q, k, v, out, lse, ctx.heads, ctx.scale)
+        return dq, dk, dv, None, None
+
+    return {
+        "channel_pool": (channel_pool_setup, channel_pool_backward),
+        "gated_spatial_pool": (gated_spatial_pool_setup, gated_spatial_pool_backward),
+        "cbam_apply": (cbam_apply_setup, cbam_apply_backward),
+        "spatial_attention_forward": (attention_setup, attention_backward),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Triton ops: thin custom ops around the launchers in fastattn.triton_kernels
+# ---------------------------------------------------------------------------
+def _triton_module(family: str):
+    return importlib.import_module(f"fastattn.triton_kernels.{family}")
+
+
+_TRITON_FAMILY = {op: ("attention" if op.startswith("spatial_attention") else "cbam") for op in _FAKES}
+
+
+def _define_triton_ops() -> None:
+    lib = torch.library.Library("fastattn", "FRAGMENT")
+    schemas = {
+        "channel_pool": "(Tensor x, bool split_ties) -> (Tensor, Tensor, Tensor, Tensor)",
+        "gated_spatial_pool": "(Tensor x, Tensor gate, bool split_ties) -> (Tensor, Tensor, Tensor)",
+        "cbam_apply": "(Tensor x, Tensor ch_gate, Tensor sp_gate) -> Tensor",
+        "cbam_apply_backward": "(Tensor grad_y, Tensor x, Tensor ch_gate, Tensor sp_gate) -> (Tensor, Tensor)",
+        "gated_spatial_pool_backward_gate": ("(Tensor grad_pooled, Tensor x, Tensor gate, Tensor pooled, "
+                                             "Tensor argmax, Tensor count, bool split_ties) -> Tensor"),
+        "cbam_grad_x": ("(Tensor x, Tensor? grad_y, Tensor? ch_gate, Tensor? sp_gate, Tensor? grad_pooled, "
+                        "Tensor? pooled, Tensor? sp_argmax, Tensor? sp_count, Tensor? grad_avg, Tensor? grad_max, "
+                        "Tensor? ch_max, Tensor? ch_argmax, Tensor? ch_count, bool split_ties) -> Tensor"),
+        "spatial_attention_forward": "(Tensor q, Tensor k, Tensor v, int heads, float scale) -> (Tensor, Tensor)",
+        "spatial_attention_backward": ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                                       "int heads, float scale) -> (Tensor, Tensor, Tensor)"),
+    }
+    for op, schema in schemas.items():
+        name = "triton_" + op
+        lib.define(name + schema)
+
+        def launch(*args, _op=op):
+            return getattr(_triton_module(_TRITON_FAMILY[_op]), _op)(*args)
+
+        # CPU too: the Triton interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors.
+        lib.impl(name, launch, "CUDA")
+        lib.impl(name, launch, "CPU")
+    _define_triton_ops.lib = lib  # keep the registrations alive
+
+
+def _register() -> None:
+    compiled = _ext._C is not None
+    _define_triton_ops()
+    for kernels, prefix, present in ((COMPILED, "", compiled), (TRITON, "triton_", True)):
+        if not present:
+            continue
+        for op, fake in _FAKES.items():
+            torch.library.register_fake(f"fastattn::{prefix}{op}", fake)
+        for op, (setup, backward) in _autograd_for(kernels).items():
+            torch.library.register_autograd(f"fastattn::{prefix}{op}", backward, setup_context=setup)
+
+
+_register()

@@ -1,0 +1,51 @@
+"""Shared test helpers: the error rule of DESIGN.md §4 and backend lists."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import fastattn
+from fastattn import _backend
+
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    both_nan = a.isnan() & b.isnan()
+    same_inf = (a == b) & a.isinf()
+    diff = (a - b).abs().masked_fill(both_nan | same_inf, 0)
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_error_rule(name: str, fused: torch.Tensor, truth: torch.Tensor, eager: torch.Tensor,
+                      atol: float | None = None) -> None:
+    """|fused - truth| <= 2 |eager - truth| + atol, elementwise maximum; prints both on failure."""
+    assert fused.shape == truth.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(truth.shape)}"
+    assert torch.equal(fused.isnan(), truth.isnan()), f"{name}: NaN positions differ from the reference"
+    atol = ATOL[fused.dtype] if atol is None else atol
+    scale = max(1.0, truth.double().abs().nan_to_num(0, 0, 0).max().item()) if truth.numel() else 1.0
+    fused_err, eager_err = max_err(fused, truth), max_err(eager, truth)
+    assert fused_err <= 2 * eager_err + atol * scale, (
+        f"{name}: fused error {fused_err:.3e} > 2 x eager error {eager_err:.3e} + atol {atol * scale:.1e}")
+
+
+def compiled_backends(device: str = "cpu") -> list[str]:
+    """The non-reference backends that can run on `device` here."""
+    names = []
+    for name in ("cpu", "cuda", "triton"):
+        if _backend._PREDICATES[name]("cbam", torch.device(device), torch.float32) is None:
+            names.append(name)
+    return names
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fastattn_devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+__all__ = ["fastattn", "assert_error_rule", "compiled_backends", "interpreted", "max_err"]

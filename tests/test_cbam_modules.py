@@ -1,0 +1,157 @@
+"""fastattn.nn.CBAM against the layers it replaces: timm's CbamModule and
+LightCbamModule, and the official implementation (fastattn.reference.OfficialCBAM,
+a verbatim twin). Outputs, input and parameter gradients, and BatchNorm running
+statistics, in train and eval mode, per backend, DESIGN.md §4 error rule."""
+import copy
+
+import pytest
+import torch
+from timm.layers.cbam import CbamModule, LightCbamModule
+
+import fastattn
+from fastattn import reference
+from _util import assert_error_rule, compiled_backends, interpreted
+
+torch.manual_seed(0)
+
+
+def _original(flavor: str, channels: int, reduction: int) -> torch.nn.Module:
+    if flavor == "timm":
+        return CbamModule(channels, rd_ratio=1.0 / reduction)
+    if flavor == "timm_light":
+        return LightCbamModule(channels, rd_ratio=1.0 / reduction)
+    return reference.OfficialCBAM(channels, reduction)
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_()
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+
+
+def _inputs(shape, ties: bool, channels_last: bool) -> torch.Tensor:
+    x = torch.randn(shape)
+    if ties:  # ReLU'd and rounded: many exact ties in every max
+        x = x.relu().round(decimals=1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _run(module, x, grad_y):
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    y.backward(grad_y)
+    grads = {"x": x.grad}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return y, grads
+
+
+def _fused_paths():
+    """(label, runner) for every fused path available here; the op contract in PyTorch always is."""
+    paths = [("contract-ops", "reference")]
+    for name in compiled_backends("cpu"):
+        paths.append((name, name))
+    return paths
+
+
+def _check_parity(flavor, train, backend, shape, ties, channels_last, reduction=4):
+    channels = shape[1]
+    original = _original(flavor, channels, reduction)
+    _randomize(original)
+    original.train(train)
+    truth_module = copy.deepcopy(original).double()
+    fused = fastattn.nn.CBAM(channels, reduction, flavor=flavor).train(train)
+    missing = fused.load_state_dict(original.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys
+
+    x = _inputs(shape, ties, channels_last)
+    grad_y = torch.randn(shape)
+    y_eager, g_eager = _run(original, x, grad_y)
+    y_truth, g_truth = _run(truth_module, x.double(), grad_y.double())
+    if backend == "reference":  # the fused Function over the op contract written in PyTorch
+        fused.forward = lambda inp: fastattn.nn.CBAM._fused(fused, inp, "reference")
+    else:
+        fused.backend = backend
+    y_fused, g_fused = _run(fused, x, grad_y)
+
+    assert_error_rule("y", y_fused, y_truth, y_eager)
+    if channels_last:
+        assert y_fused.is_contiguous(memory_format=torch.channels_last)
+    assert g_fused.keys() == g_truth.keys()
+    for name in g_truth:
+        assert_error_rule(f"grad {name}", g_fused[name], g_truth[name], g_eager[name])
+    for (name, b_fused), b_truth, b_eager in zip(fused.named_buffers(), truth_module.buffers(), original.buffers()):
+        if b_fused.is_floating_point():
+            assert_error_rule(f"buffer {name}", b_fused, b_truth, b_eager)
+        else:
+            assert torch.equal(b_fused, b_eager), f"buffer {name}: {b_fused} != {b_eager}"
+
+
+@pytest.mark.parametrize("flavor", ["timm", "timm_light", "official"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("label,backend", _fused_paths())
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_cbam_matches_original(flavor, train, label, backend, ties):
+    shape = (2, 8, 5, 7) if backend == "triton" and interpreted() else (3, 32, 9, 11)
+    _check_parity(flavor, train, backend, shape, ties, channels_last=False)
+
+
+@pytest.mark.parametrize("label,backend", [p for p in _fused_paths() if p[1] != "triton"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 7), (8, 17, 13, 17), (1, 64, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cbam_awkward_shapes(label, backend, shape, channels_last):
+    _check_parity("timm", True, backend, shape, ties=True, channels_last=channels_last, reduction=16)
+    _check_parity("official", True, backend, shape, ties=True, channels_last=channels_last, reduction=1)
+
+
+def test_official_checkpoint_keys_load_as_they_are():
+    official = reference.OfficialCBAM(64)
+    fused = fastattn.nn.CBAM(64, flavor="official")
+    assert list(fused.state_dict()) == list(official.state_dict())
+    assert "ChannelGate.mlp.1.weight" in fused.state_dict()
+    assert "SpatialGate.spatial.bn.running_var" in fused.state_dict()
+    fused.load_state_dict(official.state_dict())
+
+
+@pytest.mark.parametrize("flavor,cls", [("timm", CbamModule), ("timm_light", LightCbamModule)])
+def test_timm_keys_equal(flavor, cls):
+    assert list(fastattn.nn.CBAM(64, flavor=flavor).state_dict()) == list(cls(64).state_dict())
+
+
+def test_official_no_spatial():
+    original = reference.OfficialCBAM(16, 4, no_spatial=True)
+    fused = fastattn.nn.CBAM(16, 4, flavor="official", no_spatial=True)
+    fused.load_state_dict(original.state_dict())
+    x = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(fused(x), original(x))
+
+
+def test_bad_flavor_and_backend_are_named():
+    with pytest.raises(ValueError, match="flavor"):
+        fastattn.nn.CBAM(8, flavor="nope")
+    with pytest.raises(ValueError, match="backend"):
+        fastattn.nn.CBAM(8, backend="nope")
+    with pytest.raises(ValueError, match="no_spatial"):
+        fastattn.nn.CBAM(8, flavor="timm", no_spatial=True)
+
+
+@pytest.mark.parametrize("flavor", ["timm", "timm_light", "official"])
+def test_gate_modules_match_reference(flavor):
+    gate = fastattn.nn.ChannelGate(16, 4, flavor=flavor)
+    _randomize(gate)
+    x = torch.randn(2, 16, 6, 5).relu().round(decimals=1).requires_grad_()
+    avg, mx = x.mean((2, 3)), (x.amax((2, 3)) if flavor != "official" else x.flatten(2).max(2)[0])
+    pre = gate._mlp(0.5 * avg + 0.5 * mx) if flavor == "timm_light" else gate._mlp(avg) + gate._mlp(mx)
+    expect = x * torch.sigmoid(pre)[:, :, None, None]
+    torch.testing.assert_close(gate(x), expect)
+
+    sgate = fastattn.nn.SpatialGate(7, flavor=flavor)
+    _randomize(sgate)
+    twin = (reference.OfficialSpatialGate(7) if flavor == "official"
+            else reference.TimmSpatialAttn(7, light=flavor == "timm_light"))
+    twin.load_state_dict(sgate.state_dict())
+    torch.testing.assert_close(sgate(x), twin(x))
