@@ -61,10 +61,10 @@ if _env_flag("FASTATTN_FORCE_CUDA") and (cuda_home is None or torch.version.cuda
     sys.exit("FASTATTN_FORCE_CUDA=1 but no nvcc or no CUDA build of torch was found")
 
 opt = ["-O3"]
-cxx_flags = opt + ["-std=c++17", "-fopenmp", "-DFASTATTN_CPU_ONLY" if not want_cuda else "-DFASTATTN_WITH_CUDA"]
+cxx_flags = opt + ["-fopenmp", "-DFASTATTN_CPU_ONLY" if not want_cuda else "-DFASTATTN_WITH_CUDA"]
 link_flags = ["-fopenmp"]
 if _env_flag("FASTATTN_SANITIZE"):
-    cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-std=c++17", "-fopenmp",
+    cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fopenmp",
                  "-DFASTATTN_CPU_ONLY"]
     link_flags += ["-fsanitize=address,undefined"]
     want_cuda = False
@@ -83,7 +83,7 @@ if want_cuda:
         cpp_sources + cu_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags,
-                            "nvcc": opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "-DFASTATTN_WITH_CUDA",
+                            "nvcc": opt + ["--use_fast_math", "-lineinfo", "-DFASTATTN_WITH_CUDA",
                                            "--expt-relaxed-constexpr"]},
         extra_link_args=link_flags,
     )

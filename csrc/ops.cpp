@@ -4,7 +4,15 @@
 //
 // The contract of each op (shapes, tie rules, NaN rules) is spelled out in
 // fastattn/reference.py, whose `ref_*` functions are the ground truth.
+#include <Python.h>
 #include <torch/library.h>
+
+// `import fastattn._C` loads this library, which registers the ops below (the
+// extension-cpp pattern: an empty Python module, the ops live in torch.ops).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
 
 TORCH_LIBRARY(fastattn, m) {
   // ---- CBAM -----------------------------------------------------------------

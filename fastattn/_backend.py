@@ -51,6 +51,8 @@ def can_run_cpu(family: str, device: torch.device, dtype: torch.dtype) -> str | 
         return f"the cpu backend runs CPU tensors, got a {device.type} tensor"
     if _ext._C is None:
         return f"fastattn._C is not built ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}"
+    if not _ext.has_kernel(_COMPILED_OP[family], "CPU"):
+        return f"fastattn._C has no CPU kernel for {family}"
     return None
 
 
