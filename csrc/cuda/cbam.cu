@@ -93,8 +93,8 @@ struct SumState {
   acc_t sum;
 
   __device__ static SumState identity() { return {acc_t(0)}; }
-  __device__ static SumState of(acc_t value, int64_t /*index*/) { return {value}; }
   __device__ static SumState merge(const SumState& a, const SumState& b) { return {a.sum + b.sum}; }
+  __device__ void add(acc_t value, int64_t /*index*/) { sum += value; }
   __device__ SumState shuffle_xor(int lane_mask) const { return {__shfl_xor_sync(0xffffffffu, sum, lane_mask)}; }
 };
 
@@ -108,7 +108,6 @@ struct PoolState {
   __device__ static PoolState identity() {
     return {acc_t(0), -std::numeric_limits<acc_t>::infinity(), kNoIndex, 0};
   }
-  __device__ static PoolState of(acc_t value, int64_t index) { return {value, value, index, is_nan(value) ? 0 : 1}; }
   __device__ static PoolState merge(const PoolState& a, const PoolState& b) {
     PoolState r;
     r.sum = a.sum + b.sum;
@@ -133,6 +132,23 @@ struct PoolState {
       r.count = a.count + b.count;
     }
     return r;
+  }
+  // merges in one element whose index is above every index merged so far
+  // (each thread visits its elements in increasing order); cheaper per element.
+  __device__ void add(acc_t value, int64_t i) {
+    sum += value;
+    if (value > max) {
+      max = value;
+      index = i;
+      count = 1;
+    } else if (value == max) {
+      count += 1;
+      if (index == kNoIndex) index = i;  // the first element, when it is -inf
+    } else if (is_nan(value) && !is_nan(max)) {
+      max = value;
+      index = i;
+      count = 0;
+    }
   }
   __device__ PoolState shuffle_xor(int lane_mask) const {
     PoolState r;
@@ -261,12 +277,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   const scalar_t* row_x = x + row * inner;
   State state = State::identity();
   // kVec > 1 only when inner % kVec == 0 and x is 16-byte aligned
+#pragma unroll 4
   for (int64_t k0 = static_cast<int64_t>(lane) * kVec; k0 < inner; k0 += kWarpSize * kVec) {
     const Vec<scalar_t, kVec> v = *reinterpret_cast<const Vec<scalar_t, kVec>*>(row_x + k0);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const int64_t k = k0 + j;
-      state = State::merge(state, State::of(transform(static_cast<acc_t>(v.v[j]), n, o, k), k));
+      state.add(transform(static_cast<acc_t>(v.v[j]), n, o, k), k);
     }
   }
   state = warp_reduce(state);
@@ -293,9 +310,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   State state = State::identity();
   if (k < inner) {
+#pragma unroll 4
     for (int64_t o = o_begin + threadIdx.y; o < o_end; o += kColTileRows) {
       const acc_t xv = static_cast<acc_t>(x[(n * outer + o) * inner + k]);
-      state = State::merge(state, State::of(transform(xv, n, o, k), o));
+      state.add(transform(xv, n, o, k), o);
     }
   }
   __shared__ State rows[kColTileRows][kColTileWidth];
