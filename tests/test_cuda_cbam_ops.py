@@ -1,0 +1,406 @@
+"""CUDA kernels of the CBAM ops (csrc/cuda/cbam.cu) against the op contract, fastattn.reference.
+
+Values (means, sums, gradients) follow DESIGN.md §4: the kernel's error against a
+float64 ground truth is at most 2x the same-dtype reference's error plus a small
+atol. Maxima, argmax and tie counts must equal the same-dtype reference exactly,
+NaN and inf in the same places.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import sys
+import tempfile
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastattn.reference import (
+    _max_weight,
+    _memory_format,
+    ref_cbam_apply,
+    ref_cbam_apply_backward,
+    ref_cbam_grad_x,
+    ref_channel_pool,
+    ref_gated_spatial_pool,
+    ref_gated_spatial_pool_backward_gate,
+)
+
+if not torch.cuda.is_available():
+    pytest.skip("the CUDA CBAM kernels need a CUDA device; torch.cuda.is_available() is False",
+                allow_module_level=True)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = "cuda"
+
+
+def _load_ops():
+    """torch.ops.fastattn with the CUDA CBAM kernels, built from source for the GPU at hand."""
+    from torch.utils.cpp_extension import load
+
+    includes = [p for site in sys.path for p in glob.glob(os.path.join(site, "nvidia", "cu*", "include"))]
+    build_dir = os.path.join(tempfile.gettempdir(), "fastattn-test-cuda-cbam")
+    os.makedirs(build_dir, exist_ok=True)
+    load(name="fa_test_cuda_cbam",
+         sources=[os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "cuda", "cbam.cu")],
+         extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+         extra_include_paths=includes, build_directory=build_dir, is_python_module=False)
+    return torch.ops.fastattn
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return _load_ops()
+
+
+# --------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CHANNELS = [1, 3, 17, 2048]
+SPATIAL = [(1, 1), (7, 7), (13, 17), (56, 56)]
+BATCHES = [1, 8]
+MAX_ELEMENTS = 8 * 2**20  # drops only (8, 2048, 56, 56)
+SHAPES = [(n, c, h, w) for c, (h, w), n in itertools.product(CHANNELS, SPATIAL, BATCHES) if n * c * h * w <= MAX_ELEMENTS]
+LAYOUTS = ["contiguous", "channels_last"]
+KINDS = ["ties", "nan"]  # relu'd and rounded (many ties); random with NaN and +-inf sprinkled in
+
+# atol of the DESIGN.md rule, relative to the largest magnitude of the ground truth
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+def _dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+cases = pytest.mark.parametrize(
+    "shape,dtype,layout,kind",
+    list(itertools.product(SHAPES, DTYPES, LAYOUTS, KINDS)),
+    ids=lambda v: _shape_id(v) if isinstance(v, tuple) else _dtype_id(v) if isinstance(v, torch.dtype) else str(v))
+split_ties_cases = pytest.mark.parametrize("split_ties", [True, False], ids=["split", "first"])
+
+
+def _generator(*key) -> torch.Generator:
+    """A generator seeded by the test case, the same in every process."""
+    return torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # neither NCHW- nor channels_last-contiguous
+        return t.transpose(2, 3).contiguous().transpose(2, 3) if t.shape[2] > 1 and t.shape[3] > 1 else t[:, :, :, :]
+    return t.contiguous()
+
+
+def _make_x(shape, dtype, layout, kind, gen):
+    x = torch.randn(shape, generator=gen, device=DEVICE)
+    if kind == "ties":
+        x = torch.relu(3 * x).round()
+    elif kind == "nan":
+        flat = x.view(-1)
+        for value, every in ((float("nan"), 97), (float("inf"), 211), (float("-inf"), 307)):
+            positions = torch.randint(0, flat.numel(), (max(1, flat.numel() // every),), generator=gen, device=DEVICE)
+            flat[positions] = value
+    return _to_layout(x.to(dtype), layout)
+
+
+def _make_gate(shape, dtype, kind, gen):
+    """(N, C) channel gate; in 'ties' quarters in [0, 1], so gated products tie across channels too."""
+    n, c = shape[:2]
+    if kind == "ties":
+        return (torch.randint(0, 5, (n, c), generator=gen, device=DEVICE) / 4).to(dtype)
+    return torch.randn((n, c), generator=gen, device=DEVICE).to(dtype)
+
+
+def _randn(shape, dtype, gen):
+    return torch.randn(shape, generator=gen, device=DEVICE).to(dtype)
+
+
+# --------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------
+def _check_values(name: str, out: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor) -> None:
+    """DESIGN.md §4 on the finite entries; NaN and inf exactly where the same-dtype reference has them."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, reference {ref.dtype}"
+    out64, ref64, truth64 = out.double(), ref.double(), truth.double()
+    nan_ref = ref64.isnan()
+    bad = (out64.isnan() != nan_ref).nonzero()
+    assert bad.numel() == 0, f"{name}: NaN pattern differs from the reference at {bad.shape[0]} entries, first {bad[0].tolist()}"
+    inf_ref = ref64.isinf()
+    bad = ((out64.isinf() != inf_ref) | (inf_ref & (out64 != ref64))).nonzero()
+    assert bad.numel() == 0, f"{name}: inf pattern differs from the reference at {bad.shape[0]} entries, first {bad[0].tolist()}"
+    finite = ~(nan_ref | inf_ref) & truth64.isfinite()
+    if not finite.any():
+        return
+    err_out = (out64 - truth64).abs().where(finite, 0)
+    err_ref = (ref64 - truth64).abs().where(finite, 0).max().item()
+    scale = truth64.abs().where(finite, 0).max().item()
+    atol = ATOL[out.dtype] * max(1.0, scale)
+    worst = err_out.argmax()
+    worst_index = list(torch.unravel_index(worst, err_out.shape)) if err_out.dim() else []
+    assert err_out.max().item() <= 2 * err_ref + atol, (
+        f"{name}: kernel error {err_out.max().item():.4g} vs float64 truth, same-dtype reference error {err_ref:.4g}, "
+        f"atol {atol:.3g}; worst at {[int(i) for i in worst_index]}: kernel {out64.flatten()[worst].item()!r}, "
+        f"reference {ref64.flatten()[worst].item()!r}, truth {truth64.flatten()[worst].item()!r}")
+
+
+def _check_exact(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bitwise-equal values (NaN where the reference has NaN; -0 == +0)."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, reference {ref.dtype}"
+    if out.is_floating_point():
+        same = (out == ref) | (out.isnan() & ref.isnan())
+    else:
+        same = out == ref
+    bad = (~same).nonzero()
+    assert bad.numel() == 0, (
+        f"{name}: {bad.shape[0]} of {out.numel()} entries differ, first at {bad[0].tolist()}: "
+        f"kernel {out[tuple(bad[0])].item()!r}, reference {ref[tuple(bad[0])].item()!r}")
+
+
+def _check_layout(name: str, out: torch.Tensor, x: torch.Tensor) -> None:
+    fmt = _memory_format(x)
+    assert out.is_contiguous(memory_format=fmt), f"{name}: expected {fmt} like x (strides {x.stride()}), got strides {out.stride()}"
+
+
+# --------------------------------------------------------------------------
+# Float64 ground truth for the tie-weighted gradients: the tie decisions are
+# the same-dtype ones (products rounded to x's dtype), the arithmetic float64.
+# --------------------------------------------------------------------------
+def _truth_backward_gate(grad_pooled, x, gate, pooled, argmax, count, split_ties):
+    z = x * gate[:, :, None, None]
+    w = _max_weight(z, pooled[:, 1], argmax, count, 1, split_ties).double()
+    gp = grad_pooled.double()
+    return ((gp[:, 0:1] / x.shape[1] + w * gp[:, 1:2]) * x.double()).sum((2, 3))
+
+
+def _truth_grad_x(x, grad_y, ch_gate, sp_gate, grad_pooled, pooled, sp_argmax, sp_count,
+                  grad_avg, grad_max, ch_max, ch_argmax, ch_count, split_ties):
+    n, c, h, w = x.shape
+    dx = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    if grad_y is not None:
+        dx += grad_y.double() * ch_gate.double()[:, :, None, None] * sp_gate.double()[:, None]
+    if grad_pooled is not None:
+        wsp = _max_weight(x * ch_gate[:, :, None, None], pooled[:, 1], sp_argmax, sp_count, 1, split_ties).double()
+        gp = grad_pooled.double()
+        dx += ch_gate.double()[:, :, None, None] * (gp[:, 0:1] / c + wsp * gp[:, 1:2])
+    if grad_avg is not None:
+        dx += grad_avg.double()[:, :, None, None] / (h * w)
+    if grad_max is not None:
+        wch = _max_weight(x.flatten(2), ch_max, ch_argmax, ch_count, 2, split_ties).double()
+        dx += (wch * grad_max.double()[:, :, None]).view(n, c, h, w)
+    return dx
+
+
+GRAD_X_TERMS = ("grad_y", "grad_pooled", "grad_avg", "grad_max")
+
+
+def _grad_x_args(x, gen, kind, grad_layout, terms=GRAD_X_TERMS):
+    """Arguments of cbam_grad_x after x (None where absent); saved tensors from the same-dtype reference forward."""
+    n, c, h, w = x.shape
+    dtype = x.dtype
+    ch_gate = _make_gate(x.shape, dtype, kind, gen)
+    sp_gate = torch.rand((n, h, w), generator=gen, device=DEVICE).to(dtype)
+    pooled, sp_argmax, sp_count = ref_gated_spatial_pool(x, ch_gate)
+    _, ch_max, ch_argmax, ch_count = ref_channel_pool(x)
+    args = dict(grad_y=_to_layout(_randn(x.shape, dtype, gen), grad_layout), ch_gate=ch_gate, sp_gate=sp_gate,
+                grad_pooled=_randn((n, 2, h, w), dtype, gen), pooled=pooled, sp_argmax=sp_argmax, sp_count=sp_count,
+                grad_avg=_randn((n, c), dtype, gen), grad_max=_randn((n, c), dtype, gen), ch_max=ch_max,
+                ch_argmax=ch_argmax, ch_count=ch_count)
+    needs = {"grad_y": ["ch_gate", "sp_gate"], "grad_pooled": ["ch_gate", "pooled", "sp_argmax", "sp_count"],
+             "grad_avg": [], "grad_max": ["ch_max", "ch_argmax", "ch_count"]}
+    kept = {name for term in terms for name in [term] + needs[term]}
+    order = ["grad_y", "ch_gate", "sp_gate", "grad_pooled", "pooled", "sp_argmax", "sp_count",
+             "grad_avg", "grad_max", "ch_max", "ch_argmax", "ch_count"]
+    return [args[name] if name in kept else None for name in order]
+
+
+def _grad_x_inputs(shape, dtype, layout, kind, gen, terms=GRAD_X_TERMS):
+    x = _make_x(shape, dtype, layout, kind, gen)
+    return x, _grad_x_args(x, gen, kind, layout, terms)
+
+
+# --------------------------------------------------------------------------
+# Op-level parity
+# --------------------------------------------------------------------------
+@cases
+def test_channel_pool(ops, shape, dtype, layout, kind):
+    x = _make_x(shape, dtype, layout, kind, _generator("channel_pool", shape, dtype, layout, kind))
+    avg, mx, argmax, count = ops.channel_pool(x)
+    ref_avg, ref_mx, ref_argmax, ref_count = ref_channel_pool(x)
+    _check_values("avg", avg, ref_avg, ref_channel_pool(x.double())[0])
+    _check_exact("max", mx, ref_mx)
+    _check_exact("argmax", argmax, ref_argmax)
+    _check_exact("count", count, ref_count)
+
+
+@cases
+def test_gated_spatial_pool(ops, shape, dtype, layout, kind):
+    gen = _generator("gated_spatial_pool", shape, dtype, layout, kind)
+    x = _make_x(shape, dtype, layout, kind, gen)
+    gate = _make_gate(shape, dtype, kind, gen)
+    pooled, argmax, count = ops.gated_spatial_pool(x, gate)
+    ref_pooled, ref_argmax, ref_count = ref_gated_spatial_pool(x, gate)
+    assert pooled.is_contiguous(), f"pooled must be contiguous, got strides {pooled.stride()}"
+    truth_pooled = ref_gated_spatial_pool(x.double(), gate.double())[0]
+    _check_values("mean", pooled[:, 0], ref_pooled[:, 0], truth_pooled[:, 0])
+    _check_exact("max", pooled[:, 1], ref_pooled[:, 1])
+    _check_exact("argmax", argmax, ref_argmax)
+    _check_exact("count", count, ref_count)
+
+
+@cases
+def test_cbam_apply(ops, shape, dtype, layout, kind):
+    gen = _generator("cbam_apply", shape, dtype, layout, kind)
+    n, c, h, w = shape
+    x = _make_x(shape, dtype, layout, kind, gen)
+    ch_gate = _make_gate(shape, dtype, kind, gen)
+    sp_gate = torch.rand((n, h, w), generator=gen, device=DEVICE).to(dtype)
+    y = ops.cbam_apply(x, ch_gate, sp_gate)
+    _check_layout("y", y, x)
+    _check_values("y", y, ref_cbam_apply(x, ch_gate, sp_gate), ref_cbam_apply(x.double(), ch_gate.double(), sp_gate.double()))
+
+
+@cases
+def test_cbam_apply_backward(ops, shape, dtype, layout, kind):
+    gen = _generator("cbam_apply_backward", shape, dtype, layout, kind)
+    n, c, h, w = shape
+    x = _make_x(shape, dtype, layout, kind, gen)
+    grad_y = _to_layout(_randn(shape, dtype, gen), layout)
+    ch_gate = _make_gate(shape, dtype, kind, gen)
+    sp_gate = torch.rand((n, h, w), generator=gen, device=DEVICE).to(dtype)
+    d_ch, d_sp = ops.cbam_apply_backward(grad_y, x, ch_gate, sp_gate)
+    ref_ch, ref_sp = ref_cbam_apply_backward(grad_y, x, ch_gate, sp_gate)
+    truth_ch, truth_sp = ref_cbam_apply_backward(grad_y.double(), x.double(), ch_gate.double(), sp_gate.double())
+    _check_values("grad_ch_gate", d_ch, ref_ch, truth_ch)
+    _check_values("grad_sp_gate", d_sp, ref_sp, truth_sp)
+
+
+@cases
+@split_ties_cases
+def test_gated_spatial_pool_backward_gate(ops, shape, dtype, layout, kind, split_ties):
+    gen = _generator("backward_gate", shape, dtype, layout, kind)
+    n, c, h, w = shape
+    x = _make_x(shape, dtype, layout, kind, gen)
+    gate = _make_gate(shape, dtype, kind, gen)
+    pooled, argmax, count = ref_gated_spatial_pool(x, gate)
+    grad_pooled = _randn((n, 2, h, w), dtype, gen)
+    args = (grad_pooled, x, gate, pooled, argmax, count, split_ties)
+    out = ops.gated_spatial_pool_backward_gate(*args)
+    _check_values("grad_gate", out, ref_gated_spatial_pool_backward_gate(*args), _truth_backward_gate(*args))
+
+
+@cases
+@split_ties_cases
+def test_cbam_grad_x(ops, shape, dtype, layout, kind, split_ties):
+    x, args = _grad_x_inputs(shape, dtype, layout, kind, _generator("grad_x", shape, dtype, layout, kind))
+    dx = ops.cbam_grad_x(x, *args, split_ties)
+    _check_layout("grad_x", dx, x)
+    _check_values("grad_x", dx, ref_cbam_grad_x(x, *args, split_ties), _truth_grad_x(x, *args, split_ties))
+
+
+@pytest.mark.parametrize("terms", [(), ("grad_y",), ("grad_pooled",), ("grad_avg",), ("grad_max",),
+                                   ("grad_avg", "grad_max"), ("grad_y", "grad_pooled")], ids=lambda t: "+".join(t) or "none")
+@pytest.mark.parametrize("shape", [(2, 17, 13, 17), (1, 3, 1, 1)], ids=_shape_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_cbam_grad_x_absent_terms(ops, terms, shape, layout, dtype):
+    x, args = _grad_x_inputs(shape, dtype, layout, "ties", _generator("grad_x_terms", shape, terms, layout, dtype), terms)
+    for split_ties in (True, False):
+        dx = ops.cbam_grad_x(x, *args, split_ties)
+        _check_layout("grad_x", dx, x)
+        _check_values("grad_x", dx, ref_cbam_grad_x(x, *args, split_ties), _truth_grad_x(x, *args, split_ties))
+
+
+# --------------------------------------------------------------------------
+# Other strides (internal copy), float64, determinism
+# --------------------------------------------------------------------------
+REFERENCE = SimpleNamespace(
+    channel_pool=ref_channel_pool, gated_spatial_pool=ref_gated_spatial_pool, cbam_apply=ref_cbam_apply,
+    cbam_apply_backward=ref_cbam_apply_backward,
+    gated_spatial_pool_backward_gate=ref_gated_spatial_pool_backward_gate, cbam_grad_x=ref_cbam_grad_x)
+
+
+def _all_op_args(x, gen, grad_layout, split_ties=True):
+    """{op name: its arguments} for every CBAM op on x; saved tensors from the same-dtype reference."""
+    n, c, h, w = x.shape
+    gate = _make_gate(x.shape, x.dtype, "nan", gen)
+    sp_gate = torch.rand((n, h, w), generator=gen, device=DEVICE).to(x.dtype)
+    grad_y = _to_layout(_randn(x.shape, x.dtype, gen), grad_layout)
+    pooled, argmax, count = ref_gated_spatial_pool(x, gate)
+    grad_pooled = _randn((n, 2, h, w), x.dtype, gen)
+    return {
+        "channel_pool": (x,),
+        "gated_spatial_pool": (x, gate),
+        "cbam_apply": (x, gate, sp_gate),
+        "cbam_apply_backward": (grad_y, x, gate, sp_gate),
+        "gated_spatial_pool_backward_gate": (grad_pooled, x, gate, pooled, argmax, count, split_ties),
+        "cbam_grad_x": (x, *_grad_x_args(x, gen, "ties", grad_layout), split_ties),
+    }
+
+
+def _call_all(namespace, all_args):
+    """{op name: tuple of outputs}"""
+    outputs = {}
+    for name, args in all_args.items():
+        out = getattr(namespace, name)(*args)
+        outputs[name] = out if isinstance(out, tuple) else (out,)
+    return outputs
+
+
+@pytest.mark.parametrize("x_layout", ["strided", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 17, 13, 17), (1, 3, 7, 7), (2, 40, 9, 1)], ids=_shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dtype_id)
+def test_other_strides(ops, shape, dtype, x_layout):
+    """x with other strides, and grad_y in another layout than x, read right."""
+    x = _make_x(shape, dtype, x_layout, "ties", _generator("strided", shape, dtype, x_layout))
+    all_args = _all_op_args(x, _generator("strided-ops", shape, dtype, x_layout), grad_layout="contiguous")
+    out, refs = _call_all(ops, all_args), _call_all(REFERENCE, all_args)
+    for name in out:
+        for i, (o, r) in enumerate(zip(out[name], refs[name])):
+            if o.is_floating_point():
+                # ties-kind x: every value here is a short sum of exact products, so float32 vs reference is tight
+                torch.testing.assert_close(o, r, atol=ATOL[dtype] * max(1.0, r.abs().max().item()), rtol=0,
+                                           equal_nan=True, msg=lambda m: f"{name}[{i}]: {m}")
+            else:
+                _check_exact(f"{name}[{i}]", o, r)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 17, 13, 17), (3, 5, 7, 7)], ids=_shape_id)
+def test_float64(ops, shape, layout):
+    x = _make_x(shape, torch.float64, layout, "nan", _generator("float64", shape, layout))
+    all_args = _all_op_args(x, _generator("float64-ops", shape, layout), grad_layout=layout)
+    out, refs = _call_all(ops, all_args), _call_all(REFERENCE, all_args)
+    for name in out:
+        for i, (o, r) in enumerate(zip(out[name], refs[name])):
+            if o.is_floating_point():
+                _check_values(f"{name}[{i}]", o, r, r)
+            else:
+                _check_exact(f"{name}[{i}]", o, r)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(4, 256, 56, 56), (8, 2048, 7, 7)], ids=_shape_id)
+def test_deterministic(ops, shape, dtype, layout):
+    """The same call twice gives bitwise the same outputs (no atomics, fixed reduction order)."""
+    x = _make_x(shape, dtype, layout, "nan", _generator("determinism", shape, dtype, layout))
+    all_args = _all_op_args(x, _generator("determinism-ops", shape, dtype, layout), grad_layout=layout)
+    first, second = _call_all(ops, all_args), _call_all(ops, all_args)
+    for name in first:
+        for i, (a, b) in enumerate(zip(first[name], second[name])):
+            assert torch.equal(_bits(a), _bits(b)), f"{name}[{i}]: two identical calls differ bitwise"
