@@ -235,7 +235,7 @@ def _grad_x_inputs(shape, dtype, layout, kind, gen, terms=GRAD_X_TERMS):
 @cases
 def test_channel_pool(ops, shape, dtype, layout, kind):
     x = _make_x(shape, dtype, layout, kind, _generator("channel_pool", shape, dtype, layout, kind))
-    avg, mx, argmax, count = ops.channel_pool(x)
+    avg, mx, argmax, count = ops.channel_pool(x, True)
     ref_avg, ref_mx, ref_argmax, ref_count = ref_channel_pool(x)
     _check_values("avg", avg, ref_avg, ref_channel_pool(x.double())[0])
     _check_exact("max", mx, ref_mx)
@@ -248,7 +248,7 @@ def test_gated_spatial_pool(ops, shape, dtype, layout, kind):
     gen = _generator("gated_spatial_pool", shape, dtype, layout, kind)
     x = _make_x(shape, dtype, layout, kind, gen)
     gate = _make_gate(shape, dtype, kind, gen)
-    pooled, argmax, count = ops.gated_spatial_pool(x, gate)
+    pooled, argmax, count = ops.gated_spatial_pool(x, gate, True)
     ref_pooled, ref_argmax, ref_count = ref_gated_spatial_pool(x, gate)
     assert pooled.is_contiguous(), f"pooled must be contiguous, got strides {pooled.stride()}"
     truth_pooled = ref_gated_spatial_pool(x.double(), gate.double())[0]

@@ -674,7 +674,8 @@ void launch_elementwise(const CbamInput& in, const scalar_t* x, scalar_t* out, O
 // ---------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_pool_cuda(const at::Tensor& x_arg) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_pool_cuda(const at::Tensor& x_arg,
+                                                                           bool /*split_ties: read by the autograd formula*/) {
   constexpr const char* op = "channel_pool";
   const CbamInput in = prepare_x(x_arg, op);
   const c10::cuda::CUDAGuard device_guard(in.x.device());
@@ -701,7 +702,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_pool_cuda(con
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_spatial_pool_cuda(const at::Tensor& x_arg,
-                                                                       const at::Tensor& gate_arg) {
+                                                                       const at::Tensor& gate_arg,
+                                                                       bool /*split_ties: read by the autograd formula*/) {
   constexpr const char* op = "gated_spatial_pool";
   const CbamInput in = prepare_x(x_arg, op);
   const c10::cuda::CUDAGuard device_guard(in.x.device());
