@@ -145,7 +145,7 @@ def test_channel_pool(shape, layout, dtype, device, values):
     _skip_unsupported(device, dtype)
     gen = torch.Generator().manual_seed(0)
     x = _layout((_ties if values == "ties" else _randn)(shape, dtype, device, gen), layout)
-    out = tc.channel_pool(x)
+    out = tc.channel_pool(x, True)  # split_ties (schema argument) only matters to the backward
     eager = ref_channel_pool(x)
     truth = ref_channel_pool(x.double())
     _check_pool("channel_pool", out, eager, truth[0])
@@ -163,7 +163,7 @@ def test_gated_spatial_pool(shape, layout, dtype, device, values):
     # ties: exact products keep the ties; randn: sigmoid gates make the rounding of z matter
     gate = _pow2_gate(shape[:2], dtype, device, gen) if values == "ties" else \
         torch.rand(shape[:2], generator=gen).to(dtype).to(device)
-    pooled, arg, cnt = tc.gated_spatial_pool(x, gate)
+    pooled, arg, cnt = tc.gated_spatial_pool(x, gate, False)  # split_ties only matters to the backward
     eager = ref_gated_spatial_pool(x, gate)
     truth = ref_gated_spatial_pool(x.double(), gate.double())
     assert pooled.is_contiguous()

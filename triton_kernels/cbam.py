@@ -414,9 +414,10 @@ def _max_pool(x_ncl: torch.Tensor, gate: torch.Tensor | None, mean: torch.Tensor
 # --------------------------------------------------------------------------
 # Launchers, one per op (schemas of csrc/ops.cpp)
 # --------------------------------------------------------------------------
-def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def channel_pool(x: torch.Tensor, split_ties: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
     """x: (N, C, H, W) -> avg, max (N, C) in x.dtype; argmax (N, C) int64 (first h*W+w of the max,
-    first NaN wins); count (N, C) int32 ties of the max."""
+    first NaN wins); count (N, C) int32 ties of the max. split_ties only matters to the backward."""
     n, c = x.shape[:2]
     x_ncl = _as_ncl(x)
     avg = torch.empty((n, c), dtype=x.dtype, device=x.device)
@@ -427,9 +428,11 @@ def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return avg, mx, arg, cnt
 
 
-def gated_spatial_pool(x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gated_spatial_pool(x: torch.Tensor, gate: torch.Tensor,
+                       split_ties: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (N, C, H, W), gate: (N, C) -> pooled (N, 2, H, W) contiguous [mean, max] over C of
-    z = x * gate (z rounded to x.dtype); argmax (N, H, W) int64; count (N, H, W) int32."""
+    z = x * gate (z rounded to x.dtype); argmax (N, H, W) int64; count (N, H, W) int32.
+    split_ties only matters to the backward."""
     n, c, h, w = x.shape
     x_ncl = _as_ncl(x)
     pooled = torch.empty((n, 2, h, w), dtype=x.dtype, device=x.device)
