@@ -392,7 +392,7 @@ def _max_pool(x_ncl: torch.Tensor, gate: torch.Tensor | None, mean: torch.Tensor
     if num_splits == 1:
         outs, stride_n, split_stride, divisor = (mean, mx, arg, cnt), out_n_stride, 0, float(reduced)
     else:
-        f32 = torch.empty((4, num_splits, n * rows), dtype=torch.float32, device=x_ncl.device)
+        f32 = torch.empty((2, num_splits, n * rows), dtype=torch.float32, device=x_ncl.device)
         i32 = torch.empty((2, num_splits, n * rows), dtype=torch.int32, device=x_ncl.device)
         outs, stride_n, split_stride, divisor = (f32[0], f32[1], i32[0], i32[1]), rows, n * rows, 1.0
     grid = (n * num_r_tiles, num_splits)
