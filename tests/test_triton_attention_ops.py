@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 
 import importlib.util  # noqa: E402
+import itertools  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -246,22 +247,25 @@ def test_batch_heads_fold_onto_grid_axis_2(monkeypatch, device):
 
 
 def test_every_head_dim_and_length_keeps_a_config():
-    """The autotune pruner leaves at least one config, within the tile limits, for all d <= 512 and lengths."""
+    """The autotune pruner leaves at least one config within the tile limits for every dtype, d <= 512, length."""
     import triton
 
     for kernel, candidates in attention._CANDIDATES.items():
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
         prune = attention._config_pruner(kernel)
-        for d in (8, 40, 64, 80, 96, 128, 160, 256, 320, 512):
+        resident_name = attention._RESIDENT_BLOCK[kernel]
+        streamed_name = "BLOCK_M" if resident_name == "BLOCK_N" else "BLOCK_N"
+        for dtype, d, length in itertools.product(
+                (torch.float32, torch.float16), (8, 40, 64, 80, 96, 128, 160, 256, 320, 512), (1, 49, 196, 4097, 70000)):
+            q = torch.empty(0, dtype=dtype)
             block_d = attention._block_d(d)
-            for length in (1, 49, 196, 4097, 70000):
-                kept = prune(configs, {}, BLOCK_DQK=block_d, BLOCK_DV=16, LENGTH_BUCKET=attention._length_bucket(length))
-                resident, streamed = attention._tile_limits(block_d)
-                assert kept, (kernel, d, length)
-                resident_name = attention._RESIDENT_BLOCK[kernel]
-                for c in kept:
-                    streamed_rows = c.kwargs["BLOCK_M" if resident_name == "BLOCK_N" else "BLOCK_N"]
-                    assert c.kwargs[resident_name] <= resident and streamed_rows <= streamed, (kernel, d, length, c)
+            kept = prune(configs, {"q_ptr": q}, BLOCK_DQK=block_d, BLOCK_DV=16,
+                         LENGTH_BUCKET=attention._length_bucket(length))
+            max_resident, max_streamed = attention._tile_limits(block_d, q.element_size())
+            assert kept, (kernel, dtype, d, length)
+            for c in kept:
+                assert c.kwargs[resident_name] <= max_resident and c.kwargs[streamed_name] <= max_streamed, (
+                    kernel, dtype, d, length, c)
 
 
 @pytest.mark.skipif(INTERPRET, reason="65 537 positions are too slow for the interpreter")

@@ -63,22 +63,29 @@ def _length_bucket(length: int) -> int:
 # (FASTATTN_TRITON_AUTOTUNE=0) the first one that survives pruning runs. BLOCK_M is the query block,
 # BLOCK_N the key block; forward and dq keep a query block resident and stream key blocks, dk/dv the reverse.
 _CANDIDATES = {
-    "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 8, 1), (32, 16, 4, 1)],
-    "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 8, 1), (32, 16, 4, 1)],
-    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 8, 1), (16, 32, 4, 1)],
+    "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 8, 1), (32, 16, 4, 1),
+            (16, 16, 4, 1)],
+    "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 8, 1), (32, 16, 4, 1),
+           (16, 16, 4, 1)],
+    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 8, 1), (16, 32, 4, 1),
+             (16, 16, 4, 1)],
 }
 _RESIDENT_BLOCK = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
 
 
-def _tile_limits(block_d: int) -> tuple[int, int]:
-    """Largest (resident, streamed) block rows whose tiles of width block_d fit registers and shared memory."""
-    if block_d <= 64:
+def _tile_limits(block_d: int, element_size: int) -> tuple[int, int]:
+    """Largest (resident, streamed) block rows whose tiles of width block_d fit registers and shared
+    memory (227 KB on H100; float32 tiles take twice the bytes of 16-bit ones)."""
+    width = block_d * element_size // 2
+    if width <= 64:
         return 128, 128
-    if block_d <= 128:
+    if width <= 128:
         return 128, 64
-    if block_d <= 256:
+    if width <= 256:
         return 64, 32
-    return 32, 16
+    if width <= 512:
+        return 32, 16
+    return 16, 16
 
 
 def _configs(kernel: str) -> list[triton.Config]:
@@ -96,7 +103,8 @@ def _config_pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         """Keep tiles that fit the head dim and are not longer than the sequence needs."""
         args = {**named_args, **kwargs}
-        max_resident, max_streamed = _tile_limits(max(args["BLOCK_DQK"], args["BLOCK_DV"]))
+        max_resident, max_streamed = _tile_limits(max(args["BLOCK_DQK"], args["BLOCK_DV"]),
+                                                  args["q_ptr"].element_size())
         max_len = max(args["LENGTH_BUCKET"], 32)
         kept = [c for c in configs
                 if c.kwargs[resident_name] <= min(max_resident, max_len)
