@@ -1,0 +1,456 @@
+"""Triton flash attention over the positions of NCHW feature maps (spatial attention).
+
+Launchers named like the ops of csrc/ops.cpp (contract: fastattn.reference.ref_spatial_attention_forward):
+
+* ``spatial_attention_forward(q, k, v, heads, scale) -> (out, lse)``
+* ``spatial_attention_backward(grad_out, q, k, v, out, lse, heads, scale) -> (dq, dk, dv)``
+
+q: (N, Cq, Lq), k: (N, Cq, Lk), v: (N, Cv, Lk) with any strides, read in place: every tile is a
+pointer block built from the tensor's own strides, so contiguous (N, C, L) and channel-last
+(stride(1) == 1) inputs, and channel slices of a fused qkv tensor, need no copy. Head h uses channels
+[h*d_qk, (h+1)*d_qk) of q/k and [h*d_v, (h+1)*d_v) of v.
+
+Flash scheme: the forward keeps a running max and sum per query row (online softmax) and saves only
+out and the natural-log lse; the backward recomputes the probabilities from lse in three kernels:
+delta = rowsum(dO * O), then one program per key block for dk/dv (looping over query blocks) and one
+program per query block for dq (looping over key blocks). No atomics, so results are deterministic.
+
+Numerics: dots accumulate in float32. Logits stay in natural units (dot * scale, rounded as the eager
+formula rounds them); the row max (forward) or lse (backward) is subtracted before the exponent is
+scaled to base 2, so that scaling rounds only the small difference, not the logit; logits of magnitude
+1e4 stay finite. float16/bfloat16 inputs feed the probabilities to the second dot in the input dtype,
+as every flash kernel does. float32 inputs use ``input_precision="ieee"`` (TF32 would give ~1e-3
+relative error, far beyond the error rule of DESIGN.md section 4); Triton computes such a dot as one
+FMA chain per output, whose rounding grows like sqrt(d_qk) units, so the float32 test rule allows
+sqrt(d_qk) units of atol (measured on an H100: up to ~4.5x cuBLAS's float32 error at d_qk = 512,
+~1e-6 relative).
+
+Grid: axis 0 counts query (or key) blocks, so lengths past 65 535 work; batch*heads goes on axis 1 and
+folds onto axis 2 past the 65 535 limit of those axes. Offsets are int64 before they meet a stride.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = tl.constexpr(1.4426950408889634)
+# Largest size of grid axes 1 and 2 (CUDA); a module attribute so a test can shrink it to exercise the fold.
+_MAX_GRID_YZ = 65535
+_MAX_HEAD_DIM = 512
+# FASTATTN_TRITON_AUTOTUNE=0 skips benchmarking and runs the preferred config that fits (quick compiles).
+_AUTOTUNE = os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
+
+
+# --------------------------------------------------------------------------
+# Block-size choice
+# --------------------------------------------------------------------------
+def _block_d(d: int) -> int:
+    """Head dim padded to a power of two (masked), at least 16 because tl.dot needs K >= 16."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _length_bucket(length: int) -> int:
+    """Autotune key for a length: configs are re-tuned per bucket, not per exact length."""
+    for bucket in (64, 256, 1024, 4096):
+        if length <= bucket:
+            return bucket
+    return 16384
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference: with autotuning off
+# (FASTATTN_TRITON_AUTOTUNE=0) the first one that survives pruning runs. BLOCK_M is the query block,
+# BLOCK_N the key block; forward and dq keep a query block resident and stream key blocks, dk/dv the reverse.
+_CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 8, 1), (32, 16, 4, 1),
+            (16, 16, 4, 1)],
+    "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 8, 1), (32, 16, 4, 1),
+           (16, 16, 4, 1)],
+    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 8, 1), (16, 32, 4, 1),
+             (16, 16, 4, 1)],
+}
+_RESIDENT_BLOCK = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
+
+
+def _tile_limits(block_d: int, element_size: int) -> tuple[int, int]:
+    """Largest (resident, streamed) block rows whose tiles of width block_d fit registers and shared
+    memory (227 KB on H100; float32 tiles take twice the bytes of 16-bit ones)."""
+    width = block_d * element_size // 2
+    if width <= 64:
+        return 128, 128
+    if width <= 128:
+        return 128, 64
+    if width <= 256:
+        return 64, 32
+    if width <= 512:
+        return 32, 16
+    return 16, 16
+
+
+def _configs(kernel: str) -> list[triton.Config]:
+    """Autotune candidates; one small config under the interpreter, where tuning is slow."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in _CANDIDATES[kernel]]
+
+
+def _config_pruner(kernel: str):
+    resident_name = _RESIDENT_BLOCK[kernel]
+    streamed_name = "BLOCK_N" if resident_name == "BLOCK_M" else "BLOCK_M"
+
+    def prune(configs, named_args, **kwargs):
+        """Keep tiles that fit the head dim and are not longer than the sequence needs."""
+        args = {**named_args, **kwargs}
+        max_resident, max_streamed = _tile_limits(max(args["BLOCK_DQK"], args["BLOCK_DV"]),
+                                                  args["q_ptr"].element_size())
+        max_len = max(args["LENGTH_BUCKET"], 32)
+        kept = [c for c in configs
+                if c.kwargs[resident_name] <= min(max_resident, max_len)
+                and c.kwargs[streamed_name] <= min(max_streamed, max_len)]
+        kept = kept or configs[-1:]
+        return kept if _AUTOTUNE else kept[:1]
+
+    return prune
+
+
+_AUTOTUNE_KEY = ["BLOCK_DQK", "BLOCK_DV", "LENGTH_BUCKET"]
+# Values that change with every shape but do not help code generation: not specialized, so a new
+# length or head count reuses the compiled kernel.
+_NOT_SPECIALIZED = ["heads", "batch_heads", "len_q", "len_k", "dim_qk", "dim_v", "LENGTH_BUCKET"]
+
+
+def _autotune(kernel: str):
+    return triton.autotune(configs=_configs(kernel), key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _config_pruner(kernel)})
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+@triton.jit
+def _batch_head(heads, batch_heads):
+    """(bh, n, h, valid) of this program from grid axes 1 and 2 (axis 2 folds batch*heads past 65 535);
+    valid is False for the spare programs of the last fold."""
+    bh = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    return bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64), bh < batch_heads
+
+
+@_autotune("fwd")
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _spatial_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    stride_qn, stride_qc, stride_ql,
+    stride_kn, stride_kc, stride_kl,
+    stride_vn, stride_vc, stride_vl,
+    stride_on, stride_oc, stride_ol,
+    heads, batch_heads, len_q, len_k, dim_qk, dim_v,
+    scale,
+    LENGTH_BUCKET,  # autotune key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    bh, n, h, valid = _batch_head(heads, batch_heads)
+    if valid:
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
+        offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+        mask_m = offs_m < len_q
+        mask_dqk = offs_dqk < dim_qk
+        mask_dv = offs_dv < dim_v
+
+        q_base = q_ptr + n * stride_qn + h * dim_qk * stride_qc
+        k_base = k_ptr + n * stride_kn + h * dim_qk * stride_kc
+        v_base = v_ptr + n * stride_vn + h * dim_v * stride_vc
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_dqk[None, :] * stride_qc,
+                    mask=mask_m[:, None] & mask_dqk[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for start_n in range(0, len_k, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask_n = offs_n < len_k
+            k_t = tl.load(k_base + offs_dqk[:, None] * stride_kc + offs_n[None, :] * stride_kl,
+                          mask=mask_dqk[:, None] & mask_n[None, :], other=0.0)
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2((m_i - m_new) * LOG2E)  # rescales what was summed under the old max
+            p = tl.exp2((s - m_new[:, None]) * LOG2E)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vc,
+                        mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        acc = acc / l_i[:, None]
+        out_base = out_ptr + n * stride_on + h * dim_v * stride_oc
+        tl.store(out_base + offs_m[:, None] * stride_ol + offs_dv[None, :] * stride_oc,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+        lse = m_i + tl.log(l_i)
+        tl.store(lse_ptr + bh.to(tl.int64) * len_q + offs_m, lse, mask=mask_m)
+
+
+@triton.jit(do_not_specialize=["heads", "batch_heads", "len_q", "dim_v"])
+def _spatial_attention_bwd_delta_kernel(
+    out_ptr, dout_ptr, delta_ptr,
+    stride_on, stride_oc, stride_ol,
+    stride_dn, stride_dc, stride_dl,
+    heads, batch_heads, len_q, dim_v,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[n, h, i] = sum_c dO[n, h*dv + c, i] * O[n, h*dv + c, i], the softmax-backward row term."""
+    bh, n, h, valid = _batch_head(heads, batch_heads)
+    if valid:
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+        mask = (offs_m < len_q)[:, None] & (offs_dv < dim_v)[None, :]
+        o = tl.load(out_ptr + n * stride_on + (h * dim_v + offs_dv[None, :]) * stride_oc + offs_m[:, None] * stride_ol,
+                    mask=mask, other=0.0)
+        do = tl.load(dout_ptr + n * stride_dn + (h * dim_v + offs_dv[None, :]) * stride_dc
+                     + offs_m[:, None] * stride_dl, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_ptr + bh.to(tl.int64) * len_q + offs_m, delta, mask=offs_m < len_q)
+
+
+@_autotune("dkdv")
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _spatial_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qn, stride_qc, stride_ql,
+    stride_kn, stride_kc, stride_kl,
+    stride_vn, stride_vc, stride_vl,
+    stride_dn, stride_dc, stride_dl,
+    stride_dkn, stride_dkc, stride_dkl,
+    stride_dvn, stride_dvc, stride_dvl,
+    heads, batch_heads, len_q, len_k, dim_qk, dim_v,
+    scale,
+    LENGTH_BUCKET,  # autotune key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key block: dv = P^T dO and dk = scale * dS^T Q, summed over all query blocks."""
+    bh, n, h, valid = _batch_head(heads, batch_heads)
+    if valid:
+        offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
+        offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+        mask_n = offs_n < len_k
+        mask_dqk = offs_dqk < dim_qk
+        mask_dv = offs_dv < dim_v
+
+        q_base = q_ptr + n * stride_qn + h * dim_qk * stride_qc
+        do_base = dout_ptr + n * stride_dn + h * dim_v * stride_dc
+        k = tl.load(k_ptr + n * stride_kn + h * dim_qk * stride_kc
+                    + offs_n[:, None] * stride_kl + offs_dqk[None, :] * stride_kc,
+                    mask=mask_n[:, None] & mask_dqk[None, :], other=0.0)
+        v = tl.load(v_ptr + n * stride_vn + h * dim_v * stride_vc
+                    + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vc,
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        row_base = bh.to(tl.int64) * len_q
+
+        dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        for start_m in range(0, len_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+            mask_m = offs_m < len_q
+            q_t = tl.load(q_base + offs_dqk[:, None] * stride_qc + offs_m[None, :] * stride_ql,
+                          mask=mask_dqk[:, None] & mask_m[None, :], other=0.0)
+            lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_M)
+            p_t = tl.where(mask_m[None, :], tl.exp2((s_t - lse[None, :]) * LOG2E), 0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dl + offs_dv[None, :] * stride_dc,
+                         mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+
+        tl.store(dk_ptr + n * stride_dkn + (h * dim_qk + offs_dqk[None, :]) * stride_dkc + offs_n[:, None] * stride_dkl,
+                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dqk[None, :])
+        tl.store(dv_ptr + n * stride_dvn + (h * dim_v + offs_dv[None, :]) * stride_dvc + offs_n[:, None] * stride_dvl,
+                 dv.to(dv_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
+
+
+@_autotune("dq")
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _spatial_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qn, stride_qc, stride_ql,
+    stride_kn, stride_kc, stride_kl,
+    stride_vn, stride_vc, stride_vl,
+    stride_dn, stride_dc, stride_dl,
+    stride_dqn, stride_dqc, stride_dql,
+    heads, batch_heads, len_q, len_k, dim_qk, dim_v,
+    scale,
+    LENGTH_BUCKET,  # autotune key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One query block: dq = scale * dS K, summed over all key blocks."""
+    bh, n, h, valid = _batch_head(heads, batch_heads)
+    if valid:
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
+        offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+        mask_m = offs_m < len_q
+        mask_dqk = offs_dqk < dim_qk
+        mask_dv = offs_dv < dim_v
+
+        k_base = k_ptr + n * stride_kn + h * dim_qk * stride_kc
+        v_base = v_ptr + n * stride_vn + h * dim_v * stride_vc
+        q = tl.load(q_ptr + n * stride_qn + h * dim_qk * stride_qc
+                    + offs_m[:, None] * stride_ql + offs_dqk[None, :] * stride_qc,
+                    mask=mask_m[:, None] & mask_dqk[None, :], other=0.0)
+        do = tl.load(dout_ptr + n * stride_dn + h * dim_v * stride_dc
+                     + offs_m[:, None] * stride_dl + offs_dv[None, :] * stride_dc,
+                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+        row_base = bh.to(tl.int64) * len_q
+        lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
+        for start_n in range(0, len_k, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask_n = offs_n < len_k
+            k_t = tl.load(k_base + offs_dqk[:, None] * stride_kc + offs_n[None, :] * stride_kl,
+                          mask=mask_dqk[:, None] & mask_n[None, :], other=0.0)
+            v_t = tl.load(v_base + offs_dv[:, None] * stride_vc + offs_n[None, :] * stride_vl,
+                          mask=mask_dv[:, None] & mask_n[None, :], other=0.0)
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+            p = tl.where(mask_n[None, :], tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+            dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+
+        tl.store(dq_ptr + n * stride_dqn + (h * dim_qk + offs_dqk[None, :]) * stride_dqc + offs_m[:, None] * stride_dql,
+                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_dqk[None, :])
+
+
+# --------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(q, k, v, heads: int, **more) -> tuple[int, int]:
+    """Cheap invariants (the Python layer validates user input); returns (d_qk, d_v)."""
+    named = {"q": q, "k": k, "v": v, **more}
+    for name, t in named.items():
+        if t.dim() != 3:
+            raise ValueError(f"spatial_attention (triton): {name} must be 3-D (N, C, L), got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"spatial_attention (triton): {name} is on {t.device}, q on {q.device}")
+    for name in ("q", "k", "v", "grad_out", "out"):
+        if name in named and named[name].dtype not in _DTYPES:
+            raise TypeError(f"spatial_attention (triton): {name} has dtype {named[name].dtype}, "
+                            f"expected one of {_DTYPES}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"spatial_attention (triton): q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    n, cq, _ = q.shape
+    if k.shape[:2] != (n, cq) or v.shape[0] != n or v.shape[2] != k.shape[2]:
+        raise ValueError(f"spatial_attention (triton): shapes do not match: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if heads < 1 or cq % heads or v.shape[1] % heads:
+        raise ValueError(f"spatial_attention (triton): heads={heads} must divide Cq={cq} and Cv={v.shape[1]}")
+    d_qk, d_v = cq // heads, v.shape[1] // heads
+    if max(d_qk, d_v) > _MAX_HEAD_DIM:
+        raise ValueError(f"spatial_attention (triton): head dims d_qk={d_qk}, d_v={d_v}; at most {_MAX_HEAD_DIM}")
+    if not q.is_cuda and not _INTERPRET:
+        raise ValueError("spatial_attention (triton): needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return d_qk, d_v
+
+
+def _grid(batch_heads: int, length_of_axis0: int, block_meta: str):
+    """(blocks along the sequence, batch*heads on axis 1, folded onto axis 2 past _MAX_GRID_YZ)."""
+    axis1 = min(batch_heads, _MAX_GRID_YZ)
+    axis2 = triton.cdiv(batch_heads, axis1)
+    return lambda meta: (triton.cdiv(length_of_axis0, meta[block_meta]), axis1, axis2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # "ieee": full float32 products (no TF32); 16-bit operands ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU: Triton launches on the current device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def spatial_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (N, Cq, Lq), k: (N, Cq, Lk), v: (N, Cv, Lk) -> out (N, Cv, Lq) in q.dtype, lse (N, heads, Lq) float32.
+
+    out is channel-last ((N, Lq, Cv) memory) when q.stride(1) == 1 and Cq > 1, else contiguous.
+    """
+    d_qk, d_v = _check_inputs(q, k, v, heads)
+    n, cq, len_q = q.shape
+    cv, len_k = v.shape[1], k.shape[2]
+    if q.stride(1) == 1 and cq > 1:
+        out = torch.empty((n, len_q, cv), dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty((n, cv, len_q), dtype=q.dtype, device=q.device)
+    lse = torch.empty((n, heads, len_q), dtype=torch.float32, device=q.device)
+    batch_heads = n * heads
+    if batch_heads == 0 or len_q == 0:
+        return out, lse
+    if len_k == 0:  # softmax over nothing: empty sum, as the reference gives
+        return out.zero_(), lse.fill_(float("-inf"))
+    with _on_device(q):
+        _spatial_attention_fwd_kernel[_grid(batch_heads, len_q, "BLOCK_M")](
+            q, k, v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            heads, batch_heads, len_q, len_k, d_qk, d_v,
+            float(scale), _length_bucket(max(len_q, len_k)),
+            BLOCK_DQK=_block_d(d_qk), BLOCK_DV=_block_d(d_v), DOT_PRECISION=_dot_precision(q.dtype))
+    return out, lse
+
+
+def spatial_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, heads: int,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of out = softmax(scale * q^T k) v for q, k, v, given out and lse of the forward.
+
+    grad_out, out: (N, Cv, Lq), any strides; lse: (N, heads, Lq) float32.
+    Returns dq, dk, dv with the shape, dtype and memory layout of q, k, v.
+    """
+    d_qk, d_v = _check_inputs(q, k, v, heads, grad_out=grad_out, out=out, lse=lse)
+    n, cq, len_q = q.shape
+    cv, len_k = v.shape[1], k.shape[2]
+    if grad_out.shape != (n, cv, len_q) or out.shape != (n, cv, len_q) or lse.shape != (n, heads, len_q):
+        raise ValueError(f"spatial_attention_backward (triton): grad_out {tuple(grad_out.shape)}, out "
+                         f"{tuple(out.shape)}, lse {tuple(lse.shape)} do not match (N, Cv, Lq)=({n}, {cv}, {len_q})")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"spatial_attention_backward (triton): lse must be float32, got {lse.dtype}")
+    lse = lse.contiguous()
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.preserve_format) for t in (q, k, v))
+    batch_heads = n * heads
+    if batch_heads == 0 or len_q == 0 or len_k == 0:  # nothing flows: every gradient is zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_dqk, block_dv = _block_d(d_qk), _block_d(d_v)
+    bucket = _length_bucket(max(len_q, len_k))
+    precision = _dot_precision(q.dtype)
+    delta = torch.empty((n, heads, len_q), dtype=torch.float32, device=q.device)
+    with _on_device(q):
+        delta_block_m = 16 if _INTERPRET else max(16, min(128, 8192 // block_dv))
+        _spatial_attention_bwd_delta_kernel[_grid(batch_heads, len_q, "BLOCK_M")({"BLOCK_M": delta_block_m})](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(),
+            heads, batch_heads, len_q, d_v, BLOCK_M=delta_block_m, BLOCK_DV=block_dv)
+        _spatial_attention_bwd_dkdv_kernel[_grid(batch_heads, len_k, "BLOCK_N")](
+            q, k, v, grad_out, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            heads, batch_heads, len_q, len_k, d_qk, d_v, float(scale), bucket,
+            BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DOT_PRECISION=precision)
+        _spatial_attention_bwd_dq_kernel[_grid(batch_heads, len_q, "BLOCK_M")](
+            q, k, v, grad_out, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            heads, batch_heads, len_q, len_k, d_qk, d_v, float(scale), bucket,
+            BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DOT_PRECISION=precision)
+    return dq, dk, dv
