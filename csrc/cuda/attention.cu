@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -160,8 +161,7 @@ void with_tile_rows(int max_dim, Body&& body) {
   } else if (max_dim <= TileGeometry<32>::kMaxDim) {
     body(std::integral_constant<int, 32>());
   } else {
-    TORCH_CHECK(max_dim <= TileGeometry<16>::kMaxDim, "spatial_attention (CUDA): head dim ", max_dim, " > ",
-                TileGeometry<16>::kMaxDim);
+    TORCH_CHECK(max_dim <= TileGeometry<16>::kMaxDim, "spatial_attention (CUDA): head dim above the largest tile's");
     body(std::integral_constant<int, 16>());
   }
 }
@@ -745,13 +745,34 @@ attention_backward_dq_kernel(Operand<const scalar_t> grad_out, Operand<const sca
                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)              \
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
+// Error messages are assembled into one std::string without iostreams and handed to TORCH_CHECK
+// as its only message argument (c10::str passes a lone string through). On the GPU machine
+// (torch 2.11), streaming an integer into a TORCH_CHECK message from this nvcc-compiled host
+// code crashed inside libstdc++'s ostream (gdb: basic_ostream::_M_insert<long> in this library).
+std::string message_part(const char* text) { return text; }
+std::string message_part(int64_t value) { return std::to_string(value); }
+std::string message_part(int value) { return std::to_string(value); }
+std::string message_part(size_t value) { return std::to_string(value); }
+std::string message_part(at::ScalarType dtype) { return c10::toString(dtype); }
+std::string message_part(const c10::Device& device) { return device.str(); }
+std::string message_part(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
+  return text + "]";
+}
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string text = "spatial_attention (CUDA): ";
+  for (const std::string& part : {message_part(parts)...}) text += part;
+  return text;
+}
+
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "spatial_attention (CUDA): ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == q.device(), "spatial_attention (CUDA): ", name, " is on ", t.device(), " but q is on ",
-              q.device());
-  TORCH_CHECK(t.dim() == 3, "spatial_attention (CUDA): ", name, " must be 3-D (N, C, L), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "spatial_attention (CUDA): ", name, " has dtype ", t.scalar_type(),
-              " but q has dtype ", q.scalar_type());
+  TORCH_CHECK(t.is_cuda(), message(name, " must be a CUDA tensor, got device ", t.device()));
+  TORCH_CHECK(t.device() == q.device(), message(name, " is on ", t.device(), " but q is on ", q.device()));
+  TORCH_CHECK(t.dim() == 3, message(name, " must be 3-D (N, C, L), got shape ", t.sizes()));
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(),
+              message(name, " has dtype ", t.scalar_type(), " but q has dtype ", q.scalar_type()));
 }
 
 // Checks q, k, v and returns their attention shape.
@@ -761,28 +782,25 @@ AttnShape attention_shape(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_operand(v, "v", q);
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "spatial_attention (CUDA): dtype must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(heads >= 1, "spatial_attention (CUDA): heads must be >= 1, got ", heads);
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "spatial_attention (CUDA): batch sizes differ: q ",
-              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(1) == q.size(1), "spatial_attention (CUDA): q and k must have the same channels, got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(v.size(2) == k.size(2), "spatial_attention (CUDA): k and v must have the same length, got k ",
-              k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK(q.size(1) % heads == 0 && v.size(1) % heads == 0, "spatial_attention (CUDA): heads=", heads,
-              " must divide the channels of q ", q.sizes(), " and v ", v.sizes());
+              message("dtype must be float32, float16 or bfloat16, got ", dtype));
+  TORCH_CHECK(heads >= 1, message("heads must be >= 1, got ", heads));
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+              message("batch sizes differ: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes()));
+  TORCH_CHECK(k.size(1) == q.size(1),
+              message("q and k must have the same channels, got q ", q.sizes(), " and k ", k.sizes()));
+  TORCH_CHECK(v.size(2) == k.size(2),
+              message("k and v must have the same length, got k ", k.sizes(), " and v ", v.sizes()));
+  TORCH_CHECK(q.size(1) % heads == 0 && v.size(1) % heads == 0,
+              message("heads=", heads, " must divide the channels of q ", q.sizes(), " and v ", v.sizes()));
   const int64_t dqk = q.size(1) / heads, dv = v.size(1) / heads;
-  TORCH_CHECK(dqk >= 1, "spatial_attention (CUDA): q and k need at least one channel per head, got ", q.sizes(),
-              " with heads=", heads);
-  TORCH_CHECK(dqk <= kMaxHeadDim && dv <= kMaxHeadDim, "spatial_attention (CUDA): head dims up to ", kMaxHeadDim,
-              " are supported, got d_qk=", dqk, ", d_v=", dv);
+  TORCH_CHECK(dqk >= 1, message("q and k need at least one channel per head, got ", q.sizes(), " with heads=", heads));
+  TORCH_CHECK(dqk <= kMaxHeadDim && dv <= kMaxHeadDim,
+              message("head dims up to ", kMaxHeadDim, " are supported, got d_qk=", dqk, ", d_v=", dv));
   // positions and channels are int in the kernels (offsets are int64): keep a tile of headroom
   TORCH_CHECK(q.size(2) <= INT_MAX - kChunk && k.size(2) <= INT_MAX - kChunk,
-              "spatial_attention (CUDA): lengths up to ", INT_MAX - kChunk, " are supported, got Lq=", q.size(2),
-              ", Lk=", k.size(2));
+              message("lengths up to ", INT_MAX - kChunk, " are supported, got Lq=", q.size(2), ", Lk=", k.size(2)));
   const int64_t batch_heads = q.size(0) * heads;
-  TORCH_CHECK(batch_heads <= int64_t{65535} * 65535, "spatial_attention (CUDA): N * heads = ", batch_heads,
-              " is too large for the grid");
+  TORCH_CHECK(batch_heads <= int64_t{65535} * 65535, message("N * heads = ", batch_heads, " is too large for the grid"));
   return {batch_heads, static_cast<int>(heads), static_cast<int>(dqk), static_cast<int>(dv),
           static_cast<int>(q.size(2)), static_cast<int>(k.size(2))};
 }
@@ -797,8 +815,9 @@ dim3 attention_grid(int tiles, int64_t batch_heads) {
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, size_t smem_bytes, const char* what) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(smem_bytes <= props->sharedMemPerBlockOptin, "spatial_attention (CUDA): ", what, " needs ", smem_bytes,
-              " bytes of shared memory per block, the device allows ", props->sharedMemPerBlockOptin);
+  TORCH_CHECK(smem_bytes <= props->sharedMemPerBlockOptin,
+              message(what, " needs ", smem_bytes, " bytes of shared memory per block, the device allows ",
+                      props->sharedMemPerBlockOptin));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
 }
 
@@ -843,14 +862,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_backward_cuda(
   const std::vector<int64_t> out_shape{q.size(0), v.size(1), q.size(2)};
   const std::vector<int64_t> lse_shape{q.size(0), heads, q.size(2)};
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) && out.sizes() == at::IntArrayRef(out_shape),
-              "spatial_attention_backward (CUDA): grad_out and out must have shape ", out_shape, ", got ",
-              grad_out.sizes(), " and ", out.sizes());
+              message("backward: grad_out and out must have shape ", at::IntArrayRef(out_shape), ", got ",
+                      grad_out.sizes(), " and ", out.sizes()));
   TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.scalar_type() == at::kFloat,
-              "spatial_attention_backward (CUDA): lse must be a float32 tensor on ", q.device(), ", got ",
-              lse.scalar_type(), " on ", lse.device());
+              message("backward: lse must be a float32 tensor on ", q.device(), ", got ", lse.scalar_type(), " on ",
+                      lse.device()));
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape),
-              "spatial_attention_backward (CUDA): lse must have shape (N, heads, Lq) = (", q.size(0), ", ", heads, ", ",
-              q.size(2), "), got ", lse.sizes());
+              message("backward: lse must have shape (N, heads, Lq) = ", at::IntArrayRef(lse_shape), ", got ",
+                      lse.sizes()));
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor grad_q = at::empty_like(q);
