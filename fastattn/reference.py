@@ -159,6 +159,8 @@ def ref_spatial_attention_forward(q: Tensor, k: Tensor, v: Tensor, heads: int, s
     out = out.transpose(-1, -2).reshape(n, v.shape[1], lq).to(q.dtype)
     if q.stride(1) == 1 and q.shape[1] > 1:
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        out = out.contiguous()
     return out, lse.to(torch.float32)
 
 
