@@ -46,7 +46,8 @@ def _find_cuda_home():
 cuda_home = _find_cuda_home()
 if cuda_home and not _env_flag("FASTATTN_SKIP_CUDA"):
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FASTATTN_CUDA_ARCH_LIST", "8.0;9.0"))
+if "FASTATTN_CUDA_ARCH_LIST" in os.environ or "TORCH_CUDA_ARCH_LIST" not in os.environ:
+    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTATTN_CUDA_ARCH_LIST", "8.0;9.0")
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
