@@ -1,0 +1,277 @@
+"""python -m bench: the command line and the run of every case."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+from bench import allocator
+
+SCHEMA = "fastattn-bench/1"
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Settings:
+    warmup: int            # untimed calls per provider after the first (compiling) call
+    min_repeats: int
+    max_repeats: int
+    budget_s: float        # time for the timed rounds of one case, all providers together
+    cold_repeats: int      # CPU CBAM forward, allocator cold
+    memory: bool           # peak memory of the fwd+bwd / train cases
+    compile_backend: str
+
+    @classmethod
+    def for_mode(cls, mode: str, compile_backend: str) -> "Settings":
+        if mode == "quick":
+            return cls(0, 2, 2, 0.0, 1, True, compile_backend)
+        if mode == "full":
+            return cls(2, 5, 30, 6.0, 7, True, compile_backend)
+        return cls(1, 3, 15, 2.5, 5, True, compile_backend)
+
+
+def _families(values: list[str] | None) -> list[str]:
+    from bench.cases import FAMILIES
+    if not values:
+        return list(FAMILIES)
+    chosen = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in FAMILIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--only takes {', '.join(FAMILIES)}; got {', '.join(unknown)}")
+    return [f for f in FAMILIES if f in chosen]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__ + " See bench/README.md.")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="the long sweep: batch 1/32, L and d sweeps, "
+                      "resnet50-cbam, inference throughput")
+    size.add_argument("--quick", action="store_true", help="tiny shapes, 1-2 repeats (the harness's own test)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--only", action="append", metavar="FAMILY",
+                        help="cbam, attention or models; repeatable or a comma list")
+    parser.add_argument("--dtype", action="append", metavar="DTYPE",
+                        help="dtypes of the cbam and attention cases (default float32; on cuda float32,bfloat16)")
+    parser.add_argument("--providers", help="comma list: run only these providers (names as in the table)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/results)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compile provider (default inductor)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory readings")
+    parser.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
+    # the harness's self-test: a provider that always fails, to check failures are reported, not dropped
+    parser.add_argument("--inject-failure", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        args.families = _families(args.only)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    args.mode = "quick" if args.quick else "full" if args.full else "default"
+    return args
+
+
+def failure(stage: str, exc: BaseException) -> dict:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return {"status": "failed", "stage": stage, "error": f"{type(exc).__name__}: {exc}".strip(),
+            "traceback": "".join(tb[-4:])}
+
+
+def _release_cuda(device) -> None:
+    """After a failure (an out-of-memory above all), hand cached blocks back so the next provider has them."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_memory_bytes(prepared, device) -> tuple[int | None, str]:
+    """Extra memory one call takes at its peak, over what is held before it. -> (bytes, method)."""
+    import torch
+    prepared.clear()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        prepared.run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated - allocated before"
+    if not allocator.available():
+        return None, "not glibc malloc: no RSS reading"
+    allocator.set_mode("measure")
+    try:
+        base = allocator.rss_bytes()
+        if base is None or not allocator.reset_peak_rss():
+            return None, "/proc/self/clear_refs not writable: no RSS reading"
+        prepared.run()
+        peak = allocator.peak_rss_bytes()
+    finally:
+        allocator.set_mode("warm")
+    return peak - base, "RSS high-water mark (VmHWM) - RSS before, allocator in measure mode"
+
+
+def run_case(case, provider_names: list[str], device, clock, settings: Settings) -> dict:
+    import torch
+    from bench import cases as cases_mod
+    from bench import providers
+    from bench.timing import median, plan_repeats, round_robin
+
+    record = {"id": case.id, "family": case.family, "group": case.group, "label": case.label, "pass": case.pass_,
+              "dtype": case.dtype, "params": case.params, "sweep": list(case.sweep) if case.sweep else None,
+              "work": cases_mod.work(case), "providers": list(provider_names), "results": {}}
+    results = record["results"]
+    started = time.perf_counter()
+    if "compile" in provider_names:
+        torch._dynamo.reset()  # each case compiles afresh, with static shapes
+    try:
+        inputs = providers.make_inputs(case, device)
+    except Exception as exc:
+        for name in provider_names:
+            results[name] = failure("inputs", exc)
+        record["wall_s"] = time.perf_counter() - started
+        return record
+
+    prepared = {}
+    for name in provider_names:
+        start = time.perf_counter()
+        try:
+            prep = providers.prepare(name, case, inputs, settings.compile_backend)
+            prep.run()  # the first call compiles (torch.compile) or loads kernels: not timed
+            clock.sync()
+        except Exception as exc:
+            results[name] = failure("setup", exc)
+            _release_cuda(device)
+            continue
+        prepared[name] = prep
+        results[name] = {"status": "ok", "first_call_s": time.perf_counter() - start, "info": prep.info}
+
+    round_s = 0.0
+    for name, prep in list(prepared.items()):
+        try:
+            for _ in range(settings.warmup):
+                elapsed = clock.time(prep.run)
+                round_s += elapsed / settings.warmup
+        except Exception as exc:
+            results[name] = failure("warmup", exc)
+            del prepared[name]
+            _release_cuda(device)
+    repeats = plan_repeats(round_s, settings.budget_s, settings.min_repeats, settings.max_repeats)
+    times, errors = round_robin({n: p.run for n, p in prepared.items()}, repeats, clock)
+    for name, exc in errors.items():
+        results[name] = failure("timing", exc)
+        del prepared[name]
+    for name, seconds in times.items():
+        results[name].update(median_ms=1e3 * median(seconds), min_ms=1e3 * min(seconds),
+                             times_ms=[1e3 * s for s in seconds], repeats=len(seconds))
+
+    if device.type == "cpu" and case.family == "cbam" and case.pass_ == "fwd" and allocator.available():
+        allocator.set_mode("cold")
+        try:
+            cold, cold_errors = round_robin({n: p.run for n, p in prepared.items()},
+                                            min(repeats, settings.cold_repeats), clock, before=allocator.trim)
+        finally:
+            allocator.set_mode("warm")
+        for name, seconds in cold.items():
+            results[name].update(cold_median_ms=1e3 * median(seconds), cold_times_ms=[1e3 * s for s in seconds])
+        for name, exc in cold_errors.items():
+            results[name]["cold_error"] = failure("cold", exc)["error"]
+
+    if settings.memory and case.pass_ in ("fwd+bwd", "train"):
+        for name, prep in prepared.items():
+            try:
+                peak, method = peak_memory_bytes(prep, device)
+                results[name]["peak_mem_mib"] = None if peak is None else peak / 2**20
+                results[name]["peak_mem_method"] = method
+            except Exception as exc:
+                results[name]["peak_mem_error"] = failure("memory", exc)["error"]
+    for prep in prepared.values():
+        prep.clear()
+    del prepared, inputs
+    gc.collect()
+    _release_cuda(device)
+    record["wall_s"] = time.perf_counter() - started
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    warm = allocator.set_mode("warm")  # before the run's large allocations
+
+    import torch
+    from tqdm import tqdm
+
+    from bench import cases as cases_mod
+    from bench import env as env_mod
+    from bench import providers, report, roofline
+    from bench.timing import Clock
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("python -m bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    device = torch.device(args.device)
+    dtypes = [d.strip() for value in (args.dtype or []) for d in value.split(",") if d.strip()] or \
+        (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    bad = [d for d in dtypes if d not in ("float32", "float16", "bfloat16")]
+    if bad:
+        print(f"python -m bench: --dtype takes float32, float16, bfloat16; got {', '.join(bad)}", file=sys.stderr)
+        return 2
+
+    settings = Settings.for_mode(args.mode, args.compile_backend)
+    settings.memory = not args.no_memory
+    clock = Clock(device)
+    env = env_mod.environment(device, threads)
+    env["allocator"]["managed"] = warm
+    device_name = env_mod.device_name(device, threads)
+    stem = device_name + {"default": "", "full": "-full", "quick": "-quick"}[args.mode]
+    if args.families != list(cases_mod.FAMILIES):
+        stem += "-only-" + "+".join(args.families)
+
+    cases = cases_mod.build(args.mode, args.families, dtypes, device.type)
+    wanted = set(args.providers.split(",")) if args.providers else None
+
+    def provider_names(family: str) -> list[str]:
+        names = providers.names(family, device.type, args.inject_failure)
+        return [n for n in names if wanted is None or n in wanted or n == providers.INJECTED_FAILURE]
+
+    started = time.perf_counter()
+    import_s = started - t_start
+    records = []
+    with tqdm(total=len(cases) + 1, desc="roofline", unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
+        rooflines = roofline.measure(device, clock, args.mode == "quick")
+        bar.update()
+        for case in cases:
+            bar.set_description(f"{case.family} {case.label} {case.pass_}")
+            records.append(run_case(case, provider_names(case.family), device, clock, settings))
+            bar.update()
+
+    env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result = {
+        "schema": SCHEMA,
+        "device": device_name,
+        "mode": args.mode,
+        "families": args.families,
+        "dtypes": dtypes,
+        "environment": env,
+        "timing": {"statistic": "median", "interleaved": "round-robin over providers, order rotated each repeat",
+                   "clock": clock.description, "warmup_calls": settings.warmup + 1,
+                   "repeats": [settings.min_repeats, settings.max_repeats], "budget_s_per_case": settings.budget_s,
+                   "cold_repeats": settings.cold_repeats, "compile_backend": settings.compile_backend,
+                   "wall_s": None},
+        "roofline": rooflines,
+        "cases": records,
+    }
+    report.annotate(result)
+    result["timing"]["wall_s"] = time.perf_counter() - started
+    result["timing"]["startup_s"] = import_s
+    os.makedirs(args.out, exist_ok=True)
+    paths = report.write(result, args.out, stem, plots=not args.no_plots)
+    print(report.table(result))
+    print("\nwrote " + ", ".join(os.path.relpath(p) for p in paths))
+    return 0

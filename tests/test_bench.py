@@ -1,0 +1,156 @@
+"""The benchmark harness itself (bench/): quick mode on tiny shapes into a tmp folder.
+
+Checks the JSON schema that bench/README.md documents, that every provider of
+every case produced a number or a failure record (a deliberately failing
+provider is reported, not dropped), and that the plots and summary were written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import allocator, report, timing  # noqa: E402
+from bench.providers import INJECTED_FAILURE  # noqa: E402
+
+TOP_KEYS = {"schema", "device", "mode", "families", "dtypes", "environment", "timing", "roofline", "cases"}
+ENV_KEYS = {"date", "python", "torch", "triton", "timm", "fastattn", "git_commit", "device_type", "cpu_model",
+            "threads", "allocator", "load_average_start", "load_average_end"}
+CASE_KEYS = {"id", "family", "group", "label", "pass", "dtype", "params", "sweep", "work", "providers", "results",
+             "rate_unit", "roofline_value", "best_other", "ratios", "wall_s"}
+OK_KEYS = {"status", "first_call_s", "info", "median_ms", "min_ms", "times_ms", "repeats", "rate", "pct_roofline"}
+FAILED_KEYS = {"status", "stage", "error", "traceback"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; the bench runs no Triton on a CPU
+    # torch.compile's "eager" backend: the compile provider's plumbing without minutes of inductor codegen
+    cmd = [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--inject-failure",
+           "--compile-backend", "eager"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"python -m bench --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    jsons = list(out.glob("*.json"))
+    assert len(jsons) == 1, f"expected one JSON in {out}, found {jsons}"
+    with open(jsons[0]) as f:
+        return json.load(f), out, jsons[0].name[:-len(".json")], proc.stdout
+
+
+def test_schema(quick_run):
+    result, _, stem, _ = quick_run
+    assert TOP_KEYS <= result.keys(), TOP_KEYS - result.keys()
+    assert result["schema"] == "fastattn-bench/1"
+    assert result["mode"] == "quick" and stem == result["device"] + "-quick"
+    assert result["families"] == ["cbam", "attention", "models"]
+    env = result["environment"]
+    assert ENV_KEYS <= env.keys(), ENV_KEYS - env.keys()
+    assert env["threads"] >= 1 and {"mode", "detail"} <= env["allocator"].keys()
+    roof = result["roofline"]
+    assert roof["copy"]["gbs"] > 0 and roof["matmul"]["float32"]["gflops"] > 0
+    assert {c["family"] for c in result["cases"]} == {"cbam", "attention", "models"}
+    for case in result["cases"]:
+        assert CASE_KEYS <= case.keys(), (case["id"], CASE_KEYS - case.keys())
+        assert {"unit", "amount", "formula", "roofline"} <= case["work"].keys()
+        assert case["work"]["amount"] > 0
+
+
+def test_every_provider_has_a_number_or_a_failure(quick_run):
+    result, *_ = quick_run
+    for case in result["cases"]:
+        assert set(case["results"]) == set(case["providers"]), case["id"]
+        assert INJECTED_FAILURE in case["providers"], case["id"]
+        for name, res in case["results"].items():
+            where = f"{case['id']} / {name}"
+            if res["status"] == "ok":
+                assert OK_KEYS <= res.keys(), (where, OK_KEYS - res.keys())
+                assert math.isfinite(res["median_ms"]) and res["median_ms"] > 0, where
+                assert len(res["times_ms"]) == res["repeats"] >= 1, where
+                assert res["rate"] > 0, where
+                if case["pass"] in ("fwd+bwd", "train"):
+                    assert "peak_mem_mib" in res or "peak_mem_error" in res, where
+            else:
+                assert res["status"] == "failed", where
+                assert FAILED_KEYS <= res.keys(), (where, FAILED_KEYS - res.keys())
+                assert res["error"], where
+        injected = case["results"][INJECTED_FAILURE]
+        assert injected["status"] == "failed" and "injected failure" in injected["error"], case["id"]
+        # the harness measured something real in every case: at least one provider other than fastattn
+        assert any(r["status"] == "ok" for n, r in case["results"].items() if not n.startswith("fastattn-")), \
+            case["id"]
+
+
+def test_reference_backend_and_ratios(quick_run):
+    result, *_ = quick_run
+    for case in result["cases"]:
+        if case["family"] == "models":
+            continue  # convert() may have nothing to replace yet: a failure record then
+        ref = case["results"]["fastattn-reference"]
+        assert ref["status"] == "ok", (case["id"], ref.get("error"))
+        ratio = case["ratios"]["fastattn-reference"]
+        assert ratio["best_other"] in case["providers"] and ratio["vs_best_other"] > 0
+        assert set(ratio["vs"]) == {n for n, r in case["results"].items()
+                                    if r["status"] == "ok" and n != "fastattn-reference"}
+
+
+def test_cold_column_and_memory_on_cpu(quick_run):
+    result, *_ = quick_run
+    if result["environment"]["device_type"] != "cpu" or not allocator.available():
+        pytest.skip("cold timings and RSS readings are for glibc on the CPU")
+    fwd = [c for c in result["cases"] if c["family"] == "cbam" and c["pass"] == "fwd"]
+    assert fwd and all("cold_median_ms" in c["results"]["timm"] for c in fwd)
+    train = [c for c in result["cases"] if c["pass"] in ("fwd+bwd", "train")]
+    assert any(c["results"][n].get("peak_mem_mib") is not None for c in train for n in c["results"])
+
+
+def test_outputs_written(quick_run):
+    result, out, stem, stdout = quick_run
+    for suffix in ("-time.png", "-roofline.png"):
+        path = out / (stem + suffix)
+        assert path.exists(), path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    summary = (out / (stem + ".md")).read_text()
+    assert result["device"] in summary and "injected-failure" in summary
+    assert "injected-failure" in stdout and "FAILED" in stdout
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the harness, in process
+# ---------------------------------------------------------------------------
+def test_round_robin_keeps_going_after_a_failure():
+    import torch
+    calls = []
+
+    def broken():
+        raise RuntimeError("boom")
+
+    times, errors = timing.round_robin({"a": lambda: calls.append("a"), "bad": broken,
+                                        "b": lambda: calls.append("b")}, 3, timing.Clock(torch.device("cpu")))
+    assert set(times) == {"a", "b"} and all(len(t) == 3 for t in times.values())
+    assert set(errors) == {"bad"} and calls.count("a") == 3
+    assert timing.median([3.0, 1.0, 2.0]) == 2.0 and timing.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert timing.plan_repeats(1.0, 2.5, 3, 15) == 3 and timing.plan_repeats(0.1, 2.5, 3, 15) == 15
+
+
+def test_ratios_and_roofline_arithmetic():
+    result = {"roofline": {"copy": {"gbs": 10.0}, "matmul": {"float32": {"gflops": 100.0}}},
+              "cases": [{"work": {"unit": "byte", "amount": 4e9, "roofline": "copy"},
+                         "results": {"fastattn-cpu": {"status": "ok", "median_ms": 500.0},
+                                     "timm": {"status": "ok", "median_ms": 2000.0},
+                                     "compile": {"status": "ok", "median_ms": 1000.0},
+                                     "broken": {"status": "failed", "stage": "setup", "error": "x"}}}]}
+    report.annotate(result)
+    case = result["cases"][0]
+    fa = case["results"]["fastattn-cpu"]
+    assert fa["rate"] == pytest.approx(8.0) and fa["pct_roofline"] == pytest.approx(80.0)
+    assert case["best_other"] == "compile"
+    assert case["ratios"]["fastattn-cpu"]["vs"] == {"timm": pytest.approx(4.0), "compile": pytest.approx(2.0)}
+    assert case["ratios"]["fastattn-cpu"]["vs_best_other"] == pytest.approx(2.0)
