@@ -8,7 +8,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench import allocator
 
@@ -25,6 +25,8 @@ class Settings:
     cold_repeats: int      # CPU CBAM forward, allocator cold
     memory: bool           # peak memory of the fwd+bwd / train cases
     compile_backend: str
+    deadline_s: float | None = None  # for all cases; behind schedule, cases run with fewer repeats
+    hurried: bool = False
 
     @classmethod
     def for_mode(cls, mode: str, compile_backend: str) -> "Settings":
@@ -32,7 +34,19 @@ class Settings:
             return cls(0, 2, 2, 0.0, 1, True, compile_backend)
         if mode == "full":
             return cls(2, 5, 30, 6.0, 7, True, compile_backend)
-        return cls(1, 3, 15, 2.5, 5, True, compile_backend)
+        # make bench: under 5 minutes on 2 cores, start-up and plots included
+        return cls(1, 3, 15, 2.5, 5, True, compile_backend, deadline_s=240.0)
+
+    def for_case(self, elapsed_s: float, cases_left: int) -> "Settings":
+        """These settings, or fewer repeats when the run is behind its deadline (never fewer cases)."""
+        if self.deadline_s is None:
+            return self
+        share = (self.deadline_s - elapsed_s) / cases_left
+        if share >= 4 * self.budget_s:
+            return self
+        # the first call warms up; one timed round is still a median of one run per provider, interleaved
+        return replace(self, warmup=self.warmup if share >= self.budget_s else 0, min_repeats=1,
+                       budget_s=max(0.0, share / 4), cold_repeats=1, hurried=True)
 
 
 def _families(values: list[str] | None) -> list[str]:
@@ -121,7 +135,8 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
 
     record = {"id": case.id, "family": case.family, "group": case.group, "label": case.label, "pass": case.pass_,
               "dtype": case.dtype, "params": case.params, "sweep": list(case.sweep) if case.sweep else None,
-              "work": cases_mod.work(case), "providers": list(provider_names), "results": {}}
+              "work": cases_mod.work(case), "providers": list(provider_names), "results": {},
+              "hurried": settings.hurried}
     results = record["results"]
     started = time.perf_counter()
     if "compile" in provider_names:
@@ -141,28 +156,32 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
             prep = providers.prepare(name, case, inputs, settings.compile_backend)
             prep.run()  # the first call compiles (torch.compile) or loads kernels: not timed
             clock.sync()
+            prepared[name] = prep
+            results[name] = {"status": "ok", "first_call_s": time.perf_counter() - start, "info": prep.info}
         except Exception as exc:
             results[name] = failure("setup", exc)
-            _release_cuda(device)
-            continue
-        prepared[name] = prep
-        results[name] = {"status": "ok", "first_call_s": time.perf_counter() - start, "info": prep.info}
+        prep = None
+        if name not in prepared:
+            _release_cuda(device)  # outside the except block, whose traceback holds the failed call's tensors
 
     round_s = 0.0
     for name, prep in list(prepared.items()):
         try:
             for _ in range(settings.warmup):
-                elapsed = clock.time(prep.run)
-                round_s += elapsed / settings.warmup
+                round_s += clock.time(prep.run) / settings.warmup
         except Exception as exc:
             results[name] = failure("warmup", exc)
             del prepared[name]
+        if name not in prepared:
             _release_cuda(device)
     repeats = plan_repeats(round_s, settings.budget_s, settings.min_repeats, settings.max_repeats)
     times, errors = round_robin({n: p.run for n, p in prepared.items()}, repeats, clock)
     for name, exc in errors.items():
         results[name] = failure("timing", exc)
         del prepared[name]
+    if errors:
+        errors = None
+        _release_cuda(device)
     for name, seconds in times.items():
         results[name].update(median_ms=1e3 * median(seconds), min_ms=1e3 * min(seconds),
                              times_ms=[1e3 * s for s in seconds], repeats=len(seconds))
@@ -241,37 +260,42 @@ def main(argv: list[str] | None = None) -> int:
         return [n for n in names if wanted is None or n in wanted or n == providers.INJECTED_FAILURE]
 
     started = time.perf_counter()
-    import_s = started - t_start
-    records = []
-    with tqdm(total=len(cases) + 1, desc="roofline", unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
-        rooflines = roofline.measure(device, clock, args.mode == "quick")
-        bar.update()
-        for case in cases:
-            bar.set_description(f"{case.family} {case.label} {case.pass_}")
-            records.append(run_case(case, provider_names(case.family), device, clock, settings))
-            bar.update()
-
-    env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = {
         "schema": SCHEMA,
         "device": device_name,
         "mode": args.mode,
         "families": args.families,
         "dtypes": dtypes,
+        "complete": False,
         "environment": env,
         "timing": {"statistic": "median", "interleaved": "round-robin over providers, order rotated each repeat",
                    "clock": clock.description, "warmup_calls": settings.warmup + 1,
                    "repeats": [settings.min_repeats, settings.max_repeats], "budget_s_per_case": settings.budget_s,
                    "cold_repeats": settings.cold_repeats, "compile_backend": settings.compile_backend,
-                   "wall_s": None},
-        "roofline": rooflines,
-        "cases": records,
+                   "deadline_s": settings.deadline_s, "startup_s": started - t_start, "wall_s": None},
+        "roofline": None,
+        "cases": [],
     }
-    report.annotate(result)
-    result["timing"]["wall_s"] = time.perf_counter() - started
-    result["timing"]["startup_s"] = import_s
     os.makedirs(args.out, exist_ok=True)
+    # what is done so far, rewritten after every case: a crash (a kernel's segfault) still leaves the data
+    partial = os.path.join(args.out, stem + ".partial.json")
+    with tqdm(total=len(cases) + 1, desc="roofline", unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
+        result["roofline"] = roofline.measure(device, clock, args.mode == "quick")
+        bar.update()
+        for index, case in enumerate(cases):
+            bar.set_description(f"{case.family} {case.label} {case.pass_}")
+            case_settings = settings.for_case(time.perf_counter() - started, len(cases) - index)
+            result["cases"].append(run_case(case, provider_names(case.family), device, clock, case_settings))
+            with open(partial, "w") as f:
+                json.dump(result, f, default=str)
+            bar.update()
+
+    env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["complete"] = True
+    result["timing"]["wall_s"] = time.perf_counter() - started
+    report.annotate(result)
     paths = report.write(result, args.out, stem, plots=not args.no_plots)
+    os.remove(partial)
     print(report.table(result))
     print("\nwrote " + ", ".join(os.path.relpath(p) for p in paths))
     return 0

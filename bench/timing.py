@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -76,6 +77,8 @@ def round_robin(fns: dict[str, Callable[[], object]], repeats: int, clock: Clock
             try:
                 times[name].append(clock.time(fns[name], before))
             except Exception as exc:  # a provider failing mid-run is a result, not a crash
+                # keep the message and the line numbers, free the frames' tensors (after an out-of-memory above all)
+                traceback.clear_frames(exc.__traceback__)
                 errors[name] = exc
     return {n: t for n, t in times.items() if n not in errors}, errors
 

@@ -20,11 +20,11 @@ sys.path.insert(0, ROOT)
 from bench import allocator, report, timing  # noqa: E402
 from bench.providers import INJECTED_FAILURE  # noqa: E402
 
-TOP_KEYS = {"schema", "device", "mode", "families", "dtypes", "environment", "timing", "roofline", "cases"}
+TOP_KEYS = {"schema", "device", "mode", "families", "dtypes", "complete", "environment", "timing", "roofline", "cases"}
 ENV_KEYS = {"date", "python", "torch", "triton", "timm", "fastattn", "git_commit", "device_type", "cpu_model",
             "threads", "allocator", "load_average_start", "load_average_end"}
 CASE_KEYS = {"id", "family", "group", "label", "pass", "dtype", "params", "sweep", "work", "providers", "results",
-             "rate_unit", "roofline_value", "best_other", "ratios", "wall_s"}
+             "rate_unit", "roofline_value", "best_other", "ratios", "wall_s", "hurried"}
 OK_KEYS = {"status", "first_call_s", "info", "median_ms", "min_ms", "times_ms", "repeats", "rate", "pct_roofline"}
 FAILED_KEYS = {"status", "stage", "error", "traceback"}
 
@@ -34,12 +34,13 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     env.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; the bench runs no Triton on a CPU
-    # torch.compile's "eager" backend: the compile provider's plumbing without minutes of inductor codegen
+    # torch.compile's "eager" backend: the compile provider's plumbing without minutes of inductor codegen;
+    # one thread: on a loaded 2-core machine two OpenMP threads wait on each other at every op (20x slower)
     cmd = [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--inject-failure",
-           "--compile-backend", "eager"]
+           "--compile-backend", "eager", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"python -m bench --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    jsons = list(out.glob("*.json"))
+    jsons = list(out.glob("*.json"))  # and no *.partial.json left behind
     assert len(jsons) == 1, f"expected one JSON in {out}, found {jsons}"
     with open(jsons[0]) as f:
         return json.load(f), out, jsons[0].name[:-len(".json")], proc.stdout
@@ -48,7 +49,7 @@ def quick_run(tmp_path_factory):
 def test_schema(quick_run):
     result, _, stem, _ = quick_run
     assert TOP_KEYS <= result.keys(), TOP_KEYS - result.keys()
-    assert result["schema"] == "fastattn-bench/1"
+    assert result["schema"] == "fastattn-bench/1" and result["complete"] is True
     assert result["mode"] == "quick" and stem == result["device"] + "-quick"
     assert result["families"] == ["cbam", "attention", "models"]
     env = result["environment"]
