@@ -87,13 +87,14 @@ def _failure_text(res: dict, width: int = 110) -> str:
 def header(result: dict) -> list[str]:
     env, roof = result["environment"], result["roofline"]
     mm = ", ".join(f"{d} {_num(m['gflops'])}" for d, m in roof["matmul"].items())
-    load = env.get("load_average_start")
+    load, load_end = env.get("load_average_start"), env.get("load_average_end")
     return [f"fastattn bench: {result['device']} ({result['mode']} run, {env['date']})",
             f"torch {env['torch']}, triton {env['triton']}, timm {env['timm']}, {env['threads']} threads; "
             f"fastattn compiled library: {'yes' if env['fastattn']['compiled_library'] else 'no'}",
             f"allocator: {env['allocator']['mode']} ({env['allocator']['detail']})",
             f"roofline: copy {_num(roof['copy']['gbs'])} GB/s; matmul GFLOP/s: {mm}"
-            + (f"; load average at start {load[0]:.1f}" if load else ""),
+            + (f"; load average (1 min) at start {load[0]:.1f}" if load else "")
+            + (f", at end {load_end[0]:.1f}" if load_end else ""),
             f"times: median of {result['timing']['repeats'][0]}-{result['timing']['repeats'][1]} interleaved runs "
             f"after warm-up (ms); speedup = other's time / fastattn's time"]
 

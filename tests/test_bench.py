@@ -155,3 +155,34 @@ def test_ratios_and_roofline_arithmetic():
     assert case["best_other"] == "compile"
     assert case["ratios"]["fastattn-cpu"]["vs"] == {"timm": pytest.approx(4.0), "compile": pytest.approx(2.0)}
     assert case["ratios"]["fastattn-cpu"]["vs_best_other"] == pytest.approx(2.0)
+
+
+def test_full_mode_cases_and_sweep_plots(tmp_path):
+    from bench import cases, plots
+    full = cases.build("full", list(cases.FAMILIES), ["float32"], "cpu")
+    default = cases.build("default", list(cases.FAMILIES), ["float32"], "cpu")
+    assert {c.id for c in default} < {c.id for c in full}
+    assert len([c for c in default if c.family == "cbam"]) == 8
+    assert len([c for c in default if c.family == "attention"]) == 10
+    assert sorted(c.label for c in default if c.family == "models") == ["resnet18-cbam", "resnet26-nl"]
+    sweep_l = sorted({c.sweep[1] for c in full if c.group == "sweep-L"})
+    sweep_d = sorted({c.sweep[1] for c in full if c.group == "sweep-d"})
+    assert sweep_l[0] == 196 and sweep_l[-1] == 16384 and sweep_d[0] == 32 and sweep_d[-1] == 512
+    assert {c.pass_ for c in full if c.family == "models"} == {"train", "infer"}
+    assert {c.params["shape"][0] for c in full if c.family == "cbam"} == {1, 8, 32}
+
+    # the plots of a --full run, from made-up times (no measuring here)
+    picked = [c for c in full if c.group in ("sweep-L", "resnet50-stages")]
+    result = {"device": "cpu-test-1t", "families": ["cbam", "attention"],
+              "roofline": {"copy": {"gbs": 10.0}, "matmul": {"float32": {"gflops": 100.0}}}, "cases": []}
+    for i, c in enumerate(picked):
+        results = {"eager": {"status": "ok", "median_ms": 1.0 + i},
+                   "fastattn-cpu": {"status": "failed", "stage": "setup", "error": "not built"}}
+        result["cases"].append({"id": c.id, "family": c.family, "group": c.group, "label": c.label, "pass": c.pass_,
+                                "dtype": c.dtype, "sweep": list(c.sweep) if c.sweep else None,
+                                "work": cases.work(c), "providers": list(results), "results": results})
+    report.annotate(result)
+    paths = plots.write_all(result, str(tmp_path), "cpu-test-1t-full")
+    assert sorted(os.path.basename(p) for p in paths) == [
+        "cpu-test-1t-full-roofline.png", "cpu-test-1t-full-sweeps.png", "cpu-test-1t-full-time.png"]
+    assert all(os.path.getsize(p) > 0 for p in paths)
