@@ -13,15 +13,13 @@ the op. Every provider is therefore timed under one stated mode:
   ``malloc_trim(0)`` before each timed call: every block over 128 KiB comes back
   as fresh pages. A process left at glibc's defaults lies between the two,
   depending on its history (the dynamic threshold climbs to 32 MiB after frees).
-* ``measure``: like ``cold`` with a 64 KiB threshold, for peak-memory readings:
-  every tensor is its own mapping and is unmapped when freed, so the resident set
-  follows the live bytes and its high-water mark is the peak.
 
 None of this applies when another allocator is preloaded (jemalloc, tcmalloc) or
 the C library is not glibc; ``describe()`` then says so and timings run as is.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -32,13 +30,11 @@ _DEFAULT_MMAP_MAX = 65536
 _SETTINGS = {
     "warm": ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _INT_MAX)),
     "cold": ((M_MMAP_MAX, _DEFAULT_MMAP_MAX), (M_MMAP_THRESHOLD, 128 * 1024), (M_TRIM_THRESHOLD, 128 * 1024)),
-    "measure": ((M_MMAP_MAX, _DEFAULT_MMAP_MAX), (M_MMAP_THRESHOLD, 64 * 1024), (M_TRIM_THRESHOLD, 64 * 1024)),
 }
 DESCRIPTIONS = {
     "warm": "glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1: freed memory stays resident and is reused",
     "cold": "glibc mallopt M_MMAP_THRESHOLD=M_TRIM_THRESHOLD=128 KiB, malloc_trim(0) before each timed call: "
             "every block over 128 KiB is faulted in afresh",
-    "measure": "glibc mallopt M_MMAP_THRESHOLD=M_TRIM_THRESHOLD=64 KiB: every tensor is its own mapping",
     "unmanaged": "allocator left as is",
 }
 
@@ -67,14 +63,14 @@ def available() -> bool:
 
 
 def set_mode(mode: str) -> bool:
-    """Switch malloc to `mode` ("warm", "cold", "measure"); False when the allocator is not glibc's."""
+    """Switch malloc to `mode` ("warm", "cold"); False when the allocator is not glibc's."""
     global _mode
     if mode not in _SETTINGS:
         raise ValueError(f"allocator mode must be one of {tuple(_SETTINGS)}, got {mode!r}")
     if _glibc is None:
         return False
     ok = all(_glibc.mallopt(param, value) == 1 for param, value in _SETTINGS[mode])
-    if mode != "warm":
+    if mode == "cold":
         trim()
     _mode = mode if ok else "unmanaged"
     return ok
@@ -82,6 +78,18 @@ def set_mode(mode: str) -> bool:
 
 def mode() -> str:
     return _mode
+
+
+@contextlib.contextmanager
+def using(mode_name: str):
+    """Run a block in `mode_name`, then go back to the mode before it. Yields whether the mode is in force."""
+    previous = _mode
+    in_force = set_mode(mode_name)
+    try:
+        yield in_force
+    finally:
+        if in_force and previous in _SETTINGS:
+            set_mode(previous)
 
 
 def trim() -> None:
@@ -96,38 +104,3 @@ def describe(mode_name: str | None = None) -> str:
         preload = os.environ.get("LD_PRELOAD", "")
         return f"not glibc malloc{' (LD_PRELOAD=' + preload + ')' if preload else ''}: allocator left as is"
     return DESCRIPTIONS[mode_name]
-
-
-# ---------------------------------------------------------------------------
-# Resident set: current size and high-water mark (Linux /proc)
-# ---------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int | None:
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
-def peak_rss_bytes() -> int | None:
-    """The RSS high-water mark (VmHWM: the counter getrusage's ru_maxrss reads, without its per-process max)."""
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False

@@ -7,7 +7,8 @@ attention:  fastattn-<backend> (fastattn.spatial_attention), eager
             (fastattn.reference.spatial_attention: bmm-softmax-bmm), sdpa
             (F.scaled_dot_product_attention with the permutes NCHW needs),
             compile (torch.compile of the eager formula).
-models:     timm (the original model), fastattn-<backend> (fastattn.convert).
+models:     timm (the original model), fastattn-<backend> (fastattn.convert; the
+            compiled backends only).
 
 fastattn backends listed per device whether or not they are built: one that
 cannot run is reported as failed, with the reason, never dropped.
@@ -33,7 +34,12 @@ def is_fastattn(name: str) -> bool:
 
 
 def names(family: str, device_type: str, inject_failure: bool = False) -> list[str]:
-    out = [f"fastattn-{b}" for b in FASTATTN_BACKENDS[device_type]] + list(OTHERS[family])
+    backends = FASTATTN_BACKENDS[device_type]
+    if family == "models":
+        # a converted model on the reference backend runs the original layers' own forward: seconds per step
+        # spent on a copy of the `timm` column
+        backends = tuple(b for b in backends if b != "reference")
+    out = [f"fastattn-{b}" for b in backends] + list(OTHERS[family])
     return out + [INJECTED_FAILURE] if inject_failure else out
 
 

@@ -43,11 +43,15 @@ def annotate(result: dict) -> None:
         best = min(others, key=others.get) if others else None
         rec["best_other"] = best
         rec["ratios"] = {}
+        peaks = {name: res["peak_mem_mib"] for name, res in rec["results"].items()
+                 if ok(res) and res.get("peak_mem_mib")}
         for name, t in timed.items():
             if is_fastattn(name):
                 rec["ratios"][name] = {"vs": {p: tp / t for p, tp in timed.items() if p != name},
                                        "best_other": best,
                                        "vs_best_other": others[best] / t if best else None}
+                if name in peaks:  # other's peak / fastattn's peak: > 1 means fastattn takes less memory
+                    rec["ratios"][name]["peak_mem_vs"] = {p: m / peaks[name] for p, m in peaks.items() if p != name}
 
 
 # ---------------------------------------------------------------------------
@@ -84,6 +88,16 @@ def _failure_text(res: dict, width: int = 110) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def _busy_warning(env: dict) -> list[str]:
+    """A line when other work shared the machine: timings then say more about the load than the kernels."""
+    loads = [x[0] for x in (env.get("load_average_start"), env.get("load_average_end")) if x]
+    cores = env.get("cpu_count") or 1
+    if not loads or max(loads) <= 0.75 * cores + 0.5:
+        return []
+    return [f"WARNING: the machine was busy (load average up to {max(loads):.1f} on {cores} cores): "
+            f"timings include waiting for other processes and are not reliable"]
+
+
 def header(result: dict) -> list[str]:
     env, roof = result["environment"], result["roofline"]
     mm = ", ".join(f"{d} {_num(m['gflops'])}" for d, m in roof["matmul"].items())
@@ -95,6 +109,7 @@ def header(result: dict) -> list[str]:
             f"roofline: copy {_num(roof['copy']['gbs'])} GB/s; matmul GFLOP/s: {mm}"
             + (f"; load average (1 min) at start {load[0]:.1f}" if load else "")
             + (f", at end {load_end[0]:.1f}" if load_end else ""),
+            *(_busy_warning(env)),
             f"times: median of {result['timing']['repeats'][0]}-{result['timing']['repeats'][1]} interleaved runs "
             f"after warm-up (ms); speedup = other's time / fastattn's time"]
 
@@ -169,6 +184,15 @@ def markdown(result: dict, plots: list[str]) -> str:
                 row.append("-" if not ok(res) else _num(res["rate"]) + (f" ({_num(pct)}%)" if pct is not None else ""))
             rows.append(row)
         lines += _md_table(rows) + [""]
+        mem = [r for r in recs if any(ok(x) and x.get("peak_mem_mib") is not None for x in r["results"].values())]
+        if mem:
+            lines += ["Peak memory of one call over what is held before it (MiB):", ""]
+            rows = [["case", "pass"] + names]
+            for rec in mem:
+                rows.append([_case_name(rec), rec["pass"]] + [
+                    _num(rec["results"][n].get("peak_mem_mib")) if ok(rec["results"].get(n, {})) else "failed"
+                    for n in names])
+            lines += _md_table(rows) + [""]
     failures = [(r, n, res) for r in result["cases"] for n, res in r["results"].items() if not ok(res)]
     if failures:
         lines += ["## Failed providers", ""]

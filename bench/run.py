@@ -102,35 +102,10 @@ def _release_cuda(device) -> None:
         torch.cuda.empty_cache()
 
 
-def peak_memory_bytes(prepared, device) -> tuple[int | None, str]:
-    """Extra memory one call takes at its peak, over what is held before it. -> (bytes, method)."""
-    import torch
-    prepared.clear()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        prepared.run()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated - allocated before"
-    if not allocator.available():
-        return None, "not glibc malloc: no RSS reading"
-    allocator.set_mode("measure")
-    try:
-        base = allocator.rss_bytes()
-        if base is None or not allocator.reset_peak_rss():
-            return None, "/proc/self/clear_refs not writable: no RSS reading"
-        prepared.run()
-        peak = allocator.peak_rss_bytes()
-    finally:
-        allocator.set_mode("warm")
-    return peak - base, "RSS high-water mark (VmHWM) - RSS before, allocator in measure mode"
-
-
 def run_case(case, provider_names: list[str], device, clock, settings: Settings) -> dict:
     import torch
     from bench import cases as cases_mod
-    from bench import providers
+    from bench import memory, providers
     from bench.timing import median, plan_repeats, round_robin
 
     record = {"id": case.id, "family": case.family, "group": case.group, "label": case.label, "pass": case.pass_,
@@ -164,11 +139,14 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
         if name not in prepared:
             _release_cuda(device)  # outside the except block, whose traceback holds the failed call's tensors
 
-    round_s = 0.0
+    # a training step takes seconds: its first call is warm-up enough
+    warmup = 0 if case.family == "models" else settings.warmup
+    # the time of one round, to plan the repeats: from the warm-up, else (an over-estimate) from the first calls
+    round_s = 0.0 if warmup else sum(results[name]["first_call_s"] for name in prepared)
     for name, prep in list(prepared.items()):
         try:
-            for _ in range(settings.warmup):
-                round_s += clock.time(prep.run) / settings.warmup
+            for _ in range(warmup):
+                round_s += clock.time(prep.run) / warmup
         except Exception as exc:
             results[name] = failure("warmup", exc)
             del prepared[name]
@@ -187,12 +165,9 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
                              times_ms=[1e3 * s for s in seconds], repeats=len(seconds))
 
     if device.type == "cpu" and case.family == "cbam" and case.pass_ == "fwd" and allocator.available():
-        allocator.set_mode("cold")
-        try:
+        with allocator.using("cold"):
             cold, cold_errors = round_robin({n: p.run for n, p in prepared.items()},
                                             min(repeats, settings.cold_repeats), clock, before=allocator.trim)
-        finally:
-            allocator.set_mode("warm")
         for name, seconds in cold.items():
             results[name].update(cold_median_ms=1e3 * median(seconds), cold_times_ms=[1e3 * s for s in seconds])
         for name, exc in cold_errors.items():
@@ -201,9 +176,7 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
     if settings.memory and case.pass_ in ("fwd+bwd", "train"):
         for name, prep in prepared.items():
             try:
-                peak, method = peak_memory_bytes(prep, device)
-                results[name]["peak_mem_mib"] = None if peak is None else peak / 2**20
-                results[name]["peak_mem_method"] = method
+                results[name]["peak_mem_mib"] = memory.peak_bytes(prep, device) / 2**20
             except Exception as exc:
                 results[name]["peak_mem_error"] = failure("memory", exc)["error"]
     for prep in prepared.values():
@@ -225,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import cases as cases_mod
     from bench import env as env_mod
-    from bench import providers, report, roofline
+    from bench import memory, providers, report, roofline
     from bench.timing import Clock
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -268,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtypes": dtypes,
         "complete": False,
         "environment": env,
+        "memory": {"statistic": "peak_mem_mib: extra tensor memory of one call at its peak, MiB",
+                   "method": memory.METHODS[device.type]} if settings.memory else None,
         "timing": {"statistic": "median", "interleaved": "round-robin over providers, order rotated each repeat",
                    "clock": clock.description, "warmup_calls": settings.warmup + 1,
                    "repeats": [settings.min_repeats, settings.max_repeats], "budget_s_per_case": settings.budget_s,

@@ -54,6 +54,8 @@ class Clock:
 
 def plan_repeats(round_seconds: float, budget_s: float, min_repeats: int, max_repeats: int) -> int:
     """How many rounds fit the case's time budget, clamped to [min_repeats, max_repeats]."""
+    if budget_s <= 0:
+        return min_repeats
     if round_seconds <= 0:
         return max_repeats
     return max(min_repeats, min(max_repeats, math.floor(budget_s / round_seconds)))
