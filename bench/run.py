@@ -61,11 +61,15 @@ def _families(values: list[str] | None) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__ + " See bench/README.md.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="fastattn's benchmarks: every fastattn backend of the device against timm, eager, SDPA and "
+                    "torch.compile, side by side, with the machine's bandwidth and matmul rooflines. "
+                    "Method, outputs and JSON schema: bench/README.md.")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the long sweep: batch 1/32, L and d sweeps, "
                       "resnet50-cbam, inference throughput")
-    size.add_argument("--quick", action="store_true", help="tiny shapes, 1-2 repeats (the harness's own test)")
+    size.add_argument("--quick", action="store_true", help="tiny shapes, 2 timed runs (the harness's own test)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--only", action="append", metavar="FAMILY",
                         help="cbam, attention or models; repeatable or a comma list")
@@ -102,7 +106,8 @@ def _release_cuda(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(case, provider_names: list[str], device, clock, settings: Settings) -> dict:
+def run_case(case, provider_names: list[str], device, clock, settings: Settings, progress=lambda text: None) -> dict:
+    """Measure every provider of one case. -> the case's JSON record (bench/README.md, "cases")."""
     import torch
     from bench import cases as cases_mod
     from bench import memory, providers
@@ -111,7 +116,7 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
     record = {"id": case.id, "family": case.family, "group": case.group, "label": case.label, "pass": case.pass_,
               "dtype": case.dtype, "params": case.params, "sweep": list(case.sweep) if case.sweep else None,
               "work": cases_mod.work(case), "providers": list(provider_names), "results": {},
-              "hurried": settings.hurried}
+              "hurried": settings.hurried, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     results = record["results"]
     started = time.perf_counter()
     if "compile" in provider_names:
@@ -126,6 +131,7 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
 
     prepared = {}
     for name in provider_names:
+        progress(f"{name}: first call" + (" (compiling)" if name == "compile" else ""))
         start = time.perf_counter()
         try:
             prep = providers.prepare(name, case, inputs, settings.compile_backend)
@@ -153,6 +159,7 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
         if name not in prepared:
             _release_cuda(device)
     repeats = plan_repeats(round_s, settings.budget_s, settings.min_repeats, settings.max_repeats)
+    progress(f"{repeats} timed rounds of {len(prepared)} providers")
     times, errors = round_robin({n: p.run for n, p in prepared.items()}, repeats, clock)
     for name, exc in errors.items():
         results[name] = failure("timing", exc)
@@ -165,6 +172,7 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
                              times_ms=[1e3 * s for s in seconds], repeats=len(seconds))
 
     if device.type == "cpu" and case.family == "cbam" and case.pass_ == "fwd" and allocator.available():
+        progress("cold allocator")
         with allocator.using("cold"):
             cold, cold_errors = round_robin({n: p.run for n, p in prepared.items()},
                                             min(repeats, settings.cold_repeats), clock, before=allocator.trim)
@@ -174,6 +182,7 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings)
             results[name]["cold_error"] = failure("cold", exc)["error"]
 
     if settings.memory and case.pass_ in ("fwd+bwd", "train"):
+        progress("peak memory")
         for name, prep in prepared.items():
             try:
                 results[name]["peak_mem_mib"] = memory.peak_bytes(prep, device) / 2**20
@@ -260,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         for index, case in enumerate(cases):
             bar.set_description(f"{case.family} {case.label} {case.pass_}")
             case_settings = settings.for_case(time.perf_counter() - started, len(cases) - index)
-            result["cases"].append(run_case(case, provider_names(case.family), device, clock, case_settings))
+            result["cases"].append(run_case(case, provider_names(case.family), device, clock, case_settings,
+                                            progress=bar.set_postfix_str))
             with open(partial, "w") as f:
                 json.dump(result, f, default=str)
             bar.update()

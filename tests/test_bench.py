@@ -25,7 +25,7 @@ TOP_KEYS = {"schema", "device", "mode", "families", "dtypes", "complete", "envir
 ENV_KEYS = {"date", "python", "torch", "triton", "timm", "fastattn", "git_commit", "device_type", "cpu_model",
             "threads", "allocator", "load_average_start", "load_average_end"}
 CASE_KEYS = {"id", "family", "group", "label", "pass", "dtype", "params", "sweep", "work", "providers", "results",
-             "rate_unit", "roofline_value", "best_other", "ratios", "wall_s", "hurried"}
+             "rate_unit", "roofline_value", "best_other", "ratios", "wall_s", "hurried", "load_average"}
 OK_KEYS = {"status", "first_call_s", "info", "median_ms", "min_ms", "times_ms", "repeats", "rate", "pct_roofline"}
 FAILED_KEYS = {"status", "stage", "error", "traceback"}
 
