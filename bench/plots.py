@@ -33,8 +33,11 @@ def _colors(result: dict) -> dict:
     return {n: cmap(i % 10) for i, n in enumerate(names)}
 
 
-def _legend(ax, names: list[str], colors: dict) -> None:
-    ax.legend(handles=[Patch(color=colors[n], label=n) for n in names], fontsize=7)
+def _legend(fig, result: dict, colors: dict) -> None:
+    """One legend for the figure, above the panels, so that no bar hides under it."""
+    names = list(dict.fromkeys(n for r in result["cases"] for n in r["providers"]))
+    fig.legend(handles=[Patch(color=colors[n], label=n) for n in names], loc="upper center",
+               ncol=min(len(names), 6), fontsize=8, bbox_to_anchor=(0.5, 0.975), frameon=False)
 
 
 def _title(key) -> str:
@@ -96,10 +99,10 @@ def bars(result: dict, path: str, metric: str) -> str | None:
             ax.set_ylabel(f"% of {'copy bandwidth' if recs[0]['work']['roofline'] == 'copy' else 'matmul throughput'}")
         ax.set_title(_title(key), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        _legend(ax, names, colors)
     what = "median time per call" if metric == "time" else "% of the measured roofline"
     fig.suptitle(f"{result['device']}: {what} (x on the axis: provider failed)", fontsize=11)
-    fig.tight_layout()
+    _legend(fig, result, colors)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

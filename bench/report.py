@@ -226,3 +226,23 @@ def write(result: dict, out_dir: str, stem: str, plots: bool = True) -> list[str
     with open(md_path, "w") as f:
         f.write(markdown(result, written))
     return [json_path, md_path] + written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m bench.report RESULT.json: rewrite the summary and the plots of a run from its JSON."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("json", help="a bench/results/<stem>.json")
+    args = parser.parse_args(argv)
+    with open(args.json) as f:
+        result = json.load(f)
+    annotate(result)
+    out_dir, name = os.path.split(os.path.abspath(args.json))
+    paths = write(result, out_dir, name[:-len(".json")] if name.endswith(".json") else name)
+    print(table(result))
+    print("\nwrote " + ", ".join(os.path.relpath(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
