@@ -1,0 +1,79 @@
+"""The machine's own limits, measured in the same run as the kernels.
+
+* copy bandwidth: `dst.copy_(src)` of a tensor larger than the last-level
+  cache; bytes = read + written = 2 * nbytes; GB/s = 1e9 bytes/s.
+* matmul throughput: `a @ b` of square n x n matrices per dtype;
+  flop = 2 n^3; GFLOP/s = 1e9 flop/s.
+Each is the best of repeated runs after a warm-up: the machine's capability,
+which a disturbed run (a shared machine) under-states; the kernels' figures
+are medians, so their % of roofline is, if anything, low.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench import allocator
+from bench.env import last_level_cache_bytes
+from bench.timing import Clock, median
+
+_MiB = 2**20
+
+
+def copy_buffer_bytes(device: torch.device, quick: bool) -> int:
+    if quick:
+        return 32 * _MiB
+    if device.type == "cuda":
+        return 1024 * _MiB
+    llc = last_level_cache_bytes() or 0
+    # twice the LLC so the copy streams from DRAM, within [256 MiB, 1 GiB]
+    return max(256 * _MiB, min(1024 * _MiB, 2 * llc))
+
+
+def copy_bandwidth(device: torch.device, clock: Clock, quick: bool, repeats: int) -> dict:
+    nbytes = copy_buffer_bytes(device, quick)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    clock.sync()
+    times = [clock.time(lambda: dst.copy_(src)) for _ in range(repeats)]
+    del src, dst
+    allocator.trim()
+    return {"gbs": 2 * nbytes / min(times) / 1e9, "median_gbs": 2 * nbytes / median(times) / 1e9,
+            "buffer_bytes": nbytes, "bytes_moved": 2 * nbytes, "times_s": times,
+            "method": "dst.copy_(src), float32, bytes read + written = 2 * nbytes, best of the runs"}
+
+
+def matmul_size(device: torch.device, quick: bool) -> int:
+    if quick:
+        return 256
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype, clock: Clock, quick: bool, repeats: int) -> dict:
+    n = matmul_size(device, quick)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    for _ in range(2):
+        a @ b
+    clock.sync()
+    times = [clock.time(lambda: a @ b) for _ in range(repeats)]
+    return {"gflops": 2 * n**3 / min(times) / 1e9, "median_gflops": 2 * n**3 / median(times) / 1e9, "n": n,
+            "times_s": times, "method": f"a @ b, {n}x{n} {str(dtype).replace('torch.', '')}, flop = 2 n^3, "
+                                       "best of the runs"}
+
+
+def matmul_dtypes(device: torch.device) -> list[torch.dtype]:
+    if device.type == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32]
+
+
+def measure(device: torch.device, clock: Clock, quick: bool) -> dict:
+    repeats = 3 if quick else 7
+    out = {"copy": copy_bandwidth(device, clock, quick, repeats), "matmul": {}}
+    for dtype in matmul_dtypes(device):
+        out["matmul"][str(dtype).replace("torch.", "")] = matmul_throughput(device, dtype, clock, quick, repeats)
+    if device.type == "cuda":
+        out["matmul_note"] = f"float32 with TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+    return out
