@@ -192,9 +192,9 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int = 1, scale:
     cv = v.shape[1]
     if scale is None:
         scale = (cq // heads) ** -0.5
-    qh = _split_heads(q.reshape(n, cq, -1), heads)
-    kh = _split_heads(k.reshape(n, cq, -1), heads)
-    vh = _split_heads(v.reshape(n, cv, -1), heads)
+    qh = _split_heads(q.flatten(2), heads)  # flatten, not reshape(n, c, -1): that fails on empty batches
+    kh = _split_heads(k.flatten(2), heads)
+    vh = _split_heads(v.flatten(2), heads)
     attn = torch.softmax(scale * (qh @ kh.transpose(-1, -2)), -1)
     out = (attn @ vh).transpose(-1, -2).reshape(n, cv, *spatial_q)
     return out
@@ -390,7 +390,7 @@ class NonLocal2d(nn.Module):
         phi = self.pool(self.phi(x)).flatten(2)               # (N, Ci, Lk)
         g = self.pool(self.g(x)).flatten(2)                   # (N, Ci, Lk)
         attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi) * self.scale, -1)  # (N, L, Lk)
-        y = torch.bmm(g, attn.transpose(1, 2)).view(n, -1, h, w)
+        y = torch.bmm(g, attn.transpose(1, 2)).view(n, g.shape[1], h, w)
         return x + self.out_norm(self.out_conv(y))
 
 
@@ -420,7 +420,7 @@ class SelfAttention2d(nn.Module):
         phi = F.max_pool2d(self.phi(x), [2, 2]).flatten(2)    # (N, C/8, L/4)
         g = F.max_pool2d(self.g(x), [2, 2]).flatten(2)        # (N, C/2, L/4)
         beta = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)
-        o = self.o(torch.bmm(g, beta.transpose(1, 2)).view(n, -1, h, w))
+        o = self.o(torch.bmm(g, beta.transpose(1, 2)).view(n, g.shape[1], h, w))
         return self.gamma * o + x
 
 
