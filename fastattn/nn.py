@@ -207,7 +207,7 @@ class _FusedAttentionBlock(nn.Module):
 
     def _adopt(self, source: nn.Module, backend: str) -> None:
         self.backend = _check_backend(backend)
-        # the source's own forward is the eager path (reference backend, empty batches)
+        # the source's own forward is the eager path (the reference backend)
         self._eager_cls = type(source)
         for key, value in vars(source).items():  # plain attributes its forward reads (scale, heads, ...)
             if not key.startswith("_") and key != "training":
@@ -221,7 +221,7 @@ class _FusedAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         backend, _ = choose("attention", x.device, x.dtype, self.backend)
-        if backend == "reference" or x.numel() == 0:
+        if backend == "reference":
             return self._eager_cls.forward(self, x)
         return self._fused(x, backend)
 
