@@ -1,6 +1,8 @@
 """Shared test helpers: the error rule of DESIGN.md §4 and backend lists."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -40,6 +42,28 @@ def compiled_backends(device: str = "cpu") -> list[str]:
     return names
 
 
+def attention_backends(device: str = "cpu") -> list[str]:
+    """The non-reference backends whose attention kernels exist here: each appears
+    in the tests as soon as its kernels land (a Triton backend needs its kernel file)."""
+    names = []
+    for name in ("cpu", "cuda", "triton"):
+        if _backend._PREDICATES[name]("attention", torch.device(device), torch.float32) is not None:
+            continue
+        if name == "triton" and importlib.util.find_spec("fastattn.triton_kernels.attention") is None:
+            continue
+        names.append(name)
+    return names
+
+
+def run_fused_on_reference_ops(model: torch.nn.Module) -> torch.nn.Module:
+    """Makes every fused fastattn module of `model` run its fused code path (`_fused`)
+    over the op contract written in PyTorch, in place: drives that path without kernels."""
+    for module in model.modules():
+        if hasattr(module, "_fused") and type(module).__module__ == "fastattn.nn":
+            module.forward = functools.partial(type(module)._fused, module, backend="reference")
+    return model
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -48,4 +72,5 @@ def fastattn_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-__all__ = ["fastattn", "assert_error_rule", "compiled_backends", "interpreted", "max_err"]
+__all__ = ["fastattn", "assert_error_rule", "attention_backends", "compiled_backends", "interpreted", "max_err",
+           "run_fused_on_reference_ops"]
