@@ -68,7 +68,8 @@ def _timm_cbam_problem(m: nn.Module) -> str | None:
     for fc in (ch.fc1, ch.fc2):
         if not isinstance(fc, nn.Conv2d) or fc.kernel_size != (1, 1) or fc.groups != 1:
             return "channel MLP is not two 1x1 convs"
-    if not isinstance(getattr(sp.conv, "aa", nn.Identity()), nn.Identity):
+    aa = getattr(sp.conv, "aa", None)  # timm >= 1.0 stores None when there is no anti-aliasing
+    if aa is not None and not isinstance(aa, nn.Identity):
         return "spatial conv has anti-aliasing"
     return _conv_problem(sp.conv.conv, "spatial conv") or _bn_problem(sp.conv.bn, "spatial BN")
 
