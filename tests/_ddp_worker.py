@@ -2,7 +2,10 @@
 original resnet18-cbam and its converted copies, each wrapped in DDP over gloo,
 train side by side on this rank's share of the same batches; after every
 all-reduce the gradients of each converted copy must agree with the original's,
-and be the same on every rank."""
+and be the same on every rank. After each SGD step the converted copies take
+the original's weights and buffers again: the comparison is of gradients, not
+of two chaotic float32 trajectories (test_convert.py compares the losses of
+free-running copies)."""
 import json
 import os
 from datetime import timedelta
@@ -36,7 +39,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, paths: list) -> Non
         for path in paths:
             converted = fastattn.convert(original)
             models[path] = DDP(run_fused_on_reference_ops(converted) if path == "contract-ops" else converted)
-        optims = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
+        optims = {k: torch.optim.SGD(m.parameters(), lr=0.05) for k, m in models.items()}
         gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own share of the batch
         report = []
         for step in range(STEPS):
@@ -50,12 +53,14 @@ def run(rank: int, world_size: int, port: int, out_dir: str, paths: list) -> Non
                 losses[key] = loss.item()
                 grads[key] = {n: p.grad.detach().clone() for n, p in model.module.named_parameters()}
                 optims[key].step()
+            for path in paths:  # in place: DDP keeps its parameters
+                models[path].module.load_state_dict(models["original"].module.state_dict())
             worst = {}
             for path in paths:
                 worst[path] = 0.0
                 for name, g_orig in grads["original"].items():
                     diff = (grads[path][name] - g_orig).abs().max().item()
-                    bound = 1e-3 * max(g_orig.abs().max().item(), 1e-3)
+                    bound = 1e-3 * g_orig.abs().max().item() + 1e-6
                     assert diff <= bound, (f"rank {rank} step {step} {path} grad {name}: "
                                            f"|converted - original| {diff:.3e} > {bound:.1e}")
                     worst[path] = max(worst[path], diff)

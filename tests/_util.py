@@ -11,6 +11,10 @@ import fastattn
 from fastattn import _backend
 
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Parameter gradients of whole modules sum a kernel's per-position rounding over every
+# position, through convs and BatchNorm, and often cancel to something small: their float32
+# atol is 1e-4 (relative to max(1, |truth|)); the op-level tests hold kernels to ATOL.
+GRAD_ATOL = 1e-4
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,5 +76,5 @@ def fastattn_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-__all__ = ["fastattn", "assert_error_rule", "attention_backends", "compiled_backends", "interpreted", "max_err",
+__all__ = ["GRAD_ATOL", "fastattn", "assert_error_rule", "attention_backends", "compiled_backends", "interpreted", "max_err",
            "run_fused_on_reference_ops"]

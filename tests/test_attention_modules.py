@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastattn
 from fastattn import _ext, reference
-from _util import assert_error_rule, attention_backends, interpreted
+from _util import GRAD_ATOL, assert_error_rule, attention_backends, interpreted
 
 # name -> (fused class, reference twin class, constructor args, kwargs); 16 channels everywhere
 KINDS = {
@@ -121,7 +121,7 @@ def test_matches_twin(kind, train, label, backend, channels_last):
         assert_error_rule(f"{shape} y", y_fused, y_truth, y_eager)
         assert g_fused.keys() == g_truth.keys()
         for name in g_truth:
-            assert_error_rule(f"{shape} grad {name}", g_fused[name], g_truth[name], g_eager[name])
+            assert_error_rule(f"{shape} grad {name}", g_fused[name], g_truth[name], g_eager[name], atol=GRAD_ATOL)
         for (name, b_fused), b_truth, b_eager in zip(fused.named_buffers(), truth.buffers(), eager.buffers()):
             if b_fused.is_floating_point():
                 assert_error_rule(f"{shape} buffer {name}", b_fused, b_truth, b_eager)
@@ -188,6 +188,8 @@ def test_extra_repr_and_bad_arguments():
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("label,backend", _paths())
 def test_autocast_bfloat16_matches_twin(kind, label, backend):
+    if backend == "triton" and interpreted():
+        pytest.skip("the Triton interpreter lacks bfloat16 math")
     fused, eager = _pair(kind)
     truth = copy.deepcopy(eager).double()
     x = torch.randn(2, 16, 6, 6)
