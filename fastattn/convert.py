@@ -148,6 +148,9 @@ def _convert_one(m: nn.Module, rules: list[_Rule], backend: str):
             if reason or rule.build is None:
                 return None, reason
             return rule.build(m, backend), None
+    for rule in rules:
+        if rule.build is not None and isinstance(m, rule.cls):
+            return None, f"a subclass of {rule.cls.__name__}, whose forward may differ from it"
     return None, None
 
 

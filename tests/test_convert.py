@@ -193,6 +193,11 @@ def test_report_inplace_and_idempotence(caplog):
     with pytest.raises(ValueError, match="backend"):
         fastattn.convert(model, backend="nope")
 
+    class MyCbam(CbamModule):
+        pass
+    _, report = fastattn.convert(nn.Sequential(MyCbam(16)), return_report=True)
+    assert not report.replaced and "a subclass of CbamModule" in report.skipped[0][2]
+
 
 # --------------------------------------------------------------------------
 # torch.compile, torch.export, autocast: one small model holding every fused type
