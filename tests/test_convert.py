@@ -242,6 +242,9 @@ def test_compile_fullgraph_no_graph_break(path):
         explained = torch._dynamo.explain(model)(x)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast rules trace too
+        explained = torch._dynamo.explain(_converted(_tiny(), path))(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
     # train: forward + backward through AOTAutograd (aot_eager: Inductor's code generation costs minutes here)
     eager_model, compiled_model = _converted(_tiny(), path).train(), _converted(_tiny(), path).train()
     y, grads = _fwd_bwd(eager_model, x)
