@@ -97,7 +97,8 @@ def choose(family: str, device: torch.device, dtype: torch.dtype, backend: str =
         reason = _PREDICATES[name](family, device, dtype)
         if reason is None:
             why = f"first available for {device.type} {dtype}" + (f" ({'; '.join(refusals)})" if refusals else "")
-            log.debug("fastattn %s: backend %s: %s", family, name, why)
+            if not torch.compiler.is_compiling():  # a logger call would break torch.compile's graph
+                log.debug("fastattn %s: backend %s: %s", family, name, why)
             return name, why
         refusals.append(f"{name}: {reason}")
     raise AssertionError("the reference backend always runs")

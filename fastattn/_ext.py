@@ -23,6 +23,9 @@ class CompiledLibraryMissing(RuntimeError):
     pass
 
 
+# a constant to torch.compile/export: the dispatcher query would otherwise break the graph of every
+# module that picks its backend in forward
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.fastattn.<op> has a kernel for the dispatch key ("CPU", "CUDA")."""
     if _C is None:

@@ -13,7 +13,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from fastattn import _ext
+from fastattn import _autocast, _ext
 from fastattn import reference as _ref
 
 
@@ -214,6 +214,9 @@ def _define_triton_ops() -> None:
     _define_triton_ops.lib = lib  # keep the registrations alive
 
 
+_AUTOCAST_LIB = torch.library.Library("fastattn", "IMPL")  # keeps the autocast kernels registered
+
+
 def _register() -> None:
     compiled = _ext._C is not None
     _define_triton_ops()
@@ -224,6 +227,8 @@ def _register() -> None:
             torch.library.register_fake(f"fastattn::{prefix}{op}", fake)
         for op, (setup, backward) in _autograd_for(kernels).items():
             torch.library.register_autograd(f"fastattn::{prefix}{op}", backward, setup_context=setup)
+        for op, rule in _autocast.OP_RULES.items():
+            _autocast.register(_AUTOCAST_LIB, f"fastattn::{prefix}{op}", rule)
 
 
 _register()

@@ -11,10 +11,13 @@ import copy
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
 
+from fastattn import nn as fnn
 from fastattn import reference
+from fastattn._backend import BACKENDS
 from fastattn.nn import CBAM
 
 log = logging.getLogger("fastattn")
@@ -65,7 +68,8 @@ def _timm_cbam_problem(m: nn.Module) -> str | None:
     for fc in (ch.fc1, ch.fc2):
         if not isinstance(fc, nn.Conv2d) or fc.kernel_size != (1, 1) or fc.groups != 1:
             return "channel MLP is not two 1x1 convs"
-    if not isinstance(getattr(sp.conv, "aa", nn.Identity()), nn.Identity):
+    aa = getattr(sp.conv, "aa", None)  # timm >= 1.0 stores None when there is no anti-aliasing
+    if aa is not None and not isinstance(aa, nn.Identity):
         return "spatial conv has anti-aliasing"
     return _conv_problem(sp.conv.conv, "spatial conv") or _bn_problem(sp.conv.bn, "spatial BN")
 
@@ -81,43 +85,94 @@ def _official_cbam_problem(m: nn.Module) -> str | None:
     return _conv_problem(spatial.conv, "spatial conv") or _bn_problem(spatial.bn, "spatial BN")
 
 
-def _rules():
-    """(class, flavor, problem finder) for every layer type convert knows."""
-    rules = [(reference.OfficialCBAM, "official", _official_cbam_problem)]
+def _nonlocal_attn_problem(m: nn.Module) -> str | None:
+    convs = (m.t, m.p, m.g)
+    if not all(isinstance(c, nn.Conv2d) for c in convs) or len({c.out_channels for c in convs}) != 1:
+        return "t, p and g are not Conv2d with equal out_channels (timm's forward views g with t's channels)"
+    return None
+
+
+def _no_problem(m: nn.Module) -> None:
+    """fastattn's own attention twins: the fused block runs their submodules as they are."""
+    return None
+
+
+@dataclass(frozen=True)
+class _Rule:
+    cls: type
+    problem: Callable[[nn.Module], str | None]      # why this layer cannot be fused, or None
+    build: Callable[[nn.Module, str], nn.Module] | None  # (layer, backend) -> fused; None: never fused
+
+
+def _cbam_rule(cls: type, flavor: str | None) -> _Rule:
+    problem = _official_cbam_problem if flavor == "official" else _timm_cbam_problem
+
+    def build(m: nn.Module, backend: str) -> nn.Module:
+        # fastattn's own timm twin (flavor None) says which variant it is
+        return CBAM.from_module(m, flavor or ("timm_light" if m.channel.light else "timm"), backend)
+    return _Rule(cls, problem, build)
+
+
+def _attention_rule(cls: type, fused_cls: type, problem=_no_problem) -> _Rule:
+    return _Rule(cls, problem, fused_cls.from_module)
+
+
+def _rules() -> list[_Rule]:
+    """A rule for every layer type convert knows, matched by exact type."""
+    rules = [_cbam_rule(reference.OfficialCBAM, "official"), _cbam_rule(reference.TimmCBAM, None),
+             _attention_rule(reference.NonLocal2d, fnn.NonLocal2d),
+             _attention_rule(reference.SelfAttention2d, fnn.SelfAttention2d),
+             _attention_rule(reference.AttentionBlock2d, fnn.AttentionBlock2d),
+             _attention_rule(reference.TimmNonLocalAttn, fnn.NonLocalAttn, _nonlocal_attn_problem)]
     try:
         from timm.layers import cbam as timm_cbam
+        from timm.layers import non_local_attn as timm_nl
     except ImportError:  # timm is optional: without it there are no timm layers to find
-        timm_cbam = None
-    if timm_cbam is not None:
-        rules += [(timm_cbam.LightCbamModule, "timm_light", _timm_cbam_problem),
-                  (timm_cbam.CbamModule, "timm", _timm_cbam_problem)]
-    rules += [(reference.TimmCBAM, None, _timm_cbam_problem)]
-    return rules
+        return rules
+    return rules + [_cbam_rule(timm_cbam.LightCbamModule, "timm_light"), _cbam_rule(timm_cbam.CbamModule, "timm"),
+                    _attention_rule(timm_nl.NonLocalAttn, fnn.NonLocalAttn, _nonlocal_attn_problem),
+                    _Rule(timm_nl.BatNonLocalAttn,
+                          lambda m: "bilinear attentional transform: no softmax attention to fuse", None)]
 
 
-def _convert_one(m: nn.Module, rules, backend: str):
+_FUSED = (CBAM, fnn.NonLocal2d, fnn.SelfAttention2d, fnn.AttentionBlock2d, fnn.NonLocalAttn)
+
+
+def _convert_one(m: nn.Module, rules: list[_Rule], backend: str):
     """-> (fused module or None, reason it was left alone or None)."""
-    if isinstance(m, CBAM):
+    if isinstance(m, _FUSED):
         return None, None
-    for cls, flavor, problem in rules:
-        if type(m) is cls:
-            if flavor is None:  # fastattn's own timm twin says which variant it is
-                flavor = "timm_light" if m.channel.light else "timm"
-            reason = problem(m)
-            if reason:
+    for rule in rules:
+        if type(m) is rule.cls:
+            reason = rule.problem(m)
+            if reason or rule.build is None:
                 return None, reason
-            return CBAM.from_module(m, flavor, backend), None
+            return rule.build(m, backend), None
+    for rule in rules:
+        if rule.build is not None and isinstance(m, rule.cls):
+            return None, f"a subclass of {rule.cls.__name__}, whose forward may differ from it"
     return None, None
 
 
 def convert(model: nn.Module, *, inplace: bool = False, backend: str = "auto", return_report: bool = False):
-    """Replace every timm CbamModule / LightCbamModule and fastattn.reference CBAM
-    twin in `model` with fastattn.nn.CBAM holding the same submodules.
+    """Replace the attention layers of `model` that fastattn fuses with fused
+    modules holding the same submodules, parameters and buffers:
+
+      timm CbamModule, LightCbamModule, fastattn.reference.TimmCBAM, OfficialCBAM -> fastattn.nn.CBAM
+      timm NonLocalAttn, fastattn.reference.TimmNonLocalAttn                    -> fastattn.nn.NonLocalAttn
+      fastattn.reference.NonLocal2d / SelfAttention2d / AttentionBlock2d        -> fastattn.nn twins
+
+    state_dict keys and values do not change, so checkpoints load both ways.
+    Layers of those types whose configuration the fused block does not compute
+    (and timm's BatNonLocalAttn, which has no softmax attention) are left alone,
+    with the reason in the report.
 
     Returns the converted model (a deep copy unless inplace=True), or
     (model, ConversionReport) with return_report=True. The report is also
     logged at INFO level on the "fastattn" logger.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not inplace:
         model = copy.deepcopy(model)
     rules = _rules()

@@ -4,13 +4,16 @@ Every function validates its arguments (ValueError/TypeError naming the
 argument and the shapes), picks a backend (`backend="auto"` falls back to the
 next one that can run the case; `fastattn.explain` tells which and why) and
 calls a registered op, so autograd, `torch.compile` and `opcheck` all work.
+Under torch.autocast the inputs first get the dtypes eager PyTorch would give
+them (fastattn._autocast): attention runs in the autocast dtype, as bmm does;
+the CBAM primitives promote mixed inputs, as `x * gate` does.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fastattn import _ops  # noqa: F401  (registers fake kernels and autograd)
+from fastattn import _autocast, _ops  # noqa: F401  (_ops registers fake kernels, autograd, autocast)
 from fastattn import reference
 from fastattn._backend import choose
 from fastattn._ops import kernels_for
@@ -55,6 +58,7 @@ def gated_spatial_pool(x: Tensor, ch_gate: Tensor, *, ties: str = "split", backe
     x: (N, C, H, W), ch_gate: (N, C) or (N, C, 1, 1) -> (N, 2, H, W), [:, 0] mean, [:, 1] max.
     """
     split = _split_ties(ties)
+    x, ch_gate = _autocast.apply(_autocast.promote, x, ch_gate)
     ch_gate, _ = check_cbam(x, ch_gate)
     name = _cbam_backend(x, backend)
     if name == "reference":
@@ -71,6 +75,7 @@ def cbam_apply(x: Tensor, ch_gate: Tensor, sp_gate: Tensor, *, backend: str = "a
 
     x: (N, C, H, W), ch_gate: (N, C) or (N, C, 1, 1), sp_gate: (N, 1, H, W) or (N, H, W).
     """
+    x, ch_gate, sp_gate = _autocast.apply(_autocast.promote, x, ch_gate, sp_gate)
     ch_gate, sp_gate = check_cbam(x, ch_gate, sp_gate)
     name = _cbam_backend(x, backend)
     if name == "reference":
@@ -92,7 +97,9 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int = 1, scale:
     the matching slice of v. scale=None means (Cq/heads) ** -0.5. Inputs of any
     strides are read in place; the output's memory format follows q. The
     Lq x Lk matrix is never materialised (except by backend="reference").
+    Under torch.autocast, float32/16 inputs are cast to the autocast dtype, as for bmm.
     """
+    q, k, v = _autocast.apply(_autocast.lower_precision, q, k, v)
     check_attention(q, k, v, heads)
     if scale is None:
         scale = (q.shape[1] // heads) ** -0.5

@@ -8,6 +8,7 @@ existing layers with `from_module`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn import functional as FA
@@ -184,3 +185,154 @@ class SpatialGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"flavor={self.flavor!r}, backend={self.backend!r}"
+
+
+# --------------------------------------------------------------------------
+# Spatial-attention blocks over fastattn.spatial_attention
+# --------------------------------------------------------------------------
+class _FusedAttentionBlock(nn.Module):
+    """What the attention blocks share: they adopt the submodules, parameters and
+    plain attributes of a reference layer (theirs or timm's), run its class's own
+    forward as the eager path, and their own `_fused` otherwise. Only the
+    softmax(QK)V core changes; the convs and norms are the layer's own."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str = "auto"):
+        """A fused block holding `module`'s own submodules and parameters (shared, not copied)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._adopt(module, backend)
+        fused.train(module.training)
+        return fused
+
+    def _adopt(self, source: nn.Module, backend: str) -> None:
+        self.backend = _check_backend(backend)
+        # the source's own forward is the eager path (the reference backend)
+        self._eager_cls = type(source)
+        for key, value in vars(source).items():  # plain attributes its forward reads (scale, heads, ...)
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        for name, param in source.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in source.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in source._non_persistent_buffers_set)
+        for name, child in source.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend, _ = choose("attention", x.device, x.dtype, self.backend)
+        if backend == "reference":
+            return self._eager_cls.forward(self, x)
+        return self._fused(x, backend)
+
+    def _fused(self, x: Tensor, backend: str) -> Tensor:
+        """The block with its attention core on `backend` ("reference": the functional
+        reference, which lets tests drive this path without compiled kernels)."""
+        raise NotImplementedError
+
+
+class NonLocal2d(_FusedAttentionBlock):
+    """Fused embedded-Gaussian non-local block (Wang et al., 2018); twin of
+    fastattn.reference.NonLocal2d, same state_dict keys.
+
+    x: (N, C, H, W) -> (N, C, H, W) = x + out_norm(out_conv(y)), with Ci = inter_channels,
+    y = softmax(scale * theta(x)^T phi(x)) g(x): theta (N, Ci, H, W); phi, g (N, Ci, H', W'),
+    H' x W' = H x W, or H/2 x W/2 with sub_sample (2x2 max pool after the conv).
+    channels // reduction = Ci unless inter_channels is given; scale = Ci ** -0.5 with
+    use_scale, else 1.0. out_norm (BatchNorm2d) starts at zero: a new block is the identity.
+    """
+
+    def __init__(self, channels: int, reduction: int = 2, *, inter_channels: int | None = None,
+                 sub_sample: bool = False, use_scale: bool = True, backend: str = "auto"):
+        super().__init__()
+        self._adopt(reference.NonLocal2d(channels, reduction, inter_channels=inter_channels,
+                                         sub_sample=sub_sample, use_scale=use_scale), backend)
+
+    def _fused(self, x: Tensor, backend: str) -> Tensor:
+        q = self.theta(x)
+        k = self.pool(self.phi(x))
+        v = self.pool(self.g(x))
+        y = FA.spatial_attention(q, k, v, scale=self.scale, backend=backend)
+        return x + self.out_norm(self.out_conv(y))
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, inter_channels={self.inter_channels}, sub_sample={self.sub_sample}, "
+                f"scale={self.scale:.4g}, backend={self.backend!r}")
+
+
+class SelfAttention2d(_FusedAttentionBlock):
+    """Fused SAGAN / BigGAN self-attention; twin of fastattn.reference.SelfAttention2d
+    (BigGAN-PyTorch's keys theta, phi, g, o, gamma).
+
+    x: (N, C, H, W), H, W >= 2 -> (N, C, H, W) = x + gamma * o(y), with
+    y = softmax(theta(x)^T phi(x)) g(x), no scaling: theta (N, C/8, H, W);
+    phi (N, C/8, H/2, W/2) and g (N, C/2, H/2, W/2), 2x2 max-pooled. gamma starts at 0.
+    """
+
+    def __init__(self, channels: int, *, backend: str = "auto"):
+        super().__init__()
+        self._adopt(reference.SelfAttention2d(channels), backend)
+
+    def _fused(self, x: Tensor, backend: str) -> Tensor:
+        q = self.theta(x)
+        k = F.max_pool2d(self.phi(x), [2, 2])
+        v = F.max_pool2d(self.g(x), [2, 2])
+        y = FA.spatial_attention(q, k, v, scale=1.0, backend=backend)
+        return self.gamma * self.o(y) + x
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, backend={self.backend!r}"
+
+
+class AttentionBlock2d(_FusedAttentionBlock):
+    """Fused attention block of diffusion U-Nets and VAEs; twin of
+    fastattn.reference.AttentionBlock2d (keys norm, qkv, proj_out).
+
+    x: (N, C, H, W) -> (N, C, H, W) = x + proj_out(attention(qkv(norm(x)))): GroupNorm(groups, C),
+    a 1x1 conv C -> 3C, multi-head softmax(d ** -0.5 q^T k) v with d = C / heads over the
+    H*W positions, a 1x1 conv C -> C that starts at zero. qkv_layout "chunked" ([q | k | v])
+    reads q, k, v in place from the qkv map; "per_head" ([q_h k_h v_h] per head) copies them.
+    """
+
+    def __init__(self, channels: int, heads: int = 1, *, groups: int = 32, eps: float = 1e-5,
+                 qkv_layout: str = "chunked", backend: str = "auto"):
+        super().__init__()
+        self._adopt(reference.AttentionBlock2d(channels, heads, groups=groups, eps=eps, qkv_layout=qkv_layout),
+                    backend)
+
+    def _fused(self, x: Tensor, backend: str) -> Tensor:
+        c, heads = x.shape[1], self.heads
+        d = c // heads
+        qkv = self.qkv(self.norm(x))                                  # (N, 3C, H, W)
+        if self.qkv_layout == "chunked":
+            q, k, v = qkv.chunk(3, dim=1)                             # views
+        else:
+            q, k, v = (t.flatten(1, 2) for t in qkv.unflatten(1, (heads, 3, d)).unbind(2))
+        a = FA.spatial_attention(q, k, v, heads=heads, scale=d ** -0.5, backend=backend)
+        return x + self.proj_out(a)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, heads={self.heads}, qkv_layout={self.qkv_layout!r}, "
+                f"backend={self.backend!r}")
+
+
+class NonLocalAttn(_FusedAttentionBlock):
+    """Fused timm.layers.non_local_attn.NonLocalAttn (and its twin
+    fastattn.reference.TimmNonLocalAttn): same keys t, p, g, z, norm, same numerics.
+
+    x: (N, C, H, W) -> (N, C, H, W) = norm(z(y)) + x, y = softmax(scale * t(x)^T p(x)) g(x)
+    over the H*W positions; t, p, g: (N, Cr, H, W). Note timm's scale is C ** -0.5, the
+    block's input channels, not Cr ** -0.5 (1.0 with use_scale=False).
+    """
+
+    def __init__(self, in_channels: int, use_scale: bool = True, rd_ratio: float = 1 / 8,
+                 rd_channels: int | None = None, rd_divisor: int = 8, *, backend: str = "auto"):
+        super().__init__()
+        self._adopt(reference.TimmNonLocalAttn(in_channels, use_scale, rd_ratio, rd_channels, rd_divisor), backend)
+
+    def _fused(self, x: Tensor, backend: str) -> Tensor:
+        y = FA.spatial_attention(self.t(x), self.p(x), self.g(x), scale=self.scale, backend=backend)
+        return self.norm(self.z(y)) + x
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, backend={self.backend!r}"

@@ -192,9 +192,9 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int = 1, scale:
     cv = v.shape[1]
     if scale is None:
         scale = (cq // heads) ** -0.5
-    qh = _split_heads(q.reshape(n, cq, -1), heads)
-    kh = _split_heads(k.reshape(n, cq, -1), heads)
-    vh = _split_heads(v.reshape(n, cv, -1), heads)
+    qh = _split_heads(q.flatten(2), heads)  # flatten, not reshape(n, c, -1): that fails on empty batches
+    kh = _split_heads(k.flatten(2), heads)
+    vh = _split_heads(v.flatten(2), heads)
     attn = torch.softmax(scale * (qh @ kh.transpose(-1, -2)), -1)
     out = (attn @ vh).transpose(-1, -2).reshape(n, cv, *spatial_q)
     return out
@@ -351,3 +351,159 @@ class TimmCBAM(nn.Module):
 
     def forward(self, x):
         return self.spatial(self.channel(x))
+
+
+# --------------------------------------------------------------------------
+# Reference modules: spatial-attention blocks, written the eager bmm-softmax-bmm
+# way of their papers' code. fastattn.nn holds fused twins with the same
+# submodules; fastattn.convert swaps these for them.
+# --------------------------------------------------------------------------
+class NonLocal2d(nn.Module):
+    """Embedded-Gaussian non-local block (Wang et al., CVPR 2018).
+
+    x: (N, C, H, W) -> x + BN(out_conv(y)), where with Ci = inter_channels
+    theta(x): (N, Ci, L), phi(x), g(x): (N, Ci, Lk) (Lk = L, or L/4 with sub_sample),
+    y[:, :, i] = sum_j softmax_j(scale * theta_i . phi_j) g_j  -> (N, Ci, H, W).
+    scale = Ci ** -0.5 with use_scale (video-nonlocal-net, mmcv), else 1.0 (the paper).
+    The BN's weight and bias start at zero, so a new block is the identity.
+    """
+
+    def __init__(self, channels: int, reduction: int = 2, *, inter_channels: int | None = None,
+                 sub_sample: bool = False, use_scale: bool = True):
+        super().__init__()
+        inter = inter_channels or max(channels // reduction, 1)
+        self.channels, self.inter_channels = channels, inter
+        self.sub_sample, self.use_scale = sub_sample, use_scale
+        self.scale = inter ** -0.5 if use_scale else 1.0
+        self.theta = nn.Conv2d(channels, inter, 1)
+        self.phi = nn.Conv2d(channels, inter, 1)
+        self.g = nn.Conv2d(channels, inter, 1)
+        self.pool = nn.MaxPool2d(2) if sub_sample else nn.Identity()
+        self.out_conv = nn.Conv2d(inter, channels, 1)
+        self.out_norm = nn.BatchNorm2d(channels)
+        nn.init.zeros_(self.out_norm.weight)
+        nn.init.zeros_(self.out_norm.bias)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        theta = self.theta(x).flatten(2)                      # (N, Ci, L)
+        phi = self.pool(self.phi(x)).flatten(2)               # (N, Ci, Lk)
+        g = self.pool(self.g(x)).flatten(2)                   # (N, Ci, Lk)
+        attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi) * self.scale, -1)  # (N, L, Lk)
+        y = torch.bmm(g, attn.transpose(1, 2)).view(n, g.shape[1], h, w)
+        return x + self.out_norm(self.out_conv(y))
+
+
+class SelfAttention2d(nn.Module):
+    """SAGAN / BigGAN self-attention, as in BigGAN-PyTorch's `Attention` (keys theta, phi, g, o, gamma).
+
+    x: (N, C, H, W), H and W at least 2 -> x + gamma * o(y), with
+    theta(x): (N, C/8, L); phi(x): (N, C/8, L/4) and g(x): (N, C/2, L/4), both 2x2 max-pooled;
+    y[:, :, i] = sum_j softmax_j(theta_i . phi_j) g_j (no scaling) -> (N, C/2, H, W).
+    gamma starts at 0, so a new block is the identity.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels < 8:
+            raise ValueError(f"SelfAttention2d needs channels >= 8 (q and k have channels // 8), got {channels}")
+        self.channels = channels
+        self.theta = nn.Conv2d(channels, channels // 8, 1, bias=False)
+        self.phi = nn.Conv2d(channels, channels // 8, 1, bias=False)
+        self.g = nn.Conv2d(channels, channels // 2, 1, bias=False)
+        self.o = nn.Conv2d(channels // 2, channels, 1, bias=False)
+        self.gamma = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        theta = self.theta(x).flatten(2)                      # (N, C/8, L)
+        phi = F.max_pool2d(self.phi(x), [2, 2]).flatten(2)    # (N, C/8, L/4)
+        g = F.max_pool2d(self.g(x), [2, 2]).flatten(2)        # (N, C/2, L/4)
+        beta = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)
+        o = self.o(torch.bmm(g, beta.transpose(1, 2)).view(n, g.shape[1], h, w))
+        return self.gamma * o + x
+
+
+QKV_LAYOUTS = ("chunked", "per_head")
+
+
+class AttentionBlock2d(nn.Module):
+    """Attention block of diffusion U-Nets and VAEs (guided-diffusion's AttentionBlock on 2-D maps).
+
+    x: (N, C, H, W) -> x + proj_out(attention(qkv(norm(x)))), where norm is GroupNorm,
+    qkv a 1x1 conv C -> 3C, attention multi-head softmax(d**-0.5 q^T k) v over the H*W
+    positions with d = C / heads, and proj_out a 1x1 conv C -> C initialised to zero.
+    qkv_layout: how the 3C channels of qkv are ordered:
+      "chunked"   [q | k | v], each split into heads (guided-diffusion QKVAttention);
+      "per_head"  [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (QKVAttentionLegacy, the DDPM checkpoints).
+    """
+
+    def __init__(self, channels: int, heads: int = 1, *, groups: int = 32, eps: float = 1e-5,
+                 qkv_layout: str = "chunked"):
+        super().__init__()
+        if heads < 1 or channels % heads:
+            raise ValueError(f"heads={heads} must be positive and divide channels={channels}")
+        if qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"qkv_layout must be one of {QKV_LAYOUTS}, got {qkv_layout!r}")
+        self.channels, self.heads, self.qkv_layout = channels, heads, qkv_layout
+        self.norm = nn.GroupNorm(groups, channels, eps)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        heads, d = self.heads, c // self.heads
+        qkv = self.qkv(self.norm(x)).reshape(n, 3 * c, h * w)
+        if self.qkv_layout == "chunked":
+            q, k, v = (t.reshape(n * heads, d, h * w) for t in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(n * heads, 3 * d, h * w).split(d, dim=1)
+        weight = torch.softmax(torch.einsum("bct,bcs->bts", q, k) * d ** -0.5, -1)   # (N*heads, L, L)
+        a = torch.einsum("bts,bcs->bct", weight, v).reshape(n, c, h, w)
+        return x + self.proj_out(a)
+
+
+class TimmNonLocalAttn(nn.Module):
+    """timm.layers.non_local_attn.NonLocalAttn, as timm writes it (same keys t, p, g, z, norm).
+
+    x: (N, C, H, W) -> norm(z(y)) + x, y = softmax(scale * t^T p) g over the H*W positions,
+    with scale = C ** -0.5 (the block's input channels, not the reduced ones) when use_scale.
+    """
+
+    def __init__(self, in_channels, use_scale=True, rd_ratio=1 / 8, rd_channels=None, rd_divisor=8, **_):
+        super().__init__()
+        if rd_channels is None:
+            rd_channels = make_divisible(in_channels * rd_ratio, divisor=rd_divisor)
+        self.scale = in_channels ** -0.5 if use_scale else 1.0
+        self.t = nn.Conv2d(in_channels, rd_channels, kernel_size=1, stride=1, bias=True)
+        self.p = nn.Conv2d(in_channels, rd_channels, kernel_size=1, stride=1, bias=True)
+        self.g = nn.Conv2d(in_channels, rd_channels, kernel_size=1, stride=1, bias=True)
+        self.z = nn.Conv2d(rd_channels, in_channels, kernel_size=1, stride=1, bias=True)
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.reset_parameters()
+
+    def forward(self, x):
+        shortcut = x
+        t, p, g = self.t(x), self.p(x), self.g(x)
+        B, C, H, W = t.size()
+        t = t.view(B, C, -1).permute(0, 2, 1)
+        p = p.view(B, C, -1)
+        g = g.view(B, C, -1).permute(0, 2, 1)
+        att = torch.bmm(t, p) * self.scale
+        att = F.softmax(att, dim=2)
+        x = torch.bmm(att, g)
+        x = x.permute(0, 2, 1).reshape(B, C, H, W)
+        x = self.z(x)
+        return self.norm(x) + shortcut
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0.0)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 0)
+                nn.init.constant_(m.bias, 0)
