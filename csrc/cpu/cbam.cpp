@@ -1,0 +1,1006 @@
+// CPU kernels of the six CBAM ops declared in csrc/ops.cpp. Their contract (outputs,
+// tie and NaN rules, layouts) is fastattn/reference.py: ref_<op>.
+//
+// Layouts. x is read in place when it is NCHW-contiguous or channels_last-contiguous,
+// through one contiguous copy otherwise. Either way one image x[n] is then a
+// (rows x lanes) matrix with unit stride along lanes:
+//   NCHW           rows = channels (stride H*W),  lanes = positions h*W+w
+//   channels_last  rows = positions (stride C),   lanes = channels
+// Every kernel vectorizes along lanes (at::vec::Vectorized of the accumulation type:
+// float, or double for float64) and walks rows in small blocks, so per-lane state
+// stays in registers or L1 while x streams through once. Reductions along rows keep
+// one state per lane; reductions along lanes are row sums.
+//
+// Index bookkeeping inside the vector loops is float-coded (exact below 2^24): row
+// and lane indices are local to one task's row chunk or lane tile, both far shorter
+// than that, and become int64 when chunks are merged.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+constexpr int64_t kMaxLaneTile = 512;        // lanes per task: its per-lane state fits in L1
+constexpr int64_t kRowBlock = 4;             // rows per pass over a lane tile: state stays in registers
+constexpr int64_t kRowChunkLimit = 1 << 22;  // rows per task, far below the 2^24 of float-coded indices
+constexpr int64_t kRowScanChunk = 2048;      // contiguous-row reduction: pieces re-read from L1
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;  // float, or double for double
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---------------------------------------------------------------------------
+// Vector loads and stores of scalar_t memory as Vectorized<acc> registers
+// ---------------------------------------------------------------------------
+template <typename scalar_t>
+struct VecIO {
+  using acc = acc_type<scalar_t>;
+  using fvec = Vectorized<acc>;
+  static constexpr int64_t kN = fvec::size();
+  static constexpr bool kSame = std::is_same_v<scalar_t, acc>;
+
+  static fvec load(const scalar_t* p) {
+    if constexpr (kSame) {
+      return fvec::loadu(p);
+    } else {
+      fvec out;
+      at::vec::load_to_float<scalar_t>(p, out);
+      return out;
+    }
+  }
+  // lanes [0, n) of p, the rest zero
+  static fvec load(const scalar_t* p, int64_t n) {
+    if constexpr (kSame) {
+      return fvec::loadu(p, n);
+    } else {
+      scalar_t buf[kN];
+      for (const auto i : c10::irange(kN)) buf[i] = i < n ? p[i] : scalar_t(0);
+      return load(buf);
+    }
+  }
+  // lanes [0, n) of p, the rest zero; one full load when the vector ends before `end`
+  static fvec load_tail(const scalar_t* p, int64_t n, const scalar_t* end) {
+    if (p + kN <= end) return fvec::set(fvec(acc(0)), load(p), n);
+    return load(p, n);
+  }
+  static void store(scalar_t* p, fvec v, int64_t n = kN) {
+    if constexpr (kSame) {
+      v.store(p, n);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+    }
+  }
+  // the value v takes when stored as scalar_t: products compare as eager PyTorch rounds them
+  static fvec round(fvec v) {
+    if constexpr (kSame) {
+      return v;
+    } else {
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v, v)));
+    }
+  }
+  static acc round(acc v) { return static_cast<acc>(static_cast<scalar_t>(v)); }
+};
+
+template <typename T>
+T hsum(const Vectorized<T>& v) {
+  __at_align__ T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (const auto i : c10::irange(Vectorized<T>::size())) s += buf[i];
+  return s;
+}
+
+// max over lanes; NaN lanes never occur here (callers skip NaN in their max vectors)
+template <typename T>
+T hmax(const Vectorized<T>& v) {
+  __at_align__ T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T m = buf[0];
+  for (const auto i : c10::irange(1, Vectorized<T>::size())) m = buf[i] > m ? buf[i] : m;
+  return m;
+}
+
+// 0, 1, 2, ... as a vector
+template <typename T>
+Vectorized<T> iota() {
+  return Vectorized<T>::arange(T(0), T(1));
+}
+
+// index - base float-coded for comparisons with local indices in [0, 2^23); -1 when out of range
+template <typename acc>
+acc local_index(int64_t index, int64_t base) {
+  const int64_t d = index - base;
+  return (d >= 0 && d < (int64_t(1) << 24)) ? acc(d) : acc(-1);
+}
+
+// ---------------------------------------------------------------------------
+// Max pooling semantics (reference: fastattn.reference._first_max)
+// ---------------------------------------------------------------------------
+// Sum, max, first index of the max (of the first NaN when there is one) and the count
+// of values equal to the max (0 when the max is NaN).
+template <typename acc>
+struct MaxStats {
+  acc sum = 0;
+  acc max = -std::numeric_limits<acc>::infinity();
+  int64_t arg = 0;
+  int64_t count = 0;
+
+  void push(acc v, int64_t index) {
+    sum += v;
+    if (std::isnan(max)) return;
+    if (std::isnan(v)) {
+      max = v;
+      arg = index;
+      count = 0;
+    } else if (v > max) {
+      max = v;
+      arg = index;
+      count = 1;
+    } else if (v == max) {
+      ++count;
+    }
+  }
+  // `later` covers indices after all of this one's
+  void merge(const MaxStats& later) {
+    sum += later.sum;
+    if (std::isnan(max)) return;
+    if (std::isnan(later.max) || later.max > max) {
+      max = later.max;
+      arg = later.arg;
+      count = later.count;
+    } else if (later.max == max) {
+      count += later.count;
+    }
+  }
+};
+
+// Stats of z[i] = round(row[i] * gate[i]) (z = row[i] when gate is null), i in [0, len).
+// Two passes per L1-sized piece: sum and max, then ties and first index of a new max.
+template <typename scalar_t>
+MaxStats<acc_type<scalar_t>> reduce_contiguous(const scalar_t* row, const acc_type<scalar_t>* gate, int64_t len,
+                                               const scalar_t* end) {
+  using IO = VecIO<scalar_t>;
+  using acc = typename IO::acc;
+  using fvec = typename IO::fvec;
+  constexpr int64_t kN = IO::kN;
+  const fvec neg_inf(-std::numeric_limits<acc>::infinity());
+  const fvec nan(std::numeric_limits<acc>::quiet_NaN());
+  const fvec one(acc(1));
+  auto value = [&](int64_t i) {  // z[i .. i+kN), lanes past len zero
+    fvec v = i + kN <= len ? IO::load(row + i) : IO::load_tail(row + i, len - i, end);
+    return gate ? IO::round(v * fvec::loadu(gate + i)) : v;  // gate is padded to a multiple of kN
+  };
+
+  MaxStats<acc> stats;
+  for (int64_t base = 0; base < len; base += kRowScanChunk) {
+    const int64_t stop = std::min(len, base + kRowScanChunk);
+    const int64_t full_stop = base + (stop - base) / kN * kN;
+    fvec s0(acc(0)), s1(acc(0)), m0 = neg_inf, m1 = neg_inf;
+    int64_t i = base;
+    for (; i + 2 * kN <= full_stop; i += 2 * kN) {
+      const fvec v0 = value(i), v1 = value(i + kN);
+      s0 = s0 + v0;
+      s1 = s1 + v1;
+      m0 = fvec::blendv(m0, v0, v0 > m0);  // NaN never wins here; it shows up in the sum
+      m1 = fvec::blendv(m1, v1, v1 > m1);
+    }
+    for (; i < stop; i += kN) {
+      const fvec v = value(i);
+      const fvec vmax = fvec::set(neg_inf, v, stop - i);
+      s0 = s0 + v;
+      m0 = fvec::blendv(m0, vmax, vmax > m0);
+    }
+    const acc piece_sum = hsum(s0 + s1);
+    if (std::isnan(piece_sum)) {  // a NaN (or inf - inf): the first NaN is the max
+      for (int64_t k = base; k < stop; ++k) {
+        const acc z = gate ? IO::round(acc(row[k]) * gate[k]) : acc(row[k]);
+        if (std::isnan(z)) {
+          stats.sum = piece_sum;
+          stats.max = z;
+          stats.arg = k;
+          stats.count = 0;
+          return stats;
+        }
+      }
+    }
+    stats.sum += piece_sum;
+    const acc piece_max = hmax(fvec::blendv(m0, m1, m1 > m0));
+    if (!(piece_max >= stats.max)) continue;
+    // ties of piece_max in this piece, and its first index when it is a new max
+    const fvec target(piece_max);
+    fvec ties(acc(0));
+    int64_t first = -1;
+    for (i = base; i < stop; i += kN) {
+      fvec v = value(i);
+      if (i + kN > stop) v = fvec::set(nan, v, stop - i);
+      const fvec eq = v == target;
+      if (first < 0) {
+        const int bits = (v != target).zero_mask();
+        if (bits) first = i + __builtin_ctz(bits);
+      }
+      ties = ties + (eq & one);
+    }
+    const int64_t piece_count = static_cast<int64_t>(hsum(ties));
+    if (piece_max > stats.max) {
+      stats.max = piece_max;
+      stats.arg = first;
+      stats.count = piece_count;
+    } else {
+      stats.count += piece_count;
+    }
+  }
+  return stats;
+}
+
+// Per-lane stats of rows [0, rows) of a (rows x lanes) block; row indices local to the block.
+template <typename acc>
+struct LaneStates {
+  static constexpr int64_t kPad = kMaxLaneTile + Vectorized<acc>::size();
+  __at_align__ acc sum[kPad];
+  __at_align__ acc max[kPad];
+  __at_align__ acc arg[kPad];
+  __at_align__ acc count[kPad];
+
+  void reset(int64_t lanes) {
+    std::fill_n(sum, lanes, acc(0));
+    std::fill_n(max, lanes, -std::numeric_limits<acc>::infinity());
+    std::fill_n(arg, lanes, acc(0));
+    std::fill_n(count, lanes, acc(0));
+  }
+  MaxStats<acc> get(int64_t lane, int64_t row_base) const {
+    MaxStats<acc> s;
+    s.sum = sum[lane];
+    s.max = max[lane];
+    s.arg = row_base + static_cast<int64_t>(arg[lane]);
+    s.count = static_cast<int64_t>(count[lane]);
+    return s;
+  }
+};
+
+// Accumulates z = round(x * row_gate[r]) (z = x without a gate) of rows [0, rows) into
+// per-lane states. The vector loop skips NaN, which shows up as a NaN sum; those lanes
+// are rescanned with MaxStats' full rules.
+template <typename scalar_t>
+void reduce_rows(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
+                 const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
+  using IO = VecIO<scalar_t>;
+  using acc = typename IO::acc;
+  using fvec = typename IO::fvec;
+  constexpr int64_t kN = IO::kN;
+  const fvec one(acc(1));
+  st.reset(round_up(lanes, kN));
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t rb = std::min(kRowBlock, rows - r0);
+    for (int64_t j = 0; j < lanes; j += kN) {
+      const bool full = j + kN <= lanes;
+      fvec sum = fvec::loadu(st.sum + j), mx = fvec::loadu(st.max + j);
+      fvec arg = fvec::loadu(st.arg + j), cnt = fvec::loadu(st.count + j);
+      for (int64_t r = r0; r < r0 + rb; ++r) {
+        const scalar_t* p = block + r * row_stride + j;
+        fvec v = full ? IO::load(p) : IO::load_tail(p, lanes - j, end);
+        if (row_gate) v = IO::round(v * fvec(row_gate[r]));
+        sum = sum + v;
+        const fvec gt = v > mx;
+        const fvec eq = v == mx;
+        mx = fvec::blendv(mx, v, gt);
+        arg = fvec::blendv(arg, fvec(acc(r)), gt);
+        cnt = fvec::blendv(cnt + (eq & one), one, gt);
+      }
+      sum.store(st.sum + j);
+      mx.store(st.max + j);
+      arg.store(st.arg + j);
+      cnt.store(st.count + j);
+    }
+  }
+  for (const auto l : c10::irange(lanes)) {
+    if (!std::isnan(st.sum[l])) continue;
+    MaxStats<acc> s;
+    for (const auto r : c10::irange(rows)) {
+      const acc v = acc(block[r * row_stride + l]);
+      s.push(row_gate ? IO::round(v * row_gate[r]) : v, r);
+    }
+    st.sum[l] = s.sum;
+    st.max[l] = s.max;
+    st.arg[l] = acc(s.arg);
+    st.count[l] = acc(s.count);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Inputs, layouts and the task grid
+// ---------------------------------------------------------------------------
+struct Dense {
+  Tensor t;            // NCHW- or channels_last-contiguous
+  bool channels_last;  // rows = positions, lanes = channels
+  int64_t N, C, HW;
+  int64_t rows() const { return channels_last ? HW : C; }
+  int64_t lanes() const { return channels_last ? C : HW; }
+  at::MemoryFormat format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+};
+
+void check_x(const Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
+// x in place when NCHW- or channels_last-contiguous, else a contiguous copy
+Dense dense_input(const Tensor& x, const char* op) {
+  check_x(x, op);
+  Dense d;
+  if (x.is_contiguous()) {
+    d.t = x;
+    d.channels_last = false;
+  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    d.t = x;
+    d.channels_last = true;
+  } else {
+    d.t = x.contiguous();
+    d.channels_last = false;
+  }
+  d.N = x.size(0);
+  d.C = x.size(1);
+  d.HW = x.size(2) * x.size(3);
+  return d;
+}
+
+// An x-sized output in empty_like(x)'s layout (what the fake kernels promise: x's strides when x
+// is dense). Kernels write `work`, which has d's dense layout; it is `out` itself unless x is neither
+// NCHW- nor channels_last-contiguous and empty_like(x) picks yet another layout.
+struct XSized {
+  Tensor out, work;
+  XSized(const Tensor& x, const Dense& d) : out(at::empty_like(x)) {
+    work = out.is_contiguous(d.format()) ? out : at::empty_like(d.t);
+  }
+  Tensor finish() const {
+    if (!work.is_same(out)) out.copy_(work);
+    return out;
+  }
+};
+
+// A small per-image or per-channel tensor of the expected shape and x's dtype, as a
+// contiguous array of the accumulation type with `pad` zeros at the end (vector tails read them).
+Tensor param_array(const Tensor& t, at::IntArrayRef shape, at::ScalarType x_dtype, const char* op, const char* name,
+                   int64_t pad) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x_dtype, op, ": ", name, " must have x's dtype ", x_dtype, ", got ",
+              t.scalar_type());
+  const auto acc = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = at::zeros({t.numel() + pad}, t.options().dtype(acc));
+  out.narrow(0, 0, t.numel()).copy_(t.reshape({-1}));
+  return out;
+}
+
+Tensor index_array(const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  return t.contiguous();
+}
+
+// Tasks (image, row chunk, lane tile) over the (rows x lanes) matrices of N images.
+struct Grid {
+  int64_t N, rows, lanes;
+  int64_t lane_tile, n_tiles, row_chunk, n_chunks;
+
+  Grid(int64_t N_, int64_t rows_, int64_t lanes_, int64_t vec_size, bool split_rows) : N(N_), rows(rows_), lanes(lanes_) {
+    n_tiles = std::max<int64_t>(1, ceil_div(lanes, kMaxLaneTile));
+    lane_tile = std::min(kMaxLaneTile, round_up(std::max<int64_t>(1, ceil_div(lanes, n_tiles)), vec_size));
+    n_tiles = std::max<int64_t>(1, ceil_div(lanes, lane_tile));
+    // enough tasks to balance the threads; rows split only where the caller can merge chunks
+    const int64_t want = 4 * at::get_num_threads();
+    int64_t chunks = split_rows ? ceil_div(want, std::max<int64_t>(1, N * n_tiles)) : 1;
+    chunks = std::min(chunks, std::max<int64_t>(1, rows / 64));  // chunks of >= 64 rows
+    chunks = std::max(chunks, ceil_div(rows, kRowChunkLimit));
+    row_chunk = std::max<int64_t>(1, ceil_div(rows, std::max<int64_t>(1, chunks)));
+    n_chunks = std::max<int64_t>(1, ceil_div(rows, row_chunk));
+  }
+  int64_t tasks() const { return N * n_chunks * n_tiles; }
+  struct Task {
+    int64_t n, chunk, tile, row0, rows, lane0, lanes;
+  };
+  Task task(int64_t t) const {
+    Task k;
+    k.tile = t % n_tiles;
+    k.chunk = (t / n_tiles) % n_chunks;
+    k.n = t / (n_tiles * n_chunks);
+    k.row0 = k.chunk * row_chunk;
+    k.rows = std::max<int64_t>(0, std::min(row_chunk, rows - k.row0));
+    k.lane0 = k.tile * lane_tile;
+    k.lanes = std::max<int64_t>(0, std::min(lane_tile, lanes - k.lane0));
+    return k;
+  }
+};
+
+template <typename F>
+void for_each_task(const Grid& g, const F& f) {
+  at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const auto k = g.task(t);
+      if (k.rows > 0 && k.lanes > 0) f(k);
+    }
+  });
+}
+
+int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len)); }
+
+// ---------------------------------------------------------------------------
+// channel_pool and gated_spatial_pool
+// ---------------------------------------------------------------------------
+// Max pooling along rows of each image, for every lane: stats(n, lane) handed to `emit`.
+template <typename scalar_t, typename Emit>
+void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const Emit& emit) {
+  using acc = acc_type<scalar_t>;
+  const scalar_t* x = d.t.const_data_ptr<scalar_t>();
+  const scalar_t* end = x + d.t.numel();
+  const int64_t rows = d.rows(), lanes = d.lanes();
+  const Grid g(d.N, rows, lanes, VecIO<scalar_t>::kN, /*split_rows=*/true);
+  // per (image, chunk) states, merged in chunk order below
+  std::vector<MaxStats<acc>> partial(g.N * g.n_chunks * lanes);
+  for_each_task(g, [&](const Grid::Task& k) {
+    LaneStates<acc> st;
+    const scalar_t* block = x + (k.n * rows + k.row0) * lanes + k.lane0;
+    reduce_rows<scalar_t>(block, lanes, k.rows, k.lanes, row_gate ? row_gate + k.n * rows + k.row0 : nullptr, end, st);
+    MaxStats<acc>* out = partial.data() + (k.n * g.n_chunks + k.chunk) * lanes + k.lane0;
+    for (const auto l : c10::irange(k.lanes)) out[l] = st.get(l, k.row0);
+  });
+  at::parallel_for(0, d.N * lanes, 4096, [&](int64_t begin, int64_t stop) {
+    for (int64_t i = begin; i < stop; ++i) {
+      const int64_t n = i / lanes, l = i % lanes;
+      MaxStats<acc> s = partial[n * g.n_chunks * lanes + l];
+      for (int64_t c = 1; c < g.n_chunks; ++c) s.merge(partial[(n * g.n_chunks + c) * lanes + l]);
+      emit(n, l, s);
+    }
+  });
+}
+
+// split_ties only selects the backward's tie rule: the forward outputs serve both.
+std::tuple<Tensor, Tensor, Tensor, Tensor> channel_pool_cpu(const Tensor& x, bool /*split_ties*/) {
+  const Dense d = dense_input(x, "channel_pool");
+  TORCH_CHECK(d.HW > 0, "channel_pool: H*W must be positive, got shape ", x.sizes());
+  Tensor avg = at::empty({d.N, d.C}, x.options());
+  Tensor mx = at::empty({d.N, d.C}, x.options());
+  Tensor argmax = at::empty({d.N, d.C}, x.options().dtype(at::kLong));
+  Tensor count = at::empty({d.N, d.C}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool", [&] {
+    using acc = acc_type<scalar_t>;
+    scalar_t* avg_p = avg.data_ptr<scalar_t>();
+    scalar_t* max_p = mx.data_ptr<scalar_t>();
+    int64_t* arg_p = argmax.data_ptr<int64_t>();
+    int32_t* cnt_p = count.data_ptr<int32_t>();
+    const acc len = acc(d.HW);
+    auto emit = [&](int64_t nc, const MaxStats<acc>& s) {
+      avg_p[nc] = static_cast<scalar_t>(s.sum / len);
+      max_p[nc] = static_cast<scalar_t>(s.max);
+      arg_p[nc] = s.arg;
+      cnt_p[nc] = static_cast<int32_t>(s.count);
+    };
+    if (d.channels_last) {  // per-channel lanes, reduced along positions
+      pool_along_rows<scalar_t>(d, nullptr, [&](int64_t n, int64_t c, const MaxStats<acc>& s) { emit(n * d.C + c, s); });
+    } else {  // each (n, c) plane is one contiguous row
+      const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+      const scalar_t* end = x_p + d.t.numel();
+      at::parallel_for(0, d.N * d.C, row_grain(d.HW), [&](int64_t begin, int64_t stop) {
+        for (int64_t nc = begin; nc < stop; ++nc) emit(nc, reduce_contiguous<scalar_t>(x_p + nc * d.HW, nullptr, d.HW, end));
+      });
+    }
+  });
+  return {avg, mx, argmax, count};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gated_spatial_pool_cpu(const Tensor& x, const Tensor& gate, bool /*split_ties*/) {
+  const Dense d = dense_input(x, "gated_spatial_pool");
+  TORCH_CHECK(d.C > 0, "gated_spatial_pool: C must be positive, got shape ", x.sizes());
+  Tensor pooled = at::empty({d.N, 2, x.size(2), x.size(3)}, x.options());
+  Tensor argmax = at::empty({d.N, x.size(2), x.size(3)}, x.options().dtype(at::kLong));
+  Tensor count = at::empty({d.N, x.size(2), x.size(3)}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_spatial_pool", [&] {
+    using acc = acc_type<scalar_t>;
+    const Tensor gate_acc = param_array(gate, {d.N, d.C}, x.scalar_type(), "gated_spatial_pool", "gate",
+                                        VecIO<scalar_t>::kN);
+    const acc* g = gate_acc.const_data_ptr<acc>();
+    scalar_t* pooled_p = pooled.data_ptr<scalar_t>();
+    int64_t* arg_p = argmax.data_ptr<int64_t>();
+    int32_t* cnt_p = count.data_ptr<int32_t>();
+    const acc channels = acc(d.C);
+    auto emit = [&](int64_t n, int64_t hw, const MaxStats<acc>& s) {
+      pooled_p[(2 * n) * d.HW + hw] = static_cast<scalar_t>(s.sum / channels);
+      pooled_p[(2 * n + 1) * d.HW + hw] = static_cast<scalar_t>(s.max);
+      arg_p[n * d.HW + hw] = s.arg;
+      cnt_p[n * d.HW + hw] = static_cast<int32_t>(s.count);
+    };
+    if (d.channels_last) {  // each position's C values are one contiguous row
+      const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+      const scalar_t* end = x_p + d.t.numel();
+      at::parallel_for(0, d.N * d.HW, row_grain(d.C), [&](int64_t begin, int64_t stop) {
+        for (int64_t i = begin; i < stop; ++i) {
+          const int64_t n = i / d.HW;
+          emit(n, i % d.HW, reduce_contiguous<scalar_t>(x_p + i * d.C, g + n * d.C, d.C, end));
+        }
+      });
+    } else {  // per-position lanes, reduced along channels
+      pool_along_rows<scalar_t>(d, g, emit);
+    }
+  });
+  return {pooled, argmax, count};
+}
+
+// ---------------------------------------------------------------------------
+// cbam_apply
+// ---------------------------------------------------------------------------
+Tensor cbam_apply_cpu(const Tensor& x, const Tensor& ch_gate, const Tensor& sp_gate) {
+  const Dense d = dense_input(x, "cbam_apply");
+  const XSized y_out(x, d);
+  const Tensor& y = y_out.work;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_apply", [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const Tensor cg_acc = param_array(ch_gate, {d.N, d.C}, x.scalar_type(), "cbam_apply", "ch_gate", kN);
+    const Tensor sp_acc =
+        param_array(sp_gate, {d.N, x.size(2), x.size(3)}, x.scalar_type(), "cbam_apply", "sp_gate", kN);
+    const acc* cg = cg_acc.const_data_ptr<acc>();
+    const acc* sp = sp_acc.const_data_ptr<acc>();
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* end = x_p + d.t.numel();
+    scalar_t* y_p = y.data_ptr<scalar_t>();
+    const int64_t rows = d.rows(), lanes = d.lanes();
+    // y = x * ch_gate * sp_gate, multiplied in that order as the reference does
+    at::parallel_for(0, d.N * rows, row_grain(lanes), [&](int64_t begin, int64_t stop) {
+      for (int64_t i = begin; i < stop; ++i) {
+        const int64_t n = i / rows;
+        const acc row_w = d.channels_last ? sp[i] : cg[i];
+        const acc* lane_w = (d.channels_last ? cg : sp) + n * lanes;
+        const fvec rw(row_w);
+        const scalar_t* xr = x_p + i * lanes;
+        scalar_t* yr = y_p + i * lanes;
+        for (int64_t j = 0; j < lanes; j += kN) {
+          const int64_t nv = std::min(kN, lanes - j);
+          const fvec v = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, end);
+          const fvec lw = fvec::loadu(lane_w + j);
+          const fvec out = d.channels_last ? (v * lw) * rw : (v * rw) * lw;
+          IO::store(yr + j, out, nv);
+        }
+      }
+    });
+  });
+  return y_out.finish();
+}
+
+// ---------------------------------------------------------------------------
+// cbam_apply_backward
+// ---------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> cbam_apply_backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& ch_gate,
+                                                   const Tensor& sp_gate) {
+  constexpr const char* op = "cbam_apply_backward";
+  const Dense d = dense_input(x, op);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.device().is_cpu(), op,
+              ": grad_y must be a CPU tensor of x's dtype");
+  const Tensor gy = grad_y.contiguous(d.format());
+  Tensor d_ch = at::empty({d.N, d.C}, x.options());
+  Tensor d_sp = at::empty({d.N, x.size(2), x.size(3)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const Tensor cg_acc = param_array(ch_gate, {d.N, d.C}, x.scalar_type(), op, "ch_gate", kN);
+    const Tensor sp_acc = param_array(sp_gate, {d.N, x.size(2), x.size(3)}, x.scalar_type(), op, "sp_gate", kN);
+    // NCHW: rows weigh by ch_gate, lanes by sp_gate; channels_last the other way round
+    const acc* row_w = (d.channels_last ? sp_acc : cg_acc).const_data_ptr<acc>();
+    const acc* lane_w = (d.channels_last ? cg_acc : sp_acc).const_data_ptr<acc>();
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* gy_p = gy.const_data_ptr<scalar_t>();
+    const scalar_t* x_end = x_p + d.t.numel();
+    const scalar_t* gy_end = gy_p + gy.numel();
+    const int64_t rows = d.rows(), lanes = d.lanes();
+    const Grid g(d.N, rows, lanes, kN, /*split_rows=*/true);
+    // row sums (sum over lanes of g * lane_w) per lane tile, lane sums (sum over rows of g * row_w) per row chunk
+    std::vector<acc> row_part(g.N * g.n_tiles * rows, acc(0));
+    std::vector<acc> lane_part(g.N * g.n_chunks * lanes, acc(0));
+    for_each_task(g, [&](const Grid::Task& k) {
+      __at_align__ acc lane_acc[kMaxLaneTile + kN] = {};
+      const acc* lw_base = lane_w + k.n * lanes + k.lane0;
+      for (int64_t r0 = k.row0; r0 < k.row0 + k.rows; r0 += kRowBlock) {
+        const int64_t rb = std::min(kRowBlock, k.row0 + k.rows - r0);
+        fvec racc[kRowBlock], rw[kRowBlock];
+        const scalar_t* xr[kRowBlock];
+        const scalar_t* gr[kRowBlock];
+        for (const auto r : c10::irange(rb)) {
+          racc[r] = fvec(acc(0));
+          rw[r] = fvec(row_w[k.n * rows + r0 + r]);
+          xr[r] = x_p + (k.n * rows + r0 + r) * lanes + k.lane0;
+          gr[r] = gy_p + (k.n * rows + r0 + r) * lanes + k.lane0;
+        }
+        for (int64_t j = 0; j < k.lanes; j += kN) {
+          const int64_t nv = std::min(kN, k.lanes - j);
+          const fvec lw = fvec::set(fvec(acc(0)), fvec::loadu(lw_base + j), nv);
+          fvec la = fvec::loadu(lane_acc + j);
+          for (int64_t r = 0; r < rb; ++r) {
+            const fvec gv = nv == kN ? IO::load(gr[r] + j) : IO::load_tail(gr[r] + j, nv, gy_end);
+            const fvec xv = nv == kN ? IO::load(xr[r] + j) : IO::load_tail(xr[r] + j, nv, x_end);
+            const fvec gx = gv * xv;
+            la = la + gx * rw[r];
+            racc[r] = racc[r] + gx * lw;
+          }
+          la.store(lane_acc + j);
+        }
+        for (const auto r : c10::irange(rb)) row_part[(k.n * g.n_tiles + k.tile) * rows + r0 + r] = hsum(racc[r]);
+      }
+      std::copy_n(lane_acc, k.lanes, lane_part.data() + (k.n * g.n_chunks + k.chunk) * lanes + k.lane0);
+    });
+    // NCHW: row sums are grad_ch_gate, lane sums grad_sp_gate; channels_last the other way round
+    scalar_t* row_out = (d.channels_last ? d_sp : d_ch).data_ptr<scalar_t>();
+    scalar_t* lane_out = (d.channels_last ? d_ch : d_sp).data_ptr<scalar_t>();
+    for (const auto n : c10::irange(d.N)) {
+      for (const auto r : c10::irange(rows)) {
+        acc s = 0;
+        for (const auto t : c10::irange(g.n_tiles)) s += row_part[(n * g.n_tiles + t) * rows + r];
+        row_out[n * rows + r] = static_cast<scalar_t>(s);
+      }
+      for (const auto l : c10::irange(lanes)) {
+        acc s = 0;
+        for (const auto c : c10::irange(g.n_chunks)) s += lane_part[(n * g.n_chunks + c) * lanes + l];
+        lane_out[n * lanes + l] = static_cast<scalar_t>(s);
+      }
+    }
+  });
+  return {d_ch, d_sp};
+}
+
+// ---------------------------------------------------------------------------
+// Gradient weights of the max pools (reference: fastattn.reference._max_weight)
+// ---------------------------------------------------------------------------
+// A position that holds the max gets `hit`, the others `miss`:
+//   split_ties: hit = (1 / count) * g, miss = (0 / count) * g  (NaN when count == 0, as PyTorch)
+//   otherwise:  hit = 1 * g at the first argmax, miss = 0 * g
+template <typename acc>
+void max_grad_weights(acc g, int32_t count, bool split_ties, acc& hit, acc& miss) {
+  const acc cnt = split_ties ? acc(count) : acc(1);
+  hit = (acc(1) / cnt) * g;
+  miss = (acc(0) / cnt) * g;
+}
+
+// Per-position terms of the spatial max-pool gradient: a = grad_mean / C, hit, miss, the max.
+template <typename acc>
+Tensor spatial_pool_terms(const Tensor& grad_pooled, const Tensor& pooled, const Tensor& count, const Tensor& x,
+                          const Dense& d, bool split_ties, const char* op) {
+  const int64_t H = x.size(2), W = x.size(3);
+  const Tensor gp = param_array(grad_pooled, {d.N, 2, H, W}, x.scalar_type(), op, "grad_pooled", 0);
+  const Tensor pl = param_array(pooled, {d.N, 2, H, W}, x.scalar_type(), op, "pooled", 0);
+  const Tensor cnt = index_array(count, {d.N, H, W}, at::kInt, op, "count");
+  const int64_t pad = Vectorized<acc>::size();
+  Tensor terms = at::zeros({4, d.N * d.HW + pad}, gp.options());  // a, hit, miss, max
+  acc* t = terms.data_ptr<acc>();
+  const int64_t stride = d.N * d.HW + pad;
+  const acc* gp_p = gp.const_data_ptr<acc>();
+  const acc* pl_p = pl.const_data_ptr<acc>();
+  const int32_t* cnt_p = cnt.const_data_ptr<int32_t>();
+  const acc channels = acc(d.C);
+  for (const auto n : c10::irange(d.N)) {
+    for (const auto hw : c10::irange(d.HW)) {
+      const int64_t i = n * d.HW + hw;
+      t[i] = gp_p[2 * n * d.HW + hw] / channels;
+      max_grad_weights(gp_p[(2 * n + 1) * d.HW + hw], cnt_p[i], split_ties, t[stride + i], t[2 * stride + i]);
+      t[3 * stride + i] = pl_p[(2 * n + 1) * d.HW + hw];
+    }
+  }
+  return terms;
+}
+
+// ---------------------------------------------------------------------------
+// gated_spatial_pool_backward_gate
+// ---------------------------------------------------------------------------
+Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Tensor& x, const Tensor& gate,
+                                            const Tensor& pooled, const Tensor& argmax, const Tensor& count,
+                                            bool split_ties) {
+  constexpr const char* op = "gated_spatial_pool_backward_gate";
+  const Dense d = dense_input(x, op);
+  const int64_t H = x.size(2), W = x.size(3);
+  TORCH_CHECK(grad_pooled.dim() == 4 && grad_pooled.size(0) == d.N && grad_pooled.size(1) == 2 &&
+                  grad_pooled.size(2) == H && grad_pooled.size(3) == W,
+              op, ": grad_pooled must have shape (N, 2, H, W) = ", at::IntArrayRef({d.N, 2, H, W}), ", got ",
+              grad_pooled.sizes());
+  Tensor d_gate = at::empty({d.N, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const Tensor g_acc = param_array(gate, {d.N, d.C}, x.scalar_type(), op, "gate", kN);
+    const Tensor terms = spatial_pool_terms<acc>(grad_pooled, pooled, count, x, d, split_ties, op);
+    const Tensor arg = index_array(argmax, {d.N, H, W}, at::kLong, op, "argmax");
+    const acc* gate_p = g_acc.const_data_ptr<acc>();
+    const int64_t ts = terms.size(1);
+    const acc* t_a = terms.const_data_ptr<acc>();
+    const acc *t_hit = t_a + ts, *t_miss = t_a + 2 * ts, *t_max = t_a + 3 * ts;
+    const int64_t* arg_p = arg.const_data_ptr<int64_t>();
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* x_end = x_p + d.t.numel();
+    const int64_t rows = d.rows(), lanes = d.lanes();
+    const fvec lane_iota = iota<acc>();
+    const Grid grid(d.N, rows, lanes, kN, /*split_rows=*/true);
+    // grad_gate[n, c] = sum over positions of x * (a + (max hit ? hit : miss)): NCHW sums rows' lanes,
+    // channels_last sums lanes over rows; partial sums per lane tile or per row chunk
+    std::vector<acc> part(d.channels_last ? grid.N * grid.n_chunks * lanes : grid.N * grid.n_tiles * rows, acc(0));
+    for_each_task(grid, [&](const Grid::Task& k) {
+      const int64_t base = k.n * rows;
+      if (!d.channels_last) {  // rows = channels, lanes = positions
+        __at_align__ acc lane_arg[kMaxLaneTile + kN];  // argmax channel, local to this row chunk
+        for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(arg_p[k.n * lanes + k.lane0 + l], k.row0);
+        const int64_t p0 = k.n * lanes + k.lane0;
+        for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
+          const fvec gr(gate_p[base + r]);
+          const fvec rloc(acc(r - k.row0));
+          const scalar_t* xr = x_p + (base + r) * lanes + k.lane0;
+          fvec s(acc(0));
+          for (int64_t j = 0; j < k.lanes; j += kN) {
+            const int64_t nv = std::min(kN, k.lanes - j);
+            const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
+            const fvec hit_mask = split_ties ? IO::round(xv * gr) == fvec::loadu(t_max + p0 + j)
+                                             : rloc == fvec::loadu(lane_arg + j);
+            const fvec dz = fvec::loadu(t_a + p0 + j) +
+                            fvec::blendv(fvec::loadu(t_miss + p0 + j), fvec::loadu(t_hit + p0 + j), hit_mask);
+            const fvec contrib = dz * xv;
+            s = s + (nv == kN ? contrib : fvec::set(fvec(acc(0)), contrib, nv));
+          }
+          part[(k.n * grid.n_tiles + k.tile) * rows + r] = hsum(s);
+        }
+      } else {  // rows = positions, lanes = channels
+        __at_align__ acc lane_acc[kMaxLaneTile + kN] = {};
+        const acc* gl = gate_p + k.n * lanes + k.lane0;
+        for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
+          const int64_t p = base + r;
+          const fvec a(t_a[p]), hit(t_hit[p]), miss(t_miss[p]), mx(t_max[p]);
+          const fvec arg_loc(local_index<acc>(arg_p[p], k.lane0));
+          const scalar_t* xr = x_p + p * lanes + k.lane0;
+          fvec lidx = lane_iota;
+          for (int64_t j = 0; j < k.lanes; j += kN, lidx = lidx + fvec(acc(kN))) {
+            const int64_t nv = std::min(kN, k.lanes - j);
+            const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
+            const fvec hit_mask = split_ties ? IO::round(xv * fvec::loadu(gl + j)) == mx : lidx == arg_loc;
+            const fvec dz = a + fvec::blendv(miss, hit, hit_mask);
+            (fvec::loadu(lane_acc + j) + dz * xv).store(lane_acc + j);
+          }
+        }
+        std::copy_n(lane_acc, k.lanes, part.data() + (k.n * grid.n_chunks + k.chunk) * lanes + k.lane0);
+      }
+    });
+    scalar_t* out = d_gate.data_ptr<scalar_t>();
+    const int64_t parts = d.channels_last ? grid.n_chunks : grid.n_tiles;
+    const int64_t len = d.channels_last ? lanes : rows;  // = C
+    for (const auto n : c10::irange(d.N)) {
+      for (const auto c : c10::irange(len)) {
+        acc s = 0;
+        for (const auto q : c10::irange(parts)) s += part[(n * parts + q) * len + c];
+        out[n * len + c] = static_cast<scalar_t>(s);
+      }
+    }
+  });
+  return d_gate;
+}
+
+// ---------------------------------------------------------------------------
+// cbam_grad_x
+// ---------------------------------------------------------------------------
+Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, const std::optional<Tensor>& ch_gate,
+                       const std::optional<Tensor>& sp_gate, const std::optional<Tensor>& grad_pooled,
+                       const std::optional<Tensor>& pooled, const std::optional<Tensor>& sp_argmax,
+                       const std::optional<Tensor>& sp_count, const std::optional<Tensor>& grad_avg,
+                       const std::optional<Tensor>& grad_max, const std::optional<Tensor>& ch_max,
+                       const std::optional<Tensor>& ch_argmax, const std::optional<Tensor>& ch_count,
+                       bool split_ties) {
+  constexpr const char* op = "cbam_grad_x";
+  const Dense d = dense_input(x, op);
+  const int64_t H = x.size(2), W = x.size(3);
+  const bool has_gy = grad_y.has_value(), has_pool = grad_pooled.has_value();
+  const bool has_avg = grad_avg.has_value(), has_max = grad_max.has_value();
+  TORCH_CHECK(!has_gy || (ch_gate && sp_gate), op, ": grad_y needs ch_gate and sp_gate");
+  TORCH_CHECK(!has_pool || (ch_gate && pooled && sp_argmax && sp_count), op,
+              ": grad_pooled needs ch_gate, pooled, sp_argmax and sp_count");
+  TORCH_CHECK(!has_max || (ch_max && ch_argmax && ch_count), op, ": grad_max needs ch_max, ch_argmax and ch_count");
+  Tensor gy;
+  if (has_gy) {
+    TORCH_CHECK(grad_y->sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(), ", got ",
+                grad_y->sizes());
+    TORCH_CHECK(grad_y->scalar_type() == x.scalar_type() && grad_y->device().is_cpu(), op,
+                ": grad_y must be a CPU tensor of x's dtype");
+    gy = grad_y->contiguous(d.format());
+  }
+  if (has_pool) {
+    TORCH_CHECK(grad_pooled->dim() == 4 && grad_pooled->size(0) == d.N && grad_pooled->size(1) == 2 &&
+                    grad_pooled->size(2) == H && grad_pooled->size(3) == W,
+                op, ": grad_pooled must have shape (N, 2, H, W) = ", at::IntArrayRef({d.N, 2, H, W}), ", got ",
+                grad_pooled->sizes());
+  }
+  const XSized dx_out(x, d);
+  const Tensor& dx = dx_out.work;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const auto dt = x.scalar_type();
+    const int64_t NC = d.N * d.C, NP = d.N * d.HW;
+    // per-channel terms (each NC + kN long): ch_gate, grad_avg / HW, max-pool hit, miss, max
+    Tensor chan = at::zeros({5, NC + kN}, x.options().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
+    acc* ct = chan.data_ptr<acc>();
+    const int64_t cs = NC + kN;
+    acc *c_gate = ct, *c_avg = ct + cs, *c_hit = ct + 2 * cs, *c_miss = ct + 3 * cs, *c_max = ct + 4 * cs;
+    if (ch_gate) {
+      const Tensor a = param_array(*ch_gate, {d.N, d.C}, dt, op, "ch_gate", 0);
+      std::copy_n(a.const_data_ptr<acc>(), NC, c_gate);
+    }
+    if (has_avg) {
+      const Tensor a = param_array(*grad_avg, {d.N, d.C}, dt, op, "grad_avg", 0);
+      for (const auto i : c10::irange(NC)) c_avg[i] = a.const_data_ptr<acc>()[i] / acc(d.HW);
+    }
+    Tensor ch_arg;
+    if (has_max) {
+      const Tensor gm = param_array(*grad_max, {d.N, d.C}, dt, op, "grad_max", 0);
+      const Tensor mx = param_array(*ch_max, {d.N, d.C}, dt, op, "ch_max", 0);
+      const Tensor cnt = index_array(*ch_count, {d.N, d.C}, at::kInt, op, "ch_count");
+      ch_arg = index_array(*ch_argmax, {d.N, d.C}, at::kLong, op, "ch_argmax");
+      for (const auto i : c10::irange(NC)) {
+        max_grad_weights(gm.const_data_ptr<acc>()[i], cnt.const_data_ptr<int32_t>()[i], split_ties, c_hit[i],
+                         c_miss[i]);
+        c_max[i] = mx.const_data_ptr<acc>()[i];
+      }
+    }
+    // per-position terms (each NP + kN long): sp_gate, then grad_mean / C, hit, miss, max
+    Tensor pos = at::zeros({NP + kN}, chan.options());
+    acc* p_gate = pos.data_ptr<acc>();
+    if (sp_gate) {
+      const Tensor a = param_array(*sp_gate, {d.N, H, W}, dt, op, "sp_gate", 0);
+      std::copy_n(a.const_data_ptr<acc>(), NP, p_gate);
+    }
+    Tensor terms, sp_arg;
+    const acc *p_a = nullptr, *p_hit = nullptr, *p_miss = nullptr, *p_max = nullptr;
+    if (has_pool) {
+      terms = spatial_pool_terms<acc>(*grad_pooled, *pooled, *sp_count, x, d, split_ties, op);
+      sp_arg = index_array(*sp_argmax, {d.N, H, W}, at::kLong, op, "sp_argmax");
+      const int64_t ts = terms.size(1);
+      p_a = terms.const_data_ptr<acc>();
+      p_hit = p_a + ts;
+      p_miss = p_a + 2 * ts;
+      p_max = p_a + 3 * ts;
+    }
+    const int64_t* ch_arg_p = has_max ? ch_arg.const_data_ptr<int64_t>() : nullptr;
+    const int64_t* sp_arg_p = has_pool ? sp_arg.const_data_ptr<int64_t>() : nullptr;
+
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* x_end = x_p + d.t.numel();
+    const scalar_t* gy_p = has_gy ? gy.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gy_end = has_gy ? gy_p + gy.numel() : nullptr;
+    scalar_t* dx_p = dx.data_ptr<scalar_t>();
+    const bool need_x = has_pool || has_max;
+    const bool cl = d.channels_last;
+    const int64_t rows = d.rows(), lanes = d.lanes();
+    const fvec lane_iota = iota<acc>();
+    const Grid g(d.N, rows, lanes, kN, /*split_rows=*/true);
+
+    // The x-gradient of one element from its channel's and its position's terms, summed in
+    // the reference's order; c_loc / p_loc and the argmaxes are local to this task's ranges.
+    struct Chan {
+      fvec gate, avg, hit, miss, max, arg;
+    };
+    struct Pos {
+      fvec gate, a, hit, miss, max, arg;
+    };
+    auto element = [&](fvec xv, fvec gv, const Chan& c, const Pos& p, fvec c_loc, fvec p_loc) {
+      fvec dxv(acc(0));
+      if (has_gy) dxv = (gv * c.gate) * p.gate;
+      if (has_pool) {
+        const fvec hit_mask = split_ties ? IO::round(xv * c.gate) == p.max : c_loc == p.arg;
+        dxv = dxv + c.gate * (p.a + fvec::blendv(p.miss, p.hit, hit_mask));
+      }
+      if (has_avg) dxv = dxv + c.avg;
+      if (has_max) {
+        const fvec hit_mask = split_ties ? xv == c.max : p_loc == c.arg;
+        dxv = dxv + fvec::blendv(c.miss, c.hit, hit_mask);
+      }
+      return dxv;
+    };
+
+    for_each_task(g, [&](const Grid::Task& k) {
+      // argmaxes of the lane dimension, local to this lane tile... of the row dimension, to this row chunk
+      __at_align__ acc lane_arg[kMaxLaneTile + kN] = {};
+      const int64_t l0 = k.n * lanes + k.lane0;
+      if (!cl && has_pool)  // lanes = positions, their argmax channel is a row index
+        for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(sp_arg_p[l0 + l], k.row0);
+      if (cl && has_max)  // lanes = channels, their argmax position is a row index
+        for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(ch_arg_p[l0 + l], k.row0);
+      for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
+        const int64_t ri = k.n * rows + r;  // row's index in the per-channel (NCHW) or per-position arrays
+        const fvec r_loc(acc(r - k.row0));
+        const scalar_t* xr = x_p + ri * lanes + k.lane0;
+        const scalar_t* gr = has_gy ? gy_p + ri * lanes + k.lane0 : nullptr;
+        scalar_t* dr = dx_p + ri * lanes + k.lane0;
+        Chan c{};
+        Pos p{};
+        // the row's own terms are broadcasts
+        if (!cl) {
+          c = Chan{fvec(c_gate[ri]), fvec(c_avg[ri]), fvec(c_hit[ri]), fvec(c_miss[ri]), fvec(c_max[ri]),
+                   fvec(has_max ? local_index<acc>(ch_arg_p[ri], k.lane0) : acc(-1))};
+        } else {
+          p = Pos{fvec(p_gate[ri]),
+                  fvec(has_pool ? p_a[ri] : acc(0)),
+                  fvec(has_pool ? p_hit[ri] : acc(0)),
+                  fvec(has_pool ? p_miss[ri] : acc(0)),
+                  fvec(has_pool ? p_max[ri] : acc(0)),
+                  fvec(has_pool ? local_index<acc>(sp_arg_p[ri], k.lane0) : acc(-1))};
+        }
+        fvec l_loc = lane_iota;
+        for (int64_t j = 0; j < k.lanes; j += kN, l_loc = l_loc + fvec(acc(kN))) {
+          const int64_t nv = std::min(kN, k.lanes - j);
+          const fvec xv = !need_x ? fvec(acc(0)) : nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
+          const fvec gv = !has_gy ? fvec(acc(0)) : nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
+          const fvec la = fvec::loadu(lane_arg + j);
+          fvec out;
+          if (!cl) {  // lanes are positions
+            const int64_t q = l0 + j;
+            p.gate = fvec::loadu(p_gate + q);
+            if (has_pool) {
+              p.a = fvec::loadu(p_a + q);
+              p.hit = fvec::loadu(p_hit + q);
+              p.miss = fvec::loadu(p_miss + q);
+              p.max = fvec::loadu(p_max + q);
+              p.arg = la;
+            }
+            out = element(xv, gv, c, p, r_loc, l_loc);
+          } else {  // lanes are channels
+            const int64_t q = l0 + j;
+            c.gate = fvec::loadu(c_gate + q);
+            c.avg = fvec::loadu(c_avg + q);
+            c.hit = fvec::loadu(c_hit + q);
+            c.miss = fvec::loadu(c_miss + q);
+            c.max = fvec::loadu(c_max + q);
+            c.arg = la;
+            out = element(xv, gv, c, p, l_loc, r_loc);
+          }
+          IO::store(dr + j, out, nv);
+        }
+      }
+    });
+  });
+  return dx_out.finish();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("channel_pool", &fastattn::cpu::channel_pool_cpu);
+  m.impl("gated_spatial_pool", &fastattn::cpu::gated_spatial_pool_cpu);
+  m.impl("cbam_apply", &fastattn::cpu::cbam_apply_cpu);
+  m.impl("cbam_apply_backward", &fastattn::cpu::cbam_apply_backward_cpu);
+  m.impl("gated_spatial_pool_backward_gate", &fastattn::cpu::gated_spatial_pool_backward_gate_cpu);
+  m.impl("cbam_grad_x", &fastattn::cpu::cbam_grad_x_cpu);
+}
