@@ -30,6 +30,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifndef FASTATTN_STREAM_AHEAD
+#define FASTATTN_STREAM_AHEAD 2048
+#endif
+
 namespace fastattn {
 namespace cpu {
 namespace {
@@ -37,10 +41,19 @@ namespace {
 using at::Tensor;
 using at::vec::Vectorized;
 
-constexpr int64_t kMaxLaneTile = 512;        // lanes per task: its per-lane state fits in L1
-constexpr int64_t kRowBlock = 4;             // rows per pass over a lane tile: state stays in registers
+#ifndef FASTATTN_MAX_LANE_TILE
+#define FASTATTN_MAX_LANE_TILE 512
+#endif
+constexpr int64_t kMaxLaneTile = FASTATTN_MAX_LANE_TILE;  // lanes per task: its per-lane state fits in L1
+#ifndef FASTATTN_ROW_BLOCK
+#define FASTATTN_ROW_BLOCK 8
+#endif
+constexpr int64_t kRowBlock = FASTATTN_ROW_BLOCK;             // rows per pass over a lane tile: state stays in registers
 constexpr int64_t kRowChunkLimit = 1 << 22;  // rows per task, far below the 2^24 of float-coded indices
-constexpr int64_t kRowScanChunk = 2048;      // contiguous-row reduction: pieces re-read from L1
+constexpr int64_t kPrefetchRows = 2;         // row-at-a-time loops prefetch this many rows ahead
+constexpr int64_t kStreamAhead = FASTATTN_STREAM_AHEAD;  // elements ahead in contiguous streams
+constexpr int64_t kL2Block = 512 * 1024;     // bytes of x a two-pass lane reduction re-reads from L2
+constexpr int64_t kScanPiece = 2048;         // two-pass row reductions re-read pieces of this many from L1
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float, or double for double
@@ -119,6 +132,12 @@ T hmax(const Vectorized<T>& v) {
   return m;
 }
 
+// The hardware prefetchers alone leave the loops latency-bound (measured: 2-5x slower), and
+// loops that walk several rows at once defeat them entirely. Every loop over x prefetches:
+// streams kStreamAhead elements ahead, row walks the row they will read one block later.
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_for_write(const void* p) { __builtin_prefetch(p, 1, 3); }
+
 // 0, 1, 2, ... as a vector
 template <typename T>
 Vectorized<T> iota() {
@@ -173,73 +192,90 @@ struct MaxStats {
   }
 };
 
-// Stats of z[i] = round(row[i] * gate[i]) (z = row[i] when gate is null), i in [0, len).
-// Two passes per L1-sized piece: sum and max, then ties and first index of a new max.
-template <typename scalar_t>
+// Stats of z[i] = round(row[i] * gate[i]) (z = row[i] without a gate), i in [0, len), in two
+// passes per L1-sized piece: sum and max, then ties and the first index of a new max. (One pass
+// with per-lane max/index/tie state costs more operations per element: measured 1.5x slower.)
+template <typename scalar_t, bool kGated>
 MaxStats<acc_type<scalar_t>> reduce_contiguous(const scalar_t* row, const acc_type<scalar_t>* gate, int64_t len,
-                                               const scalar_t* end) {
+                                                 const scalar_t* end) {
   using IO = VecIO<scalar_t>;
   using acc = typename IO::acc;
   using fvec = typename IO::fvec;
   constexpr int64_t kN = IO::kN;
+  constexpr int kU = 4;  // independent accumulators: the adds and maxes are latency-bound otherwise
+  const fvec zero(acc(0)), one(acc(1));
   const fvec neg_inf(-std::numeric_limits<acc>::infinity());
   const fvec nan(std::numeric_limits<acc>::quiet_NaN());
-  const fvec one(acc(1));
-  auto value = [&](int64_t i) {  // z[i .. i+kN), lanes past len zero
-    fvec v = i + kN <= len ? IO::load(row + i) : IO::load_tail(row + i, len - i, end);
-    return gate ? IO::round(v * fvec::loadu(gate + i)) : v;  // gate is padded to a multiple of kN
+  auto gated = [&](fvec v, int64_t i) {
+    if constexpr (kGated) {
+      return IO::round(v * fvec::loadu(gate + i));  // the gate is padded to a multiple of kN
+    } else {
+      return v;
+    }
+  };
+  auto value = [&](int64_t i) { return gated(IO::load(row + i), i); };
+  // lanes past `stop` are `fill`
+  auto value_tail = [&](int64_t i, int64_t stop, fvec fill) {
+    return fvec::set(fill, gated(IO::load_tail(row + i, stop - i, end), i), stop - i);
   };
 
   MaxStats<acc> stats;
-  for (int64_t base = 0; base < len; base += kRowScanChunk) {
-    const int64_t stop = std::min(len, base + kRowScanChunk);
+  for (int64_t base = 0; base < len; base += kScanPiece) {
+    const int64_t stop = std::min(len, base + kScanPiece);
     const int64_t full_stop = base + (stop - base) / kN * kN;
-    fvec s0(acc(0)), s1(acc(0)), m0 = neg_inf, m1 = neg_inf;
+    fvec s[kU], m[kU];
+    for (const auto u : c10::irange(kU)) {
+      s[u] = zero;
+      m[u] = neg_inf;
+    }
     int64_t i = base;
-    for (; i + 2 * kN <= full_stop; i += 2 * kN) {
-      const fvec v0 = value(i), v1 = value(i + kN);
-      s0 = s0 + v0;
-      s1 = s1 + v1;
-      m0 = fvec::blendv(m0, v0, v0 > m0);  // NaN never wins here; it shows up in the sum
-      m1 = fvec::blendv(m1, v1, v1 > m1);
-    }
-    for (; i < stop; i += kN) {
-      const fvec v = value(i);
-      const fvec vmax = fvec::set(neg_inf, v, stop - i);
-      s0 = s0 + v;
-      m0 = fvec::blendv(m0, vmax, vmax > m0);
-    }
-    const acc piece_sum = hsum(s0 + s1);
-    if (std::isnan(piece_sum)) {  // a NaN (or inf - inf): the first NaN is the max
-      for (int64_t k = base; k < stop; ++k) {
-        const acc z = gate ? IO::round(acc(row[k]) * gate[k]) : acc(row[k]);
-        if (std::isnan(z)) {
-          stats.sum = piece_sum;
-          stats.max = z;
-          stats.arg = k;
-          stats.count = 0;
-          return stats;
-        }
+    for (; i + kU * kN <= full_stop; i += kU * kN) {
+      prefetch(row + i + kStreamAhead);
+      if constexpr (kU * kN * sizeof(scalar_t) > 64) prefetch(row + i + kStreamAhead + 64 / sizeof(scalar_t));
+      for (const auto u : c10::irange(kU)) {
+        const fvec v = value(i + u * kN);
+        s[u] = s[u] + v;
+        m[u] = at::vec::clamp_min(m[u], v);  // max that keeps m where v is NaN; a NaN shows in the sum
       }
     }
+    for (; i < full_stop; i += kN) {
+      const fvec v = value(i);
+      s[0] = s[0] + v;
+      m[0] = at::vec::clamp_min(m[0], v);
+    }
+    if (i < stop) {
+      s[1] = s[1] + value_tail(i, stop, zero);
+      m[1] = at::vec::clamp_min(m[1], value_tail(i, stop, neg_inf));
+    }
+    const acc piece_sum = hsum((s[0] + s[1]) + (s[2] + s[3]));
+    if (std::isnan(piece_sum)) {  // a NaN (or inf - inf): rescan with the full rules
+      MaxStats<acc> rest;
+      for (int64_t k = base; k < len; ++k) rest.push(kGated ? IO::round(acc(row[k]) * gate[k]) : acc(row[k]), k);
+      if (base == 0) return rest;
+      stats.merge(rest);
+      return stats;
+    }
     stats.sum += piece_sum;
-    const acc piece_max = hmax(fvec::blendv(m0, m1, m1 > m0));
+    const acc piece_max =
+        hmax(at::vec::clamp_min(at::vec::clamp_min(m[0], m[1]), at::vec::clamp_min(m[2], m[3])));
     if (!(piece_max >= stats.max)) continue;
     // ties of piece_max in this piece, and its first index when it is a new max
     const fvec target(piece_max);
-    fvec ties(acc(0));
     int64_t first = -1;
-    for (i = base; i < stop; i += kN) {
-      fvec v = value(i);
-      if (i + kN > stop) v = fvec::set(nan, v, stop - i);
-      const fvec eq = v == target;
-      if (first < 0) {
-        const int bits = (v != target).zero_mask();
-        if (bits) first = i + __builtin_ctz(bits);
-      }
-      ties = ties + (eq & one);
+    for (i = base; first < 0; i += kN) {  // piece_max occurs in the piece: this stops
+      const fvec v = i < full_stop ? value(i) : value_tail(i, stop, nan);
+      const int bits = (v != target).zero_mask();
+      if (bits) first = i + __builtin_ctz(bits);
     }
-    const int64_t piece_count = static_cast<int64_t>(hsum(ties));
+    fvec ties[kU];
+    for (const auto u : c10::irange(kU)) ties[u] = zero;
+    i = first - (first - base) % kN;  // the vector holding `first`; no equal value before it
+    for (; i + kU * kN <= full_stop; i += kU * kN) {
+      for (const auto u : c10::irange(kU)) ties[u] = ties[u] + ((value(i + u * kN) == target) & one);
+    }
+    for (; i < full_stop; i += kN) ties[0] = ties[0] + ((value(i) == target) & one);
+    if (i < stop) ties[1] = ties[1] + ((value_tail(i, stop, nan) == target) & one);
+    const int64_t piece_count = static_cast<int64_t>(hsum((ties[0] + ties[1]) + (ties[2] + ties[3])));
     if (piece_max > stats.max) {
       stats.max = piece_max;
       stats.arg = first;
@@ -276,52 +312,118 @@ struct LaneStates {
   }
 };
 
-// Accumulates z = round(x * row_gate[r]) (z = x without a gate) of rows [0, rows) into
-// per-lane states. The vector loop skips NaN, which shows up as a NaN sum; those lanes
-// are rescanned with MaxStats' full rules.
-template <typename scalar_t>
-void reduce_rows(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
-                 const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
+// The two passes of reduce_rows over kRows rows [r0, r0 + kRows) and all lanes, with the row
+// loop unrolled. Lanes past `lanes` in the last vector hold garbage the caller ignores.
+template <int kRows, typename scalar_t, bool kGated>
+struct RowPasses {
   using IO = VecIO<scalar_t>;
   using acc = typename IO::acc;
   using fvec = typename IO::fvec;
-  constexpr int64_t kN = IO::kN;
-  const fvec one(acc(1));
-  st.reset(round_up(lanes, kN));
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    const int64_t rb = std::min(kRowBlock, rows - r0);
-    for (int64_t j = 0; j < lanes; j += kN) {
-      const bool full = j + kN <= lanes;
-      fvec sum = fvec::loadu(st.sum + j), mx = fvec::loadu(st.max + j);
-      fvec arg = fvec::loadu(st.arg + j), cnt = fvec::loadu(st.count + j);
-      for (int64_t r = r0; r < r0 + rb; ++r) {
-        const scalar_t* p = block + r * row_stride + j;
-        fvec v = full ? IO::load(p) : IO::load_tail(p, lanes - j, end);
-        if (row_gate) v = IO::round(v * fvec(row_gate[r]));
-        sum = sum + v;
-        const fvec gt = v > mx;
-        const fvec eq = v == mx;
-        mx = fvec::blendv(mx, v, gt);
-        arg = fvec::blendv(arg, fvec(acc(r)), gt);
-        cnt = fvec::blendv(cnt + (eq & one), one, gt);
-      }
-      sum.store(st.sum + j);
-      mx.store(st.max + j);
-      arg.store(st.arg + j);
-      cnt.store(st.count + j);
+  static constexpr int64_t kN = IO::kN;
+
+  const scalar_t* p[kRows];
+  fvec gate[kRows];
+  RowPasses(const scalar_t* block, int64_t row_stride, int64_t r0, const acc* row_gate) {
+    for (int u = 0; u < kRows; ++u) {
+      p[u] = block + (r0 + u) * row_stride;
+      if constexpr (kGated) gate[u] = fvec(row_gate[r0 + u]);
     }
   }
+  fvec z(int u, fvec v) const {
+    if constexpr (kGated) {
+      return IO::round(v * gate[u]);
+    } else {
+      return v;
+    }
+  }
+  // pass 1: sum and max (NaN skipped; a NaN shows in the sum)
+  void sum_max(int64_t lanes, int64_t ahead, const scalar_t* end, acc* sum, acc* mx) const {
+    int64_t j = 0;
+    for (; j + kN <= lanes; j += kN) {
+      fvec s = fvec::loadu(sum + j), m = fvec::loadu(mx + j);
+      for (int u = 0; u < kRows; ++u) {
+        prefetch(p[u] + j + ahead);
+        const fvec v = z(u, IO::load(p[u] + j));
+        s = s + v;
+        m = at::vec::clamp_min(m, v);  // max that keeps m where v is NaN
+      }
+      s.store(sum + j);
+      m.store(mx + j);
+    }
+    if (j < lanes) {
+      fvec s = fvec::loadu(sum + j), m = fvec::loadu(mx + j);
+      for (int u = 0; u < kRows; ++u) {
+        const fvec v = z(u, IO::load_tail(p[u] + j, lanes - j, end));
+        s = s + v;
+        m = at::vec::clamp_min(m, v);
+      }
+      s.store(sum + j);
+      m.store(mx + j);
+    }
+  }
+  // pass 2, rows in reverse: ties of each lane's max, and its first row (the last hit)
+  void ties(int64_t lanes, int64_t r0, const scalar_t* end, const acc* mx, acc* arg, acc* cnt) const {
+    const fvec one(acc(1));
+    fvec row[kRows];
+    for (int u = 0; u < kRows; ++u) row[u] = fvec(acc(r0 + u));
+    for (int64_t j = 0; j < lanes; j += kN) {
+      const bool full = j + kN <= lanes;
+      const fvec target = fvec::loadu(mx + j);
+      fvec a = fvec::loadu(arg + j), c = fvec::loadu(cnt + j);
+      for (int u = kRows - 1; u >= 0; --u) {
+        const fvec v = z(u, full ? IO::load(p[u] + j) : IO::load_tail(p[u] + j, lanes - j, end));
+        const fvec eq = v == target;
+        a = fvec::blendv(a, row[u], eq);
+        c = c + (eq & one);
+      }
+      a.store(arg + j);
+      c.store(cnt + j);
+    }
+  }
+};
+
+// Per-lane stats of z = round(x * row_gate[r]) (z = x without a gate) over rows [0, rows) of a
+// (rows x lanes) block that fits in L2, in two passes: sum and max; then, re-read from L2 and rows
+// in reverse, ties of each lane's max and its first row. (One pass with per-lane max/index/tie
+// state costs more operations per element.) The vector loops skip NaN, which shows up as a NaN
+// sum; those lanes are rescanned with MaxStats' full rules.
+template <typename scalar_t, bool kGated>
+void reduce_rows_impl(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
+                      const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
+  using acc = acc_type<scalar_t>;
+  using Block = RowPasses<kRowBlock, scalar_t, kGated>;
+  using Single = RowPasses<1, scalar_t, kGated>;
+  st.reset(round_up(lanes, VecIO<scalar_t>::kN));
+  const int64_t full_rows = rows / kRowBlock * kRowBlock;
+  const int64_t ahead = kRowBlock * row_stride;  // prefetch the next block's rows
+  for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
+    Block(block, row_stride, r0, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
+  for (int64_t r = full_rows; r < rows; ++r) Single(block, row_stride, r, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
+  for (int64_t r = rows - 1; r >= full_rows; --r)
+    Single(block, row_stride, r, row_gate).ties(lanes, r, end, st.max, st.arg, st.count);
+  for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
+    Block(block, row_stride, r0, row_gate).ties(lanes, r0, end, st.max, st.arg, st.count);
   for (const auto l : c10::irange(lanes)) {
     if (!std::isnan(st.sum[l])) continue;
     MaxStats<acc> s;
     for (const auto r : c10::irange(rows)) {
       const acc v = acc(block[r * row_stride + l]);
-      s.push(row_gate ? IO::round(v * row_gate[r]) : v, r);
+      s.push(kGated ? VecIO<scalar_t>::round(v * row_gate[r]) : v, r);
     }
     st.sum[l] = s.sum;
     st.max[l] = s.max;
     st.arg[l] = acc(s.arg);
     st.count[l] = acc(s.count);
+  }
+}
+
+template <typename scalar_t>
+void reduce_rows(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
+                 const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
+  if (row_gate) {
+    reduce_rows_impl<scalar_t, true>(block, row_stride, rows, lanes, row_gate, end, st);
+  } else {
+    reduce_rows_impl<scalar_t, false>(block, row_stride, rows, lanes, row_gate, end, st);
   }
 }
 
@@ -407,7 +509,8 @@ struct Grid {
   int64_t N, rows, lanes;
   int64_t lane_tile, n_tiles, row_chunk, n_chunks;
 
-  Grid(int64_t N_, int64_t rows_, int64_t lanes_, int64_t vec_size, bool split_rows) : N(N_), rows(rows_), lanes(lanes_) {
+  Grid(int64_t N_, int64_t rows_, int64_t lanes_, int64_t vec_size, bool split_rows, int64_t max_block = 0)
+      : N(N_), rows(rows_), lanes(lanes_) {
     n_tiles = std::max<int64_t>(1, ceil_div(lanes, kMaxLaneTile));
     lane_tile = std::min(kMaxLaneTile, round_up(std::max<int64_t>(1, ceil_div(lanes, n_tiles)), vec_size));
     n_tiles = std::max<int64_t>(1, ceil_div(lanes, lane_tile));
@@ -416,6 +519,7 @@ struct Grid {
     int64_t chunks = split_rows ? ceil_div(want, std::max<int64_t>(1, N * n_tiles)) : 1;
     chunks = std::min(chunks, std::max<int64_t>(1, rows / 64));  // chunks of >= 64 rows
     chunks = std::max(chunks, ceil_div(rows, kRowChunkLimit));
+    if (max_block > 0) chunks = std::max(chunks, ceil_div(rows, std::max<int64_t>(1, max_block / lane_tile)));
     row_chunk = std::max<int64_t>(1, ceil_div(rows, std::max<int64_t>(1, chunks)));
     n_chunks = std::max<int64_t>(1, ceil_div(rows, row_chunk));
   }
@@ -438,7 +542,8 @@ struct Grid {
 
 template <typename F>
 void for_each_task(const Grid& g, const F& f) {
-  at::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / (g.row_chunk * g.lane_tile));  // small inputs stay on one thread
+  at::parallel_for(0, g.tasks(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const auto k = g.task(t);
       if (k.rows > 0 && k.lanes > 0) f(k);
@@ -458,7 +563,7 @@ void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const E
   const scalar_t* x = d.t.const_data_ptr<scalar_t>();
   const scalar_t* end = x + d.t.numel();
   const int64_t rows = d.rows(), lanes = d.lanes();
-  const Grid g(d.N, rows, lanes, VecIO<scalar_t>::kN, /*split_rows=*/true);
+  const Grid g(d.N, rows, lanes, VecIO<scalar_t>::kN, /*split_rows=*/true, kL2Block / sizeof(scalar_t));
   // per (image, chunk) states, merged in chunk order below
   std::vector<MaxStats<acc>> partial(g.N * g.n_chunks * lanes);
   for_each_task(g, [&](const Grid::Task& k) {
@@ -505,7 +610,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_pool_cpu(const Tensor& x, boo
       const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
       const scalar_t* end = x_p + d.t.numel();
       at::parallel_for(0, d.N * d.C, row_grain(d.HW), [&](int64_t begin, int64_t stop) {
-        for (int64_t nc = begin; nc < stop; ++nc) emit(nc, reduce_contiguous<scalar_t>(x_p + nc * d.HW, nullptr, d.HW, end));
+        for (int64_t nc = begin; nc < stop; ++nc) emit(nc, reduce_contiguous<scalar_t, false>(x_p + nc * d.HW, nullptr, d.HW, end));
       });
     }
   });
@@ -539,7 +644,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_spatial_pool_cpu(const Tensor& x, const
       at::parallel_for(0, d.N * d.HW, row_grain(d.C), [&](int64_t begin, int64_t stop) {
         for (int64_t i = begin; i < stop; ++i) {
           const int64_t n = i / d.HW;
-          emit(n, i % d.HW, reduce_contiguous<scalar_t>(x_p + i * d.C, g + n * d.C, d.C, end));
+          emit(n, i % d.HW, reduce_contiguous<scalar_t, true>(x_p + i * d.C, g + n * d.C, d.C, end));
         }
       });
     } else {  // per-position lanes, reduced along channels
@@ -581,6 +686,8 @@ Tensor cbam_apply_cpu(const Tensor& x, const Tensor& ch_gate, const Tensor& sp_g
         scalar_t* yr = y_p + i * lanes;
         for (int64_t j = 0; j < lanes; j += kN) {
           const int64_t nv = std::min(kN, lanes - j);
+          prefetch(xr + j + kStreamAhead);
+          prefetch_for_write(yr + j + kStreamAhead);
           const fvec v = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, end);
           const fvec lw = fvec::loadu(lane_w + j);
           const fvec out = d.channels_last ? (v * lw) * rw : (v * rw) * lw;
@@ -643,6 +750,8 @@ std::tuple<Tensor, Tensor> cbam_apply_backward_cpu(const Tensor& grad_y, const T
           const fvec lw = fvec::set(fvec(acc(0)), fvec::loadu(lw_base + j), nv);
           fvec la = fvec::loadu(lane_acc + j);
           for (int64_t r = 0; r < rb; ++r) {
+            prefetch(gr[r] + j + kRowBlock * lanes);
+            prefetch(xr[r] + j + kRowBlock * lanes);
             const fvec gv = nv == kN ? IO::load(gr[r] + j) : IO::load_tail(gr[r] + j, nv, gy_end);
             const fvec xv = nv == kN ? IO::load(xr[r] + j) : IO::load_tail(xr[r] + j, nv, x_end);
             const fvec gx = gv * xv;
@@ -762,6 +871,7 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
           fvec s(acc(0));
           for (int64_t j = 0; j < k.lanes; j += kN) {
             const int64_t nv = std::min(kN, k.lanes - j);
+            prefetch(xr + j + kPrefetchRows * lanes);
             const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
             const fvec hit_mask = split_ties ? IO::round(xv * gr) == fvec::loadu(t_max + p0 + j)
                                              : rloc == fvec::loadu(lane_arg + j);
@@ -783,6 +893,7 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
           fvec lidx = lane_iota;
           for (int64_t j = 0; j < k.lanes; j += kN, lidx = lidx + fvec(acc(kN))) {
             const int64_t nv = std::min(kN, k.lanes - j);
+            prefetch(xr + j + kPrefetchRows * lanes);
             const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
             const fvec hit_mask = split_ties ? IO::round(xv * fvec::loadu(gl + j)) == mx : lidx == arg_loc;
             const fvec dz = a + fvec::blendv(miss, hit, hit_mask);
@@ -959,6 +1070,8 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
         fvec l_loc = lane_iota;
         for (int64_t j = 0; j < k.lanes; j += kN, l_loc = l_loc + fvec(acc(kN))) {
           const int64_t nv = std::min(kN, k.lanes - j);
+          if (need_x) prefetch(xr + j + kPrefetchRows * lanes);
+          if (has_gy) prefetch(gr + j + kPrefetchRows * lanes);
           const fvec xv = !need_x ? fvec(acc(0)) : nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
           const fvec gv = !has_gy ? fvec(acc(0)) : nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
           const fvec la = fvec::loadu(lane_arg + j);
