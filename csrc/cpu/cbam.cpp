@@ -53,7 +53,8 @@ constexpr int64_t kRowChunkLimit = 1 << 22;  // rows per task, far below the 2^2
 constexpr int64_t kPrefetchRows = 2;         // row-at-a-time loops prefetch this many rows ahead
 constexpr int64_t kStreamAhead = FASTATTN_STREAM_AHEAD;  // elements ahead in contiguous streams
 constexpr int64_t kL2Block = 512 * 1024;     // bytes of x a two-pass lane reduction re-reads from L2
-constexpr int64_t kScanPiece = 2048;         // two-pass row reductions re-read pieces of this many from L1
+constexpr int64_t kScanPiece = 2048;
+constexpr int64_t kMaxStreamTile = 8192;     // lanes per task of elementwise kernels (no per-lane state)         // two-pass row reductions re-read pieces of this many from L1
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float, or double for double
@@ -137,6 +138,12 @@ T hmax(const Vectorized<T>& v) {
 // streams kStreamAhead elements ahead, row walks the row they will read one block later.
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 inline void prefetch_for_write(const void* p) { __builtin_prefetch(p, 1, 3); }
+
+// How far ahead (in elements) a row-at-a-time loop over a lane tile prefetches: a full-width tile
+// makes the rows one contiguous stream; a partial tile jumps a row stride from row to row.
+int64_t prefetch_distance(int64_t tile_lanes, int64_t lanes) {
+  return tile_lanes == lanes ? kStreamAhead : kPrefetchRows * lanes;
+}
 
 // 0, 1, 2, ... as a vector
 template <typename T>
@@ -509,10 +516,11 @@ struct Grid {
   int64_t N, rows, lanes;
   int64_t lane_tile, n_tiles, row_chunk, n_chunks;
 
-  Grid(int64_t N_, int64_t rows_, int64_t lanes_, int64_t vec_size, bool split_rows, int64_t max_block = 0)
+  Grid(int64_t N_, int64_t rows_, int64_t lanes_, int64_t vec_size, bool split_rows, int64_t max_block = 0,
+       int64_t max_tile = kMaxLaneTile)
       : N(N_), rows(rows_), lanes(lanes_) {
-    n_tiles = std::max<int64_t>(1, ceil_div(lanes, kMaxLaneTile));
-    lane_tile = std::min(kMaxLaneTile, round_up(std::max<int64_t>(1, ceil_div(lanes, n_tiles)), vec_size));
+    n_tiles = std::max<int64_t>(1, ceil_div(lanes, max_tile));
+    lane_tile = std::min(max_tile, round_up(std::max<int64_t>(1, ceil_div(lanes, n_tiles)), vec_size));
     n_tiles = std::max<int64_t>(1, ceil_div(lanes, lane_tile));
     // enough tasks to balance the threads; rows split only where the caller can merge chunks
     const int64_t want = 4 * at::get_num_threads();
@@ -860,6 +868,7 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
     std::vector<acc> part(d.channels_last ? grid.N * grid.n_chunks * lanes : grid.N * grid.n_tiles * rows, acc(0));
     for_each_task(grid, [&](const Grid::Task& k) {
       const int64_t base = k.n * rows;
+      const int64_t ahead = prefetch_distance(k.lanes, lanes);
       if (!d.channels_last) {  // rows = channels, lanes = positions
         __at_align__ acc lane_arg[kMaxLaneTile + kN];  // argmax channel, local to this row chunk
         for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(arg_p[k.n * lanes + k.lane0 + l], k.row0);
@@ -871,7 +880,7 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
           fvec s(acc(0));
           for (int64_t j = 0; j < k.lanes; j += kN) {
             const int64_t nv = std::min(kN, k.lanes - j);
-            prefetch(xr + j + kPrefetchRows * lanes);
+            prefetch(xr + j + ahead);
             const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
             const fvec hit_mask = split_ties ? IO::round(xv * gr) == fvec::loadu(t_max + p0 + j)
                                              : rloc == fvec::loadu(lane_arg + j);
@@ -893,7 +902,7 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
           fvec lidx = lane_iota;
           for (int64_t j = 0; j < k.lanes; j += kN, lidx = lidx + fvec(acc(kN))) {
             const int64_t nv = std::min(kN, k.lanes - j);
-            prefetch(xr + j + kPrefetchRows * lanes);
+            prefetch(xr + j + ahead);
             const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
             const fvec hit_mask = split_ties ? IO::round(xv * fvec::loadu(gl + j)) == mx : lidx == arg_loc;
             const fvec dz = a + fvec::blendv(miss, hit, hit_mask);
@@ -920,6 +929,122 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
 // ---------------------------------------------------------------------------
 // cbam_grad_x
 // ---------------------------------------------------------------------------
+// Per-channel and per-position terms of the x-gradient (cbam_grad_x), each array padded by a vector.
+template <typename acc>
+struct GradXTerms {
+  bool has_gy, has_pool, has_avg, has_max, split_ties;
+  const acc *c_gate, *c_avg, *c_hit, *c_miss, *c_max;  // (N*C): ch_gate, grad_avg / HW, channel-max hit, miss, max
+  const int64_t* c_arg;                                 // (N*C): first argmax position
+  const acc *p_gate, *p_a, *p_hit, *p_miss, *p_max;    // (N*HW): sp_gate, grad_mean / C, spatial-max hit, miss, max
+  const int64_t* p_arg;                                 // (N*HW): first argmax channel
+};
+
+// dx over one task's rows and lane tile: the sum of the given terms, in the reference's order.
+// The row's own terms are broadcasts, the lanes' are vector loads; channel and position swap roles
+// between NCHW (rows = channels) and channels_last (rows = positions). Argmax indices are compared
+// as floats local to this task's row chunk or lane tile. Everything is copied into locals: the
+// stores to dx could otherwise alias captured state and force reloads in the inner loop.
+template <typename scalar_t, bool kChannelsLast>
+void grad_x_task(const GradXTerms<acc_type<scalar_t>> t, const Grid::Task& k, int64_t rows, int64_t lanes,
+                 const scalar_t* x_p, const scalar_t* gy_p, scalar_t* dx_p, int64_t numel) {
+  using IO = VecIO<scalar_t>;
+  using acc = typename IO::acc;
+  using fvec = typename IO::fvec;
+  constexpr int64_t kN = IO::kN;
+  const bool has_gy = t.has_gy, has_pool = t.has_pool, has_avg = t.has_avg, has_max = t.has_max;
+  const bool split = t.split_ties, need_x = has_pool || has_max;
+  const scalar_t* x_end = x_p + numel;
+  const scalar_t* gy_end = gy_p ? gy_p + numel : nullptr;
+  // the lane dimension's argmax (channel or position) as a row index local to this row chunk
+  std::vector<acc> lane_arg_buf(round_up(k.lanes, kN), acc(-1));
+  const acc* lane_arg = lane_arg_buf.data();
+  const int64_t l0 = k.n * lanes + k.lane0;
+  const int64_t* lane_arg_src = kChannelsLast ? (has_max ? t.c_arg : nullptr) : (has_pool ? t.p_arg : nullptr);
+  if (lane_arg_src)
+    for (const auto l : c10::irange(k.lanes)) lane_arg_buf[l] = local_index<acc>(lane_arg_src[l0 + l], k.row0);
+  // the lane dimension's arrays at this tile
+  auto at_tile = [&](const acc* a) { return a ? a + l0 : nullptr; };  // absent terms stay null
+  const acc* lg = at_tile(kChannelsLast ? t.c_gate : t.p_gate);
+  const acc* l_avg = at_tile(t.c_avg);  // read in channels_last only
+  const acc* l_hit = at_tile(kChannelsLast ? t.c_hit : t.p_hit);
+  const acc* l_miss = at_tile(kChannelsLast ? t.c_miss : t.p_miss);
+  const acc* l_max = at_tile(kChannelsLast ? t.c_max : t.p_max);
+  const acc* l_a = at_tile(t.p_a);  // read in NCHW only
+  const fvec zero(acc(0));
+  const fvec lane_iota = iota<acc>();
+  const int64_t ahead = prefetch_distance(k.lanes, lanes);
+
+  for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
+    const int64_t ri = k.n * rows + r;
+    const scalar_t* xr = x_p + ri * lanes + k.lane0;
+    const scalar_t* gr = gy_p ? gy_p + ri * lanes + k.lane0 : nullptr;
+    scalar_t* dr = dx_p + ri * lanes + k.lane0;
+    const fvec r_loc(acc(r - k.row0));
+    // the row's own terms
+    fvec rg, r_avg, r_hit, r_miss, r_max, r_a, r_arg;
+    if constexpr (kChannelsLast) {  // row = position
+      rg = fvec(t.p_gate[ri]);
+      if (has_pool) {
+        r_a = fvec(t.p_a[ri]);
+        r_hit = fvec(t.p_hit[ri]);
+        r_miss = fvec(t.p_miss[ri]);
+        r_max = fvec(t.p_max[ri]);
+        r_arg = fvec(local_index<acc>(t.p_arg[ri], k.lane0));
+      }
+    } else {  // row = channel
+      rg = fvec(t.c_gate[ri]);
+      r_avg = fvec(t.c_avg[ri]);
+      if (has_max) {
+        r_hit = fvec(t.c_hit[ri]);
+        r_miss = fvec(t.c_miss[ri]);
+        r_max = fvec(t.c_max[ri]);
+        r_arg = fvec(local_index<acc>(t.c_arg[ri], k.lane0));
+      }
+    }
+    fvec l_loc = lane_iota;
+    for (int64_t j = 0; j < k.lanes; j += kN, l_loc = l_loc + fvec(acc(kN))) {
+      const int64_t nv = std::min(kN, k.lanes - j);
+      fvec xv = zero, gv = zero;
+      if (need_x) {
+        prefetch(xr + j + ahead);
+        xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
+      }
+      if (has_gy) {
+        prefetch(gr + j + ahead);
+        gv = nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
+      }
+      const fvec la = fvec::loadu(lane_arg + j);
+      // the element's channel gate and position gate
+      const fvec cg = kChannelsLast ? fvec::loadu(lg + j) : rg;
+      const fvec sp = kChannelsLast ? rg : fvec::loadu(lg + j);
+      fvec dxv = zero;
+      if (has_gy) dxv = (gv * cg) * sp;
+      if (has_pool) {  // spatial max over channels: the position's terms
+        const fvec pmax = kChannelsLast ? r_max : fvec::loadu(l_max + j);
+        const fvec c_loc = kChannelsLast ? l_loc : r_loc;
+        const fvec p_arg = kChannelsLast ? r_arg : la;
+        const fvec hit = split ? IO::round(xv * cg) == pmax : c_loc == p_arg;
+        const fvec pa = kChannelsLast ? r_a : fvec::loadu(l_a + j);
+        const fvec phit = kChannelsLast ? r_hit : fvec::loadu(l_hit + j);
+        const fvec pmiss = kChannelsLast ? r_miss : fvec::loadu(l_miss + j);
+        dxv = dxv + cg * (pa + fvec::blendv(pmiss, phit, hit));
+      }
+      if (has_avg) dxv = dxv + (kChannelsLast ? fvec::loadu(l_avg + j) : r_avg);
+      if (has_max) {  // channel max over positions: the channel's terms
+        const fvec cmax = kChannelsLast ? fvec::loadu(l_max + j) : r_max;
+        const fvec p_loc = kChannelsLast ? r_loc : l_loc;
+        const fvec c_arg = kChannelsLast ? la : r_arg;
+        const fvec hit = split ? xv == cmax : p_loc == c_arg;
+        const fvec chit = kChannelsLast ? fvec::loadu(l_hit + j) : r_hit;
+        const fvec cmiss = kChannelsLast ? fvec::loadu(l_miss + j) : r_miss;
+        dxv = dxv + fvec::blendv(cmiss, chit, hit);
+      }
+      prefetch_for_write(dr + j + ahead);
+      IO::store(dr + j, dxv, nv);
+    }
+  }
+}
+
 Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, const std::optional<Tensor>& ch_gate,
                        const std::optional<Tensor>& sp_gate, const std::optional<Tensor>& grad_pooled,
                        const std::optional<Tensor>& pooled, const std::optional<Tensor>& sp_argmax,
@@ -1002,103 +1127,35 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
       p_miss = p_a + 2 * ts;
       p_max = p_a + 3 * ts;
     }
-    const int64_t* ch_arg_p = has_max ? ch_arg.const_data_ptr<int64_t>() : nullptr;
-    const int64_t* sp_arg_p = has_pool ? sp_arg.const_data_ptr<int64_t>() : nullptr;
-
+    GradXTerms<acc> terms_set;
+    terms_set.has_gy = has_gy;
+    terms_set.has_pool = has_pool;
+    terms_set.has_avg = has_avg;
+    terms_set.has_max = has_max;
+    terms_set.split_ties = split_ties;
+    terms_set.c_gate = c_gate;
+    terms_set.c_avg = c_avg;
+    terms_set.c_hit = c_hit;
+    terms_set.c_miss = c_miss;
+    terms_set.c_max = c_max;
+    terms_set.c_arg = has_max ? ch_arg.const_data_ptr<int64_t>() : nullptr;
+    terms_set.p_gate = p_gate;
+    terms_set.p_a = p_a;
+    terms_set.p_hit = p_hit;
+    terms_set.p_miss = p_miss;
+    terms_set.p_max = p_max;
+    terms_set.p_arg = has_pool ? sp_arg.const_data_ptr<int64_t>() : nullptr;
     const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
-    const scalar_t* x_end = x_p + d.t.numel();
     const scalar_t* gy_p = has_gy ? gy.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gy_end = has_gy ? gy_p + gy.numel() : nullptr;
     scalar_t* dx_p = dx.data_ptr<scalar_t>();
-    const bool need_x = has_pool || has_max;
-    const bool cl = d.channels_last;
-    const int64_t rows = d.rows(), lanes = d.lanes();
-    const fvec lane_iota = iota<acc>();
-    const Grid g(d.N, rows, lanes, kN, /*split_rows=*/true);
-
-    // The x-gradient of one element from its channel's and its position's terms, summed in
-    // the reference's order; c_loc / p_loc and the argmaxes are local to this task's ranges.
-    struct Chan {
-      fvec gate, avg, hit, miss, max, arg;
-    };
-    struct Pos {
-      fvec gate, a, hit, miss, max, arg;
-    };
-    auto element = [&](fvec xv, fvec gv, const Chan& c, const Pos& p, fvec c_loc, fvec p_loc) {
-      fvec dxv(acc(0));
-      if (has_gy) dxv = (gv * c.gate) * p.gate;
-      if (has_pool) {
-        const fvec hit_mask = split_ties ? IO::round(xv * c.gate) == p.max : c_loc == p.arg;
-        dxv = dxv + c.gate * (p.a + fvec::blendv(p.miss, p.hit, hit_mask));
-      }
-      if (has_avg) dxv = dxv + c.avg;
-      if (has_max) {
-        const fvec hit_mask = split_ties ? xv == c.max : p_loc == c.arg;
-        dxv = dxv + fvec::blendv(c.miss, c.hit, hit_mask);
-      }
-      return dxv;
-    };
-
+    // long lane tiles: each row is one long stream of x, grad_y and dx
+    const Grid g(d.N, d.rows(), d.lanes(), kN, /*split_rows=*/true, 0, kMaxStreamTile);
+    const int64_t numel = d.t.numel();
     for_each_task(g, [&](const Grid::Task& k) {
-      // argmaxes of the lane dimension, local to this lane tile... of the row dimension, to this row chunk
-      __at_align__ acc lane_arg[kMaxLaneTile + kN] = {};
-      const int64_t l0 = k.n * lanes + k.lane0;
-      if (!cl && has_pool)  // lanes = positions, their argmax channel is a row index
-        for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(sp_arg_p[l0 + l], k.row0);
-      if (cl && has_max)  // lanes = channels, their argmax position is a row index
-        for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(ch_arg_p[l0 + l], k.row0);
-      for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
-        const int64_t ri = k.n * rows + r;  // row's index in the per-channel (NCHW) or per-position arrays
-        const fvec r_loc(acc(r - k.row0));
-        const scalar_t* xr = x_p + ri * lanes + k.lane0;
-        const scalar_t* gr = has_gy ? gy_p + ri * lanes + k.lane0 : nullptr;
-        scalar_t* dr = dx_p + ri * lanes + k.lane0;
-        Chan c{};
-        Pos p{};
-        // the row's own terms are broadcasts
-        if (!cl) {
-          c = Chan{fvec(c_gate[ri]), fvec(c_avg[ri]), fvec(c_hit[ri]), fvec(c_miss[ri]), fvec(c_max[ri]),
-                   fvec(has_max ? local_index<acc>(ch_arg_p[ri], k.lane0) : acc(-1))};
-        } else {
-          p = Pos{fvec(p_gate[ri]),
-                  fvec(has_pool ? p_a[ri] : acc(0)),
-                  fvec(has_pool ? p_hit[ri] : acc(0)),
-                  fvec(has_pool ? p_miss[ri] : acc(0)),
-                  fvec(has_pool ? p_max[ri] : acc(0)),
-                  fvec(has_pool ? local_index<acc>(sp_arg_p[ri], k.lane0) : acc(-1))};
-        }
-        fvec l_loc = lane_iota;
-        for (int64_t j = 0; j < k.lanes; j += kN, l_loc = l_loc + fvec(acc(kN))) {
-          const int64_t nv = std::min(kN, k.lanes - j);
-          if (need_x) prefetch(xr + j + kPrefetchRows * lanes);
-          if (has_gy) prefetch(gr + j + kPrefetchRows * lanes);
-          const fvec xv = !need_x ? fvec(acc(0)) : nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
-          const fvec gv = !has_gy ? fvec(acc(0)) : nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
-          const fvec la = fvec::loadu(lane_arg + j);
-          fvec out;
-          if (!cl) {  // lanes are positions
-            const int64_t q = l0 + j;
-            p.gate = fvec::loadu(p_gate + q);
-            if (has_pool) {
-              p.a = fvec::loadu(p_a + q);
-              p.hit = fvec::loadu(p_hit + q);
-              p.miss = fvec::loadu(p_miss + q);
-              p.max = fvec::loadu(p_max + q);
-              p.arg = la;
-            }
-            out = element(xv, gv, c, p, r_loc, l_loc);
-          } else {  // lanes are channels
-            const int64_t q = l0 + j;
-            c.gate = fvec::loadu(c_gate + q);
-            c.avg = fvec::loadu(c_avg + q);
-            c.hit = fvec::loadu(c_hit + q);
-            c.miss = fvec::loadu(c_miss + q);
-            c.max = fvec::loadu(c_max + q);
-            c.arg = la;
-            out = element(xv, gv, c, p, l_loc, r_loc);
-          }
-          IO::store(dr + j, out, nv);
-        }
+      if (d.channels_last) {
+        grad_x_task<scalar_t, true>(terms_set, k, d.rows(), d.lanes(), x_p, gy_p, dx_p, numel);
+      } else {
+        grad_x_task<scalar_t, false>(terms_set, k, d.rows(), d.lanes(), x_p, gy_p, dx_p, numel);
       }
     });
   });
