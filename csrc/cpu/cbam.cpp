@@ -490,17 +490,20 @@ struct XSized {
   }
 };
 
-// A small per-image or per-channel tensor of the expected shape and x's dtype, as a
-// contiguous array of the accumulation type with `pad` zeros at the end (vector tails read them).
-Tensor param_array(const Tensor& t, at::IntArrayRef shape, at::ScalarType x_dtype, const char* op, const char* name,
-                   int64_t pad) {
+// A small per-image or per-channel tensor of the expected shape and x's dtype (scalar_t), as a
+// contiguous array of the accumulation type with a vector of zeros at the end (vector tails read
+// them). Converted on the calling thread: N*C or N*H*W values cost less than a parallel region.
+template <typename scalar_t>
+std::vector<acc_type<scalar_t>> param_array(const Tensor& t, at::IntArrayRef shape, const char* op,
+                                            const char* name) {
+  const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x_dtype, op, ": ", name, " must have x's dtype ", x_dtype, ", got ",
-              t.scalar_type());
-  const auto acc = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor out = at::zeros({t.numel() + pad}, t.options().dtype(acc));
-  out.narrow(0, 0, t.numel()).copy_(t.reshape({-1}));
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have x's dtype ", dtype, ", got ", t.scalar_type());
+  const Tensor c = t.contiguous();
+  const scalar_t* p = c.const_data_ptr<scalar_t>();
+  std::vector<acc_type<scalar_t>> out(c.numel() + Vectorized<acc_type<scalar_t>>::size(), 0);
+  for (const auto i : c10::irange(c.numel())) out[i] = static_cast<acc_type<scalar_t>>(p[i]);
   return out;
 }
 
@@ -581,7 +584,7 @@ void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const E
     MaxStats<acc>* out = partial.data() + (k.n * g.n_chunks + k.chunk) * lanes + k.lane0;
     for (const auto l : c10::irange(k.lanes)) out[l] = st.get(l, k.row0);
   });
-  at::parallel_for(0, d.N * lanes, 4096, [&](int64_t begin, int64_t stop) {
+  at::parallel_for(0, d.N * lanes, 1 << 16, [&](int64_t begin, int64_t stop) {
     for (int64_t i = begin; i < stop; ++i) {
       const int64_t n = i / lanes, l = i % lanes;
       MaxStats<acc> s = partial[n * g.n_chunks * lanes + l];
@@ -633,9 +636,8 @@ std::tuple<Tensor, Tensor, Tensor> gated_spatial_pool_cpu(const Tensor& x, const
   Tensor count = at::empty({d.N, x.size(2), x.size(3)}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_spatial_pool", [&] {
     using acc = acc_type<scalar_t>;
-    const Tensor gate_acc = param_array(gate, {d.N, d.C}, x.scalar_type(), "gated_spatial_pool", "gate",
-                                        VecIO<scalar_t>::kN);
-    const acc* g = gate_acc.const_data_ptr<acc>();
+    const auto gate_acc = param_array<scalar_t>(gate, {d.N, d.C}, "gated_spatial_pool", "gate");
+    const acc* g = gate_acc.data();
     scalar_t* pooled_p = pooled.data_ptr<scalar_t>();
     int64_t* arg_p = argmax.data_ptr<int64_t>();
     int32_t* cnt_p = count.data_ptr<int32_t>();
@@ -674,11 +676,10 @@ Tensor cbam_apply_cpu(const Tensor& x, const Tensor& ch_gate, const Tensor& sp_g
     using acc = typename IO::acc;
     using fvec = typename IO::fvec;
     constexpr int64_t kN = IO::kN;
-    const Tensor cg_acc = param_array(ch_gate, {d.N, d.C}, x.scalar_type(), "cbam_apply", "ch_gate", kN);
-    const Tensor sp_acc =
-        param_array(sp_gate, {d.N, x.size(2), x.size(3)}, x.scalar_type(), "cbam_apply", "sp_gate", kN);
-    const acc* cg = cg_acc.const_data_ptr<acc>();
-    const acc* sp = sp_acc.const_data_ptr<acc>();
+    const auto cg_acc = param_array<scalar_t>(ch_gate, {d.N, d.C}, "cbam_apply", "ch_gate");
+    const auto sp_acc = param_array<scalar_t>(sp_gate, {d.N, x.size(2), x.size(3)}, "cbam_apply", "sp_gate");
+    const acc* cg = cg_acc.data();
+    const acc* sp = sp_acc.data();
     const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
     const scalar_t* end = x_p + d.t.numel();
     scalar_t* y_p = y.data_ptr<scalar_t>();
@@ -725,11 +726,11 @@ std::tuple<Tensor, Tensor> cbam_apply_backward_cpu(const Tensor& grad_y, const T
     using acc = typename IO::acc;
     using fvec = typename IO::fvec;
     constexpr int64_t kN = IO::kN;
-    const Tensor cg_acc = param_array(ch_gate, {d.N, d.C}, x.scalar_type(), op, "ch_gate", kN);
-    const Tensor sp_acc = param_array(sp_gate, {d.N, x.size(2), x.size(3)}, x.scalar_type(), op, "sp_gate", kN);
+    const auto cg_acc = param_array<scalar_t>(ch_gate, {d.N, d.C}, op, "ch_gate");
+    const auto sp_acc = param_array<scalar_t>(sp_gate, {d.N, x.size(2), x.size(3)}, op, "sp_gate");
     // NCHW: rows weigh by ch_gate, lanes by sp_gate; channels_last the other way round
-    const acc* row_w = (d.channels_last ? sp_acc : cg_acc).const_data_ptr<acc>();
-    const acc* lane_w = (d.channels_last ? cg_acc : sp_acc).const_data_ptr<acc>();
+    const acc* row_w = (d.channels_last ? sp_acc : cg_acc).data();
+    const acc* lane_w = (d.channels_last ? cg_acc : sp_acc).data();
     const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
     const scalar_t* gy_p = gy.const_data_ptr<scalar_t>();
     const scalar_t* x_end = x_p + d.t.numel();
@@ -804,31 +805,36 @@ void max_grad_weights(acc g, int32_t count, bool split_ties, acc& hit, acc& miss
   miss = (acc(0) / cnt) * g;
 }
 
-// Per-position terms of the spatial max-pool gradient: a = grad_mean / C, hit, miss, the max.
+// Per-position terms of the spatial max-pool gradient, each N*H*W (+ a vector of padding):
+// a = grad_mean / C, hit, miss, and the max itself.
 template <typename acc>
-Tensor spatial_pool_terms(const Tensor& grad_pooled, const Tensor& pooled, const Tensor& count, const Tensor& x,
-                          const Dense& d, bool split_ties, const char* op) {
+struct SpatialPoolTerms {
+  std::vector<acc> a, hit, miss, max;
+};
+
+template <typename scalar_t>
+SpatialPoolTerms<acc_type<scalar_t>> spatial_pool_terms(const Tensor& grad_pooled, const Tensor& pooled,
+                                                        const Tensor& count, const Tensor& x, const Dense& d,
+                                                        bool split_ties, const char* op) {
+  using acc = acc_type<scalar_t>;
   const int64_t H = x.size(2), W = x.size(3);
-  const Tensor gp = param_array(grad_pooled, {d.N, 2, H, W}, x.scalar_type(), op, "grad_pooled", 0);
-  const Tensor pl = param_array(pooled, {d.N, 2, H, W}, x.scalar_type(), op, "pooled", 0);
+  const auto gp = param_array<scalar_t>(grad_pooled, {d.N, 2, H, W}, op, "grad_pooled");
+  const auto pl = param_array<scalar_t>(pooled, {d.N, 2, H, W}, op, "pooled");
   const Tensor cnt = index_array(count, {d.N, H, W}, at::kInt, op, "count");
-  const int64_t pad = Vectorized<acc>::size();
-  Tensor terms = at::zeros({4, d.N * d.HW + pad}, gp.options());  // a, hit, miss, max
-  acc* t = terms.data_ptr<acc>();
-  const int64_t stride = d.N * d.HW + pad;
-  const acc* gp_p = gp.const_data_ptr<acc>();
-  const acc* pl_p = pl.const_data_ptr<acc>();
   const int32_t* cnt_p = cnt.const_data_ptr<int32_t>();
+  const int64_t len = d.N * d.HW + Vectorized<acc>::size();
+  SpatialPoolTerms<acc> t{std::vector<acc>(len, 0), std::vector<acc>(len, 0), std::vector<acc>(len, 0),
+                          std::vector<acc>(len, 0)};
   const acc channels = acc(d.C);
   for (const auto n : c10::irange(d.N)) {
     for (const auto hw : c10::irange(d.HW)) {
       const int64_t i = n * d.HW + hw;
-      t[i] = gp_p[2 * n * d.HW + hw] / channels;
-      max_grad_weights(gp_p[(2 * n + 1) * d.HW + hw], cnt_p[i], split_ties, t[stride + i], t[2 * stride + i]);
-      t[3 * stride + i] = pl_p[(2 * n + 1) * d.HW + hw];
+      t.a[i] = gp[2 * n * d.HW + hw] / channels;
+      max_grad_weights(gp[(2 * n + 1) * d.HW + hw], cnt_p[i], split_ties, t.hit[i], t.miss[i]);
+      t.max[i] = pl[(2 * n + 1) * d.HW + hw];
     }
   }
-  return terms;
+  return t;
 }
 
 // ---------------------------------------------------------------------------
@@ -850,13 +856,11 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
     using acc = typename IO::acc;
     using fvec = typename IO::fvec;
     constexpr int64_t kN = IO::kN;
-    const Tensor g_acc = param_array(gate, {d.N, d.C}, x.scalar_type(), op, "gate", kN);
-    const Tensor terms = spatial_pool_terms<acc>(grad_pooled, pooled, count, x, d, split_ties, op);
+    const auto g_acc = param_array<scalar_t>(gate, {d.N, d.C}, op, "gate");
+    const auto terms = spatial_pool_terms<scalar_t>(grad_pooled, pooled, count, x, d, split_ties, op);
     const Tensor arg = index_array(argmax, {d.N, H, W}, at::kLong, op, "argmax");
-    const acc* gate_p = g_acc.const_data_ptr<acc>();
-    const int64_t ts = terms.size(1);
-    const acc* t_a = terms.const_data_ptr<acc>();
-    const acc *t_hit = t_a + ts, *t_miss = t_a + 2 * ts, *t_max = t_a + 3 * ts;
+    const acc* gate_p = g_acc.data();
+    const acc *t_a = terms.a.data(), *t_hit = terms.hit.data(), *t_miss = terms.miss.data(), *t_max = terms.max.data();
     const int64_t* arg_p = arg.const_data_ptr<int64_t>();
     const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
     const scalar_t* x_end = x_p + d.t.numel();
@@ -1082,68 +1086,51 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
     using acc = typename IO::acc;
     using fvec = typename IO::fvec;
     constexpr int64_t kN = IO::kN;
-    const auto dt = x.scalar_type();
-    const int64_t NC = d.N * d.C, NP = d.N * d.HW;
-    // per-channel terms (each NC + kN long): ch_gate, grad_avg / HW, max-pool hit, miss, max
-    Tensor chan = at::zeros({5, NC + kN}, x.options().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
-    acc* ct = chan.data_ptr<acc>();
-    const int64_t cs = NC + kN;
-    acc *c_gate = ct, *c_avg = ct + cs, *c_hit = ct + 2 * cs, *c_miss = ct + 3 * cs, *c_max = ct + 4 * cs;
-    if (ch_gate) {
-      const Tensor a = param_array(*ch_gate, {d.N, d.C}, dt, op, "ch_gate", 0);
-      std::copy_n(a.const_data_ptr<acc>(), NC, c_gate);
-    }
+    const int64_t NC = d.N * d.C;
+    // per-channel terms (NC + kN each): ch_gate, grad_avg / HW, channel-max hit, miss, max
+    std::vector<acc> c_gate(NC + kN, 0), c_avg(NC + kN, 0), c_hit(NC + kN, 0), c_miss(NC + kN, 0),
+        c_max(NC + kN, 0);
+    if (ch_gate) c_gate = param_array<scalar_t>(*ch_gate, {d.N, d.C}, op, "ch_gate");
     if (has_avg) {
-      const Tensor a = param_array(*grad_avg, {d.N, d.C}, dt, op, "grad_avg", 0);
-      for (const auto i : c10::irange(NC)) c_avg[i] = a.const_data_ptr<acc>()[i] / acc(d.HW);
+      c_avg = param_array<scalar_t>(*grad_avg, {d.N, d.C}, op, "grad_avg");
+      for (const auto i : c10::irange(NC)) c_avg[i] = c_avg[i] / acc(d.HW);
     }
     Tensor ch_arg;
     if (has_max) {
-      const Tensor gm = param_array(*grad_max, {d.N, d.C}, dt, op, "grad_max", 0);
-      const Tensor mx = param_array(*ch_max, {d.N, d.C}, dt, op, "ch_max", 0);
+      const auto gm = param_array<scalar_t>(*grad_max, {d.N, d.C}, op, "grad_max");
+      c_max = param_array<scalar_t>(*ch_max, {d.N, d.C}, op, "ch_max");
       const Tensor cnt = index_array(*ch_count, {d.N, d.C}, at::kInt, op, "ch_count");
       ch_arg = index_array(*ch_argmax, {d.N, d.C}, at::kLong, op, "ch_argmax");
-      for (const auto i : c10::irange(NC)) {
-        max_grad_weights(gm.const_data_ptr<acc>()[i], cnt.const_data_ptr<int32_t>()[i], split_ties, c_hit[i],
-                         c_miss[i]);
-        c_max[i] = mx.const_data_ptr<acc>()[i];
-      }
+      for (const auto i : c10::irange(NC))
+        max_grad_weights(gm[i], cnt.const_data_ptr<int32_t>()[i], split_ties, c_hit[i], c_miss[i]);
     }
-    // per-position terms (each NP + kN long): sp_gate, then grad_mean / C, hit, miss, max
-    Tensor pos = at::zeros({NP + kN}, chan.options());
-    acc* p_gate = pos.data_ptr<acc>();
-    if (sp_gate) {
-      const Tensor a = param_array(*sp_gate, {d.N, H, W}, dt, op, "sp_gate", 0);
-      std::copy_n(a.const_data_ptr<acc>(), NP, p_gate);
-    }
-    Tensor terms, sp_arg;
-    const acc *p_a = nullptr, *p_hit = nullptr, *p_miss = nullptr, *p_max = nullptr;
+    // per-position terms: sp_gate, and those of the spatial max pool
+    std::vector<acc> p_gate(d.N * d.HW + kN, 0);
+    if (sp_gate) p_gate = param_array<scalar_t>(*sp_gate, {d.N, H, W}, op, "sp_gate");
+    SpatialPoolTerms<acc> pool_terms;
+    Tensor sp_arg;
     if (has_pool) {
-      terms = spatial_pool_terms<acc>(*grad_pooled, *pooled, *sp_count, x, d, split_ties, op);
+      pool_terms = spatial_pool_terms<scalar_t>(*grad_pooled, *pooled, *sp_count, x, d, split_ties, op);
       sp_arg = index_array(*sp_argmax, {d.N, H, W}, at::kLong, op, "sp_argmax");
-      const int64_t ts = terms.size(1);
-      p_a = terms.const_data_ptr<acc>();
-      p_hit = p_a + ts;
-      p_miss = p_a + 2 * ts;
-      p_max = p_a + 3 * ts;
     }
+    auto data_or_null = [](const std::vector<acc>& v) { return v.empty() ? nullptr : v.data(); };
     GradXTerms<acc> terms_set;
     terms_set.has_gy = has_gy;
     terms_set.has_pool = has_pool;
     terms_set.has_avg = has_avg;
     terms_set.has_max = has_max;
     terms_set.split_ties = split_ties;
-    terms_set.c_gate = c_gate;
-    terms_set.c_avg = c_avg;
-    terms_set.c_hit = c_hit;
-    terms_set.c_miss = c_miss;
-    terms_set.c_max = c_max;
+    terms_set.c_gate = c_gate.data();
+    terms_set.c_avg = c_avg.data();
+    terms_set.c_hit = c_hit.data();
+    terms_set.c_miss = c_miss.data();
+    terms_set.c_max = c_max.data();
     terms_set.c_arg = has_max ? ch_arg.const_data_ptr<int64_t>() : nullptr;
-    terms_set.p_gate = p_gate;
-    terms_set.p_a = p_a;
-    terms_set.p_hit = p_hit;
-    terms_set.p_miss = p_miss;
-    terms_set.p_max = p_max;
+    terms_set.p_gate = p_gate.data();
+    terms_set.p_a = data_or_null(pool_terms.a);
+    terms_set.p_hit = data_or_null(pool_terms.hit);
+    terms_set.p_miss = data_or_null(pool_terms.miss);
+    terms_set.p_max = data_or_null(pool_terms.max);
     terms_set.p_arg = has_pool ? sp_arg.const_data_ptr<int64_t>() : nullptr;
     const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
     const scalar_t* gy_p = has_gy ? gy.const_data_ptr<scalar_t>() : nullptr;
