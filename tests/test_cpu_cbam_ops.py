@@ -325,6 +325,23 @@ def test_long_rows_and_many_tiles(ops):
         gate = torch.ones(1, 1300)
         for o, r in zip(ops.gated_spatial_pool(xl, gate, False), ref_gated_spatial_pool(xl, gate)):
             _exact("gated_spatial_pool", o, r)
+        for o, r in zip(ops.channel_pool(xl, True), ref_channel_pool(xl)):
+            _exact("channel_pool", o, r)
+    # more positions than one lane tile of the elementwise and gradient kernels
+    for layout in ["contiguous", "channels_last"]:
+        for kind in ["ties", "nan"]:
+            for split_ties in (True, False):
+                _check_grad_x(ops, (1, 2, 100, 100), torch.float32, layout, kind, split_ties, "all")
+                _check_backward_gate(ops, (1, 2, 100, 100), torch.float32, layout, kind, split_ties)
+
+
+def test_empty_batch(ops):
+    x = torch.randn(0, 5, 3, 3)
+    gate, sp = torch.rand(0, 5), torch.rand(0, 3, 3)
+    assert [t.shape for t in ops.channel_pool(x, True)] == [(0, 5)] * 4
+    assert [t.shape for t in ops.gated_spatial_pool(x, gate, True)] == [(0, 2, 3, 3), (0, 3, 3), (0, 3, 3)]
+    assert ops.cbam_apply(x, gate, sp).shape == x.shape
+    assert [t.shape for t in ops.cbam_apply_backward(x, x, gate, sp)] == [(0, 5), (0, 3, 3)]
 
 
 def test_bad_inputs_raise(ops):
