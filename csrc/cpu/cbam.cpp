@@ -30,10 +30,6 @@
 #include <type_traits>
 #include <vector>
 
-#ifndef FASTATTN_STREAM_AHEAD
-#define FASTATTN_STREAM_AHEAD 2048
-#endif
-
 namespace fastattn {
 namespace cpu {
 namespace {
@@ -41,20 +37,15 @@ namespace {
 using at::Tensor;
 using at::vec::Vectorized;
 
-#ifndef FASTATTN_MAX_LANE_TILE
-#define FASTATTN_MAX_LANE_TILE 512
-#endif
-constexpr int64_t kMaxLaneTile = FASTATTN_MAX_LANE_TILE;  // lanes per task: its per-lane state fits in L1
-#ifndef FASTATTN_ROW_BLOCK
-#define FASTATTN_ROW_BLOCK 8
-#endif
-constexpr int64_t kRowBlock = FASTATTN_ROW_BLOCK;             // rows per pass over a lane tile: state stays in registers
+// Tiling and prefetch constants, tuned at ResNet-50 CBAM shapes on a 2-core AVX2 machine.
+constexpr int64_t kMaxLaneTile = 512;        // lanes per task of kernels with per-lane state (in L1)
+constexpr int64_t kMaxStreamTile = 8192;     // lanes per task of kernels without: long streams
+constexpr int64_t kRowBlock = 8;             // rows per pass over a lane tile: lane state stays in registers
 constexpr int64_t kRowChunkLimit = 1 << 22;  // rows per task, far below the 2^24 of float-coded indices
-constexpr int64_t kPrefetchRows = 2;         // row-at-a-time loops prefetch this many rows ahead
-constexpr int64_t kStreamAhead = FASTATTN_STREAM_AHEAD;  // elements ahead in contiguous streams
 constexpr int64_t kL2Block = 512 * 1024;     // bytes of x a two-pass lane reduction re-reads from L2
-constexpr int64_t kScanPiece = 2048;
-constexpr int64_t kMaxStreamTile = 8192;     // lanes per task of elementwise kernels (no per-lane state)         // two-pass row reductions re-read pieces of this many from L1
+constexpr int64_t kScanPiece = 2048;         // two-pass row reductions re-read pieces this long from L1
+constexpr int64_t kPrefetchRows = 4;         // row-at-a-time loops prefetch this many rows ahead...
+constexpr int64_t kStreamAhead = 2048;       // ...or this many elements ahead in one contiguous stream
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float, or double for double
@@ -151,7 +142,7 @@ Vectorized<T> iota() {
   return Vectorized<T>::arange(T(0), T(1));
 }
 
-// index - base float-coded for comparisons with local indices in [0, 2^23); -1 when out of range
+// index - base, float-coded (exact below 2^24) for comparisons with local indices; -1 when out of range
 template <typename acc>
 acc local_index(int64_t index, int64_t base) {
   const int64_t d = index - base;
@@ -684,12 +675,13 @@ Tensor cbam_apply_cpu(const Tensor& x, const Tensor& ch_gate, const Tensor& sp_g
     const scalar_t* end = x_p + d.t.numel();
     scalar_t* y_p = y.data_ptr<scalar_t>();
     const int64_t rows = d.rows(), lanes = d.lanes();
+    const bool cl = d.channels_last;
     // y = x * ch_gate * sp_gate, multiplied in that order as the reference does
-    at::parallel_for(0, d.N * rows, row_grain(lanes), [&](int64_t begin, int64_t stop) {
+    at::parallel_for(0, d.N * rows, row_grain(lanes), [=](int64_t begin, int64_t stop) {
       for (int64_t i = begin; i < stop; ++i) {
         const int64_t n = i / rows;
-        const acc row_w = d.channels_last ? sp[i] : cg[i];
-        const acc* lane_w = (d.channels_last ? cg : sp) + n * lanes;
+        const acc row_w = cl ? sp[i] : cg[i];
+        const acc* lane_w = (cl ? cg : sp) + n * lanes;
         const fvec rw(row_w);
         const scalar_t* xr = x_p + i * lanes;
         scalar_t* yr = y_p + i * lanes;
@@ -699,7 +691,7 @@ Tensor cbam_apply_cpu(const Tensor& x, const Tensor& ch_gate, const Tensor& sp_g
           prefetch_for_write(yr + j + kStreamAhead);
           const fvec v = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, end);
           const fvec lw = fvec::loadu(lane_w + j);
-          const fvec out = d.channels_last ? (v * lw) * rw : (v * rw) * lw;
+          const fvec out = cl ? (v * lw) * rw : (v * rw) * lw;
           IO::store(yr + j, out, nv);
         }
       }
@@ -736,7 +728,8 @@ std::tuple<Tensor, Tensor> cbam_apply_backward_cpu(const Tensor& grad_y, const T
     const scalar_t* x_end = x_p + d.t.numel();
     const scalar_t* gy_end = gy_p + gy.numel();
     const int64_t rows = d.rows(), lanes = d.lanes();
-    const Grid g(d.N, rows, lanes, kN, /*split_rows=*/true);
+    // short tiles: a block of kRowBlock rows of grad_y and x and the next one, prefetched, stay in L1
+    const Grid g(d.N, rows, lanes, kN, /*split_rows=*/true, 0, kMaxLaneTile / 2);
     // row sums (sum over lanes of g * lane_w) per lane tile, lane sums (sum over rows of g * row_w) per row chunk
     std::vector<acc> row_part(g.N * g.n_tiles * rows, acc(0));
     std::vector<acc> lane_part(g.N * g.n_chunks * lanes, acc(0));
