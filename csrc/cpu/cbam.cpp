@@ -1,0 +1,1156 @@
+// CPU kernels of the six CBAM ops declared in csrc/ops.cpp. Their contract (outputs,
+// tie and NaN rules, layouts) is fastattn/reference.py: ref_<op>.
+//
+// Layouts. x is read in place when it is NCHW-contiguous or channels_last-contiguous,
+// through one contiguous copy otherwise. Either way one image x[n] is then a
+// (rows x lanes) matrix with unit stride along lanes:
+//   NCHW           rows = channels (stride H*W),  lanes = positions h*W+w
+//   channels_last  rows = positions (stride C),   lanes = channels
+// Every kernel vectorizes along lanes (at::vec::Vectorized of the accumulation type:
+// float, or double for float64) and walks rows in small blocks, so per-lane state
+// stays in registers or L1 while x streams through once. Reductions along rows keep
+// one state per lane; reductions along lanes are row sums.
+//
+// Index bookkeeping inside the vector loops is float-coded (exact below 2^24): row
+// and lane indices are local to one task's row chunk or lane tile, both far shorter
+// than that, and become int64 when chunks are merged.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+// Tiling and prefetch constants, tuned at ResNet-50 CBAM shapes on a 2-core AVX2 machine.
+constexpr int64_t kMaxLaneTile = 512;        // lanes per task of kernels with per-lane state (in L1)
+constexpr int64_t kMaxStreamTile = 8192;     // lanes per task of kernels without: long streams
+constexpr int64_t kRowBlock = 8;             // rows per pass over a lane tile: lane state stays in registers
+constexpr int64_t kRowChunkLimit = 1 << 22;  // rows per task, far below the 2^24 of float-coded indices
+constexpr int64_t kL2Block = 512 * 1024;     // bytes of x a two-pass lane reduction re-reads from L2
+constexpr int64_t kScanPiece = 2048;         // two-pass row reductions re-read pieces this long from L1
+constexpr int64_t kPrefetchRows = 4;         // row-at-a-time loops prefetch this many rows ahead...
+constexpr int64_t kStreamAhead = 2048;       // ...or this many elements ahead in one contiguous stream
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;  // float, or double for double
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---------------------------------------------------------------------------
+// Vector loads and stores of scalar_t memory as Vectorized<acc> registers
+// ---------------------------------------------------------------------------
+template <typename scalar_t>
+struct VecIO {
+  using acc = acc_type<scalar_t>;
+  using fvec = Vectorized<acc>;
+  static constexpr int64_t kN = fvec::size();
+  static constexpr bool kSame = std::is_same_v<scalar_t, acc>;
+
+  static fvec load(const scalar_t* p) {
+    if constexpr (kSame) {
+      return fvec::loadu(p);
+    } else {
+      fvec out;
+      at::vec::load_to_float<scalar_t>(p, out);
+      return out;
+    }
+  }
+  // lanes [0, n) of p, the rest zero
+  static fvec load(const scalar_t* p, int64_t n) {
+    if constexpr (kSame) {
+      return fvec::loadu(p, n);
+    } else {
+      scalar_t buf[kN];
+      for (const auto i : c10::irange(kN)) buf[i] = i < n ? p[i] : scalar_t(0);
+      return load(buf);
+    }
+  }
+  // lanes [0, n) of p, the rest zero; one full load when the vector ends before `end`
+  static fvec load_tail(const scalar_t* p, int64_t n, const scalar_t* end) {
+    if (p + kN <= end) return fvec::set(fvec(acc(0)), load(p), n);
+    return load(p, n);
+  }
+  static void store(scalar_t* p, fvec v, int64_t n = kN) {
+    if constexpr (kSame) {
+      v.store(p, n);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+    }
+  }
+  // the value v takes when stored as scalar_t: products compare as eager PyTorch rounds them
+  static fvec round(fvec v) {
+    if constexpr (kSame) {
+      return v;
+    } else {
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v, v)));
+    }
+  }
+  static acc round(acc v) { return static_cast<acc>(static_cast<scalar_t>(v)); }
+};
+
+template <typename T>
+T hsum(const Vectorized<T>& v) {
+  __at_align__ T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (const auto i : c10::irange(Vectorized<T>::size())) s += buf[i];
+  return s;
+}
+
+// max over lanes; NaN lanes never occur here (callers skip NaN in their max vectors)
+template <typename T>
+T hmax(const Vectorized<T>& v) {
+  __at_align__ T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T m = buf[0];
+  for (const auto i : c10::irange(1, Vectorized<T>::size())) m = buf[i] > m ? buf[i] : m;
+  return m;
+}
+
+// The hardware prefetchers alone leave the loops latency-bound (measured: 2-5x slower), and
+// loops that walk several rows at once defeat them entirely. Every loop over x prefetches:
+// streams kStreamAhead elements ahead, row walks the row they will read one block later.
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_for_write(const void* p) { __builtin_prefetch(p, 1, 3); }
+
+// How far ahead (in elements) a row-at-a-time loop over a lane tile prefetches: a full-width tile
+// makes the rows one contiguous stream; a partial tile jumps a row stride from row to row.
+int64_t prefetch_distance(int64_t tile_lanes, int64_t lanes) {
+  return tile_lanes == lanes ? kStreamAhead : kPrefetchRows * lanes;
+}
+
+// 0, 1, 2, ... as a vector
+template <typename T>
+Vectorized<T> iota() {
+  return Vectorized<T>::arange(T(0), T(1));
+}
+
+// index - base, float-coded (exact below 2^24) for comparisons with local indices; -1 when out of range
+template <typename acc>
+acc local_index(int64_t index, int64_t base) {
+  const int64_t d = index - base;
+  return (d >= 0 && d < (int64_t(1) << 24)) ? acc(d) : acc(-1);
+}
+
+// ---------------------------------------------------------------------------
+// Max pooling semantics (reference: fastattn.reference._first_max)
+// ---------------------------------------------------------------------------
+// Sum, max, first index of the max (of the first NaN when there is one) and the count
+// of values equal to the max (0 when the max is NaN).
+template <typename acc>
+struct MaxStats {
+  acc sum = 0;
+  acc max = -std::numeric_limits<acc>::infinity();
+  int64_t arg = 0;
+  int64_t count = 0;
+
+  void push(acc v, int64_t index) {
+    sum += v;
+    if (std::isnan(max)) return;
+    if (std::isnan(v)) {
+      max = v;
+      arg = index;
+      count = 0;
+    } else if (v > max) {
+      max = v;
+      arg = index;
+      count = 1;
+    } else if (v == max) {
+      ++count;
+    }
+  }
+  // `later` covers indices after all of this one's
+  void merge(const MaxStats& later) {
+    sum += later.sum;
+    if (std::isnan(max)) return;
+    if (std::isnan(later.max) || later.max > max) {
+      max = later.max;
+      arg = later.arg;
+      count = later.count;
+    } else if (later.max == max) {
+      count += later.count;
+    }
+  }
+};
+
+// Stats of z[i] = round(row[i] * gate[i]) (z = row[i] without a gate), i in [0, len), in two
+// passes per L1-sized piece: sum and max, then ties and the first index of a new max. (One pass
+// with per-lane max/index/tie state costs more operations per element: measured 1.5x slower.)
+template <typename scalar_t, bool kGated>
+MaxStats<acc_type<scalar_t>> reduce_contiguous(const scalar_t* row, const acc_type<scalar_t>* gate, int64_t len,
+                                                 const scalar_t* end) {
+  using IO = VecIO<scalar_t>;
+  using acc = typename IO::acc;
+  using fvec = typename IO::fvec;
+  constexpr int64_t kN = IO::kN;
+  constexpr int kU = 4;  // independent accumulators: the adds and maxes are latency-bound otherwise
+  const fvec zero(acc(0)), one(acc(1));
+  const fvec neg_inf(-std::numeric_limits<acc>::infinity());
+  const fvec nan(std::numeric_limits<acc>::quiet_NaN());
+  auto gated = [&](fvec v, int64_t i) {
+    if constexpr (kGated) {
+      return IO::round(v * fvec::loadu(gate + i));  // the gate is padded to a multiple of kN
+    } else {
+      return v;
+    }
+  };
+  auto value = [&](int64_t i) { return gated(IO::load(row + i), i); };
+  // lanes past `stop` are `fill`
+  auto value_tail = [&](int64_t i, int64_t stop, fvec fill) {
+    return fvec::set(fill, gated(IO::load_tail(row + i, stop - i, end), i), stop - i);
+  };
+
+  MaxStats<acc> stats;
+  for (int64_t base = 0; base < len; base += kScanPiece) {
+    const int64_t stop = std::min(len, base + kScanPiece);
+    const int64_t full_stop = base + (stop - base) / kN * kN;
+    fvec s[kU], m[kU];
+    for (const auto u : c10::irange(kU)) {
+      s[u] = zero;
+      m[u] = neg_inf;
+    }
+    int64_t i = base;
+    for (; i + kU * kN <= full_stop; i += kU * kN) {
+      prefetch(row + i + kStreamAhead);
+      if constexpr (kU * kN * sizeof(scalar_t) > 64) prefetch(row + i + kStreamAhead + 64 / sizeof(scalar_t));
+      for (const auto u : c10::irange(kU)) {
+        const fvec v = value(i + u * kN);
+        s[u] = s[u] + v;
+        m[u] = at::vec::clamp_min(m[u], v);  // max that keeps m where v is NaN; a NaN shows in the sum
+      }
+    }
+    for (; i < full_stop; i += kN) {
+      const fvec v = value(i);
+      s[0] = s[0] + v;
+      m[0] = at::vec::clamp_min(m[0], v);
+    }
+    if (i < stop) {
+      s[1] = s[1] + value_tail(i, stop, zero);
+      m[1] = at::vec::clamp_min(m[1], value_tail(i, stop, neg_inf));
+    }
+    const acc piece_sum = hsum((s[0] + s[1]) + (s[2] + s[3]));
+    if (std::isnan(piece_sum)) {  // a NaN (or inf - inf): rescan with the full rules
+      MaxStats<acc> rest;
+      for (int64_t k = base; k < len; ++k) rest.push(kGated ? IO::round(acc(row[k]) * gate[k]) : acc(row[k]), k);
+      if (base == 0) return rest;
+      stats.merge(rest);
+      return stats;
+    }
+    stats.sum += piece_sum;
+    const acc piece_max =
+        hmax(at::vec::clamp_min(at::vec::clamp_min(m[0], m[1]), at::vec::clamp_min(m[2], m[3])));
+    if (!(piece_max >= stats.max)) continue;
+    // ties of piece_max in this piece, and its first index when it is a new max
+    const fvec target(piece_max);
+    int64_t first = -1;
+    for (i = base; first < 0; i += kN) {  // piece_max occurs in the piece: this stops
+      const fvec v = i < full_stop ? value(i) : value_tail(i, stop, nan);
+      const int bits = (v != target).zero_mask();
+      if (bits) first = i + __builtin_ctz(bits);
+    }
+    fvec ties[kU];
+    for (const auto u : c10::irange(kU)) ties[u] = zero;
+    i = first - (first - base) % kN;  // the vector holding `first`; no equal value before it
+    for (; i + kU * kN <= full_stop; i += kU * kN) {
+      for (const auto u : c10::irange(kU)) ties[u] = ties[u] + ((value(i + u * kN) == target) & one);
+    }
+    for (; i < full_stop; i += kN) ties[0] = ties[0] + ((value(i) == target) & one);
+    if (i < stop) ties[1] = ties[1] + ((value_tail(i, stop, nan) == target) & one);
+    const int64_t piece_count = static_cast<int64_t>(hsum((ties[0] + ties[1]) + (ties[2] + ties[3])));
+    if (piece_max > stats.max) {
+      stats.max = piece_max;
+      stats.arg = first;
+      stats.count = piece_count;
+    } else {
+      stats.count += piece_count;
+    }
+  }
+  return stats;
+}
+
+// Per-lane stats of rows [0, rows) of a (rows x lanes) block; row indices local to the block.
+template <typename acc>
+struct LaneStates {
+  static constexpr int64_t kPad = kMaxLaneTile + Vectorized<acc>::size();
+  __at_align__ acc sum[kPad];
+  __at_align__ acc max[kPad];
+  __at_align__ acc arg[kPad];
+  __at_align__ acc count[kPad];
+
+  void reset(int64_t lanes) {
+    std::fill_n(sum, lanes, acc(0));
+    std::fill_n(max, lanes, -std::numeric_limits<acc>::infinity());
+    std::fill_n(arg, lanes, acc(0));
+    std::fill_n(count, lanes, acc(0));
+  }
+  MaxStats<acc> get(int64_t lane, int64_t row_base) const {
+    MaxStats<acc> s;
+    s.sum = sum[lane];
+    s.max = max[lane];
+    s.arg = row_base + static_cast<int64_t>(arg[lane]);
+    s.count = static_cast<int64_t>(count[lane]);
+    return s;
+  }
+};
+
+// The two passes of reduce_rows over kRows rows [r0, r0 + kRows) and all lanes, with the row
+// loop unrolled. Lanes past `lanes` in the last vector hold garbage the caller ignores.
+template <int kRows, typename scalar_t, bool kGated>
+struct RowPasses {
+  using IO = VecIO<scalar_t>;
+  using acc = typename IO::acc;
+  using fvec = typename IO::fvec;
+  static constexpr int64_t kN = IO::kN;
+
+  const scalar_t* p[kRows];
+  fvec gate[kRows];
+  RowPasses(const scalar_t* block, int64_t row_stride, int64_t r0, const acc* row_gate) {
+    for (int u = 0; u < kRows; ++u) {
+      p[u] = block + (r0 + u) * row_stride;
+      if constexpr (kGated) gate[u] = fvec(row_gate[r0 + u]);
+    }
+  }
+  fvec z(int u, fvec v) const {
+    if constexpr (kGated) {
+      return IO::round(v * gate[u]);
+    } else {
+      return v;
+    }
+  }
+  // pass 1: sum and max (NaN skipped; a NaN shows in the sum)
+  void sum_max(int64_t lanes, int64_t ahead, const scalar_t* end, acc* sum, acc* mx) const {
+    int64_t j = 0;
+    for (; j + kN <= lanes; j += kN) {
+      fvec s = fvec::loadu(sum + j), m = fvec::loadu(mx + j);
+      for (int u = 0; u < kRows; ++u) {
+        prefetch(p[u] + j + ahead);
+        const fvec v = z(u, IO::load(p[u] + j));
+        s = s + v;
+        m = at::vec::clamp_min(m, v);  // max that keeps m where v is NaN
+      }
+      s.store(sum + j);
+      m.store(mx + j);
+    }
+    if (j < lanes) {
+      fvec s = fvec::loadu(sum + j), m = fvec::loadu(mx + j);
+      for (int u = 0; u < kRows; ++u) {
+        const fvec v = z(u, IO::load_tail(p[u] + j, lanes - j, end));
+        s = s + v;
+        m = at::vec::clamp_min(m, v);
+      }
+      s.store(sum + j);
+      m.store(mx + j);
+    }
+  }
+  // pass 2, rows in reverse: ties of each lane's max, and its first row (the last hit)
+  void ties(int64_t lanes, int64_t r0, const scalar_t* end, const acc* mx, acc* arg, acc* cnt) const {
+    const fvec one(acc(1));
+    fvec row[kRows];
+    for (int u = 0; u < kRows; ++u) row[u] = fvec(acc(r0 + u));
+    for (int64_t j = 0; j < lanes; j += kN) {
+      const bool full = j + kN <= lanes;
+      const fvec target = fvec::loadu(mx + j);
+      fvec a = fvec::loadu(arg + j), c = fvec::loadu(cnt + j);
+      for (int u = kRows - 1; u >= 0; --u) {
+        const fvec v = z(u, full ? IO::load(p[u] + j) : IO::load_tail(p[u] + j, lanes - j, end));
+        const fvec eq = v == target;
+        a = fvec::blendv(a, row[u], eq);
+        c = c + (eq & one);
+      }
+      a.store(arg + j);
+      c.store(cnt + j);
+    }
+  }
+};
+
+// Per-lane stats of z = round(x * row_gate[r]) (z = x without a gate) over rows [0, rows) of a
+// (rows x lanes) block that fits in L2, in two passes: sum and max; then, re-read from L2 and rows
+// in reverse, ties of each lane's max and its first row. (One pass with per-lane max/index/tie
+// state costs more operations per element.) The vector loops skip NaN, which shows up as a NaN
+// sum; those lanes are rescanned with MaxStats' full rules.
+template <typename scalar_t, bool kGated>
+void reduce_rows_impl(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
+                      const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
+  using acc = acc_type<scalar_t>;
+  using Block = RowPasses<kRowBlock, scalar_t, kGated>;
+  using Single = RowPasses<1, scalar_t, kGated>;
+  st.reset(round_up(lanes, VecIO<scalar_t>::kN));
+  const int64_t full_rows = rows / kRowBlock * kRowBlock;
+  const int64_t ahead = kRowBlock * row_stride;  // prefetch the next block's rows
+  for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
+    Block(block, row_stride, r0, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
+  for (int64_t r = full_rows; r < rows; ++r) Single(block, row_stride, r, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
+  for (int64_t r = rows - 1; r >= full_rows; --r)
+    Single(block, row_stride, r, row_gate).ties(lanes, r, end, st.max, st.arg, st.count);
+  for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
+    Block(block, row_stride, r0, row_gate).ties(lanes, r0, end, st.max, st.arg, st.count);
+  for (const auto l : c10::irange(lanes)) {
+    if (!std::isnan(st.sum[l])) continue;
+    MaxStats<acc> s;
+    for (const auto r : c10::irange(rows)) {
+      const acc v = acc(block[r * row_stride + l]);
+      s.push(kGated ? VecIO<scalar_t>::round(v * row_gate[r]) : v, r);
+    }
+    st.sum[l] = s.sum;
+    st.max[l] = s.max;
+    st.arg[l] = acc(s.arg);
+    st.count[l] = acc(s.count);
+  }
+}
+
+template <typename scalar_t>
+void reduce_rows(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
+                 const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
+  if (row_gate) {
+    reduce_rows_impl<scalar_t, true>(block, row_stride, rows, lanes, row_gate, end, st);
+  } else {
+    reduce_rows_impl<scalar_t, false>(block, row_stride, rows, lanes, row_gate, end, st);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Inputs, layouts and the task grid
+// ---------------------------------------------------------------------------
+struct Dense {
+  Tensor t;            // NCHW- or channels_last-contiguous
+  bool channels_last;  // rows = positions, lanes = channels
+  int64_t N, C, HW;
+  int64_t rows() const { return channels_last ? HW : C; }
+  int64_t lanes() const { return channels_last ? C : HW; }
+  at::MemoryFormat format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+};
+
+void check_x(const Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
+// x in place when NCHW- or channels_last-contiguous, else a contiguous copy
+Dense dense_input(const Tensor& x, const char* op) {
+  check_x(x, op);
+  Dense d;
+  if (x.is_contiguous()) {
+    d.t = x;
+    d.channels_last = false;
+  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    d.t = x;
+    d.channels_last = true;
+  } else {
+    d.t = x.contiguous();
+    d.channels_last = false;
+  }
+  d.N = x.size(0);
+  d.C = x.size(1);
+  d.HW = x.size(2) * x.size(3);
+  return d;
+}
+
+// An x-sized output in empty_like(x)'s layout (what the fake kernels promise: x's strides when x
+// is dense). Kernels write `work`, which has d's dense layout; it is `out` itself unless x is neither
+// NCHW- nor channels_last-contiguous and empty_like(x) picks yet another layout.
+struct XSized {
+  Tensor out, work;
+  XSized(const Tensor& x, const Dense& d) : out(at::empty_like(x)) {
+    work = out.is_contiguous(d.format()) ? out : at::empty_like(d.t);
+  }
+  Tensor finish() const {
+    if (!work.is_same(out)) out.copy_(work);
+    return out;
+  }
+};
+
+// A small per-image or per-channel tensor of the expected shape and x's dtype (scalar_t), as a
+// contiguous array of the accumulation type with a vector of zeros at the end (vector tails read
+// them). Converted on the calling thread: N*C or N*H*W values cost less than a parallel region.
+template <typename scalar_t>
+std::vector<acc_type<scalar_t>> param_array(const Tensor& t, at::IntArrayRef shape, const char* op,
+                                            const char* name) {
+  const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have x's dtype ", dtype, ", got ", t.scalar_type());
+  const Tensor c = t.contiguous();
+  const scalar_t* p = c.const_data_ptr<scalar_t>();
+  std::vector<acc_type<scalar_t>> out(c.numel() + Vectorized<acc_type<scalar_t>>::size(), 0);
+  for (const auto i : c10::irange(c.numel())) out[i] = static_cast<acc_type<scalar_t>>(p[i]);
+  return out;
+}
+
+Tensor index_array(const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  return t.contiguous();
+}
+
+// Tasks (image, row chunk, lane tile) over the (rows x lanes) matrices of N images.
+struct Grid {
+  int64_t N, rows, lanes;
+  int64_t lane_tile, n_tiles, row_chunk, n_chunks;
+
+  Grid(int64_t N_, int64_t rows_, int64_t lanes_, int64_t vec_size, bool split_rows, int64_t max_block = 0,
+       int64_t max_tile = kMaxLaneTile)
+      : N(N_), rows(rows_), lanes(lanes_) {
+    n_tiles = std::max<int64_t>(1, ceil_div(lanes, max_tile));
+    lane_tile = std::min(max_tile, round_up(std::max<int64_t>(1, ceil_div(lanes, n_tiles)), vec_size));
+    n_tiles = std::max<int64_t>(1, ceil_div(lanes, lane_tile));
+    // enough tasks to balance the threads; rows split only where the caller can merge chunks
+    const int64_t want = 4 * at::get_num_threads();
+    int64_t chunks = split_rows ? ceil_div(want, std::max<int64_t>(1, N * n_tiles)) : 1;
+    chunks = std::min(chunks, std::max<int64_t>(1, rows / 64));  // chunks of >= 64 rows
+    chunks = std::max(chunks, ceil_div(rows, kRowChunkLimit));
+    if (max_block > 0) chunks = std::max(chunks, ceil_div(rows, std::max<int64_t>(1, max_block / lane_tile)));
+    row_chunk = std::max<int64_t>(1, ceil_div(rows, std::max<int64_t>(1, chunks)));
+    n_chunks = std::max<int64_t>(1, ceil_div(rows, row_chunk));
+  }
+  int64_t tasks() const { return N * n_chunks * n_tiles; }
+  struct Task {
+    int64_t n, chunk, tile, row0, rows, lane0, lanes;
+  };
+  Task task(int64_t t) const {
+    Task k;
+    k.tile = t % n_tiles;
+    k.chunk = (t / n_tiles) % n_chunks;
+    k.n = t / (n_tiles * n_chunks);
+    k.row0 = k.chunk * row_chunk;
+    k.rows = std::max<int64_t>(0, std::min(row_chunk, rows - k.row0));
+    k.lane0 = k.tile * lane_tile;
+    k.lanes = std::max<int64_t>(0, std::min(lane_tile, lanes - k.lane0));
+    return k;
+  }
+};
+
+template <typename F>
+void for_each_task(const Grid& g, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / (g.row_chunk * g.lane_tile));  // small inputs stay on one thread
+  at::parallel_for(0, g.tasks(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const auto k = g.task(t);
+      if (k.rows > 0 && k.lanes > 0) f(k);
+    }
+  });
+}
+
+int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len)); }
+
+// ---------------------------------------------------------------------------
+// channel_pool and gated_spatial_pool
+// ---------------------------------------------------------------------------
+// Max pooling along rows of each image, for every lane: stats(n, lane) handed to `emit`.
+template <typename scalar_t, typename Emit>
+void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const Emit& emit) {
+  using acc = acc_type<scalar_t>;
+  const scalar_t* x = d.t.const_data_ptr<scalar_t>();
+  const scalar_t* end = x + d.t.numel();
+  const int64_t rows = d.rows(), lanes = d.lanes();
+  const Grid g(d.N, rows, lanes, VecIO<scalar_t>::kN, /*split_rows=*/true, kL2Block / sizeof(scalar_t));
+  // per (image, chunk) states, merged in chunk order below
+  std::vector<MaxStats<acc>> partial(g.N * g.n_chunks * lanes);
+  for_each_task(g, [&](const Grid::Task& k) {
+    LaneStates<acc> st;
+    const scalar_t* block = x + (k.n * rows + k.row0) * lanes + k.lane0;
+    reduce_rows<scalar_t>(block, lanes, k.rows, k.lanes, row_gate ? row_gate + k.n * rows + k.row0 : nullptr, end, st);
+    MaxStats<acc>* out = partial.data() + (k.n * g.n_chunks + k.chunk) * lanes + k.lane0;
+    for (const auto l : c10::irange(k.lanes)) out[l] = st.get(l, k.row0);
+  });
+  at::parallel_for(0, d.N * lanes, 1 << 16, [&](int64_t begin, int64_t stop) {
+    for (int64_t i = begin; i < stop; ++i) {
+      const int64_t n = i / lanes, l = i % lanes;
+      MaxStats<acc> s = partial[n * g.n_chunks * lanes + l];
+      for (int64_t c = 1; c < g.n_chunks; ++c) s.merge(partial[(n * g.n_chunks + c) * lanes + l]);
+      emit(n, l, s);
+    }
+  });
+}
+
+// split_ties only selects the backward's tie rule: the forward outputs serve both.
+std::tuple<Tensor, Tensor, Tensor, Tensor> channel_pool_cpu(const Tensor& x, bool /*split_ties*/) {
+  const Dense d = dense_input(x, "channel_pool");
+  TORCH_CHECK(d.HW > 0, "channel_pool: H*W must be positive, got shape ", x.sizes());
+  Tensor avg = at::empty({d.N, d.C}, x.options());
+  Tensor mx = at::empty({d.N, d.C}, x.options());
+  Tensor argmax = at::empty({d.N, d.C}, x.options().dtype(at::kLong));
+  Tensor count = at::empty({d.N, d.C}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool", [&] {
+    using acc = acc_type<scalar_t>;
+    scalar_t* avg_p = avg.data_ptr<scalar_t>();
+    scalar_t* max_p = mx.data_ptr<scalar_t>();
+    int64_t* arg_p = argmax.data_ptr<int64_t>();
+    int32_t* cnt_p = count.data_ptr<int32_t>();
+    const acc len = acc(d.HW);
+    auto emit = [&](int64_t nc, const MaxStats<acc>& s) {
+      avg_p[nc] = static_cast<scalar_t>(s.sum / len);
+      max_p[nc] = static_cast<scalar_t>(s.max);
+      arg_p[nc] = s.arg;
+      cnt_p[nc] = static_cast<int32_t>(s.count);
+    };
+    if (d.channels_last) {  // per-channel lanes, reduced along positions
+      pool_along_rows<scalar_t>(d, nullptr, [&](int64_t n, int64_t c, const MaxStats<acc>& s) { emit(n * d.C + c, s); });
+    } else {  // each (n, c) plane is one contiguous row
+      const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+      const scalar_t* end = x_p + d.t.numel();
+      at::parallel_for(0, d.N * d.C, row_grain(d.HW), [&](int64_t begin, int64_t stop) {
+        for (int64_t nc = begin; nc < stop; ++nc) emit(nc, reduce_contiguous<scalar_t, false>(x_p + nc * d.HW, nullptr, d.HW, end));
+      });
+    }
+  });
+  return {avg, mx, argmax, count};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gated_spatial_pool_cpu(const Tensor& x, const Tensor& gate, bool /*split_ties*/) {
+  const Dense d = dense_input(x, "gated_spatial_pool");
+  TORCH_CHECK(d.C > 0, "gated_spatial_pool: C must be positive, got shape ", x.sizes());
+  Tensor pooled = at::empty({d.N, 2, x.size(2), x.size(3)}, x.options());
+  Tensor argmax = at::empty({d.N, x.size(2), x.size(3)}, x.options().dtype(at::kLong));
+  Tensor count = at::empty({d.N, x.size(2), x.size(3)}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_spatial_pool", [&] {
+    using acc = acc_type<scalar_t>;
+    const auto gate_acc = param_array<scalar_t>(gate, {d.N, d.C}, "gated_spatial_pool", "gate");
+    const acc* g = gate_acc.data();
+    scalar_t* pooled_p = pooled.data_ptr<scalar_t>();
+    int64_t* arg_p = argmax.data_ptr<int64_t>();
+    int32_t* cnt_p = count.data_ptr<int32_t>();
+    const acc channels = acc(d.C);
+    auto emit = [&](int64_t n, int64_t hw, const MaxStats<acc>& s) {
+      pooled_p[(2 * n) * d.HW + hw] = static_cast<scalar_t>(s.sum / channels);
+      pooled_p[(2 * n + 1) * d.HW + hw] = static_cast<scalar_t>(s.max);
+      arg_p[n * d.HW + hw] = s.arg;
+      cnt_p[n * d.HW + hw] = static_cast<int32_t>(s.count);
+    };
+    if (d.channels_last) {  // each position's C values are one contiguous row
+      const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+      const scalar_t* end = x_p + d.t.numel();
+      at::parallel_for(0, d.N * d.HW, row_grain(d.C), [&](int64_t begin, int64_t stop) {
+        for (int64_t i = begin; i < stop; ++i) {
+          const int64_t n = i / d.HW;
+          emit(n, i % d.HW, reduce_contiguous<scalar_t, true>(x_p + i * d.C, g + n * d.C, d.C, end));
+        }
+      });
+    } else {  // per-position lanes, reduced along channels
+      pool_along_rows<scalar_t>(d, g, emit);
+    }
+  });
+  return {pooled, argmax, count};
+}
+
+// ---------------------------------------------------------------------------
+// cbam_apply
+// ---------------------------------------------------------------------------
+Tensor cbam_apply_cpu(const Tensor& x, const Tensor& ch_gate, const Tensor& sp_gate) {
+  const Dense d = dense_input(x, "cbam_apply");
+  const XSized y_out(x, d);
+  const Tensor& y = y_out.work;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_apply", [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const auto cg_acc = param_array<scalar_t>(ch_gate, {d.N, d.C}, "cbam_apply", "ch_gate");
+    const auto sp_acc = param_array<scalar_t>(sp_gate, {d.N, x.size(2), x.size(3)}, "cbam_apply", "sp_gate");
+    const acc* cg = cg_acc.data();
+    const acc* sp = sp_acc.data();
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* end = x_p + d.t.numel();
+    scalar_t* y_p = y.data_ptr<scalar_t>();
+    const int64_t rows = d.rows(), lanes = d.lanes();
+    const bool cl = d.channels_last;
+    // y = x * ch_gate * sp_gate, multiplied in that order as the reference does
+    at::parallel_for(0, d.N * rows, row_grain(lanes), [=](int64_t begin, int64_t stop) {
+      for (int64_t i = begin; i < stop; ++i) {
+        const int64_t n = i / rows;
+        const acc row_w = cl ? sp[i] : cg[i];
+        const acc* lane_w = (cl ? cg : sp) + n * lanes;
+        const fvec rw(row_w);
+        const scalar_t* xr = x_p + i * lanes;
+        scalar_t* yr = y_p + i * lanes;
+        for (int64_t j = 0; j < lanes; j += kN) {
+          const int64_t nv = std::min(kN, lanes - j);
+          prefetch(xr + j + kStreamAhead);
+          prefetch_for_write(yr + j + kStreamAhead);
+          const fvec v = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, end);
+          const fvec lw = fvec::loadu(lane_w + j);
+          const fvec out = cl ? (v * lw) * rw : (v * rw) * lw;
+          IO::store(yr + j, out, nv);
+        }
+      }
+    });
+  });
+  return y_out.finish();
+}
+
+// ---------------------------------------------------------------------------
+// cbam_apply_backward
+// ---------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> cbam_apply_backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& ch_gate,
+                                                   const Tensor& sp_gate) {
+  constexpr const char* op = "cbam_apply_backward";
+  const Dense d = dense_input(x, op);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.device().is_cpu(), op,
+              ": grad_y must be a CPU tensor of x's dtype");
+  const Tensor gy = grad_y.contiguous(d.format());
+  Tensor d_ch = at::empty({d.N, d.C}, x.options());
+  Tensor d_sp = at::empty({d.N, x.size(2), x.size(3)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const auto cg_acc = param_array<scalar_t>(ch_gate, {d.N, d.C}, op, "ch_gate");
+    const auto sp_acc = param_array<scalar_t>(sp_gate, {d.N, x.size(2), x.size(3)}, op, "sp_gate");
+    // NCHW: rows weigh by ch_gate, lanes by sp_gate; channels_last the other way round
+    const acc* row_w = (d.channels_last ? sp_acc : cg_acc).data();
+    const acc* lane_w = (d.channels_last ? cg_acc : sp_acc).data();
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* gy_p = gy.const_data_ptr<scalar_t>();
+    const scalar_t* x_end = x_p + d.t.numel();
+    const scalar_t* gy_end = gy_p + gy.numel();
+    const int64_t rows = d.rows(), lanes = d.lanes();
+    // short tiles: a block of kRowBlock rows of grad_y and x and the next one, prefetched, stay in L1
+    const Grid g(d.N, rows, lanes, kN, /*split_rows=*/true, 0, kMaxLaneTile / 2);
+    // row sums (sum over lanes of g * lane_w) per lane tile, lane sums (sum over rows of g * row_w) per row chunk
+    std::vector<acc> row_part(g.N * g.n_tiles * rows, acc(0));
+    std::vector<acc> lane_part(g.N * g.n_chunks * lanes, acc(0));
+    for_each_task(g, [&](const Grid::Task& k) {
+      __at_align__ acc lane_acc[kMaxLaneTile + kN] = {};
+      const acc* lw_base = lane_w + k.n * lanes + k.lane0;
+      for (int64_t r0 = k.row0; r0 < k.row0 + k.rows; r0 += kRowBlock) {
+        const int64_t rb = std::min(kRowBlock, k.row0 + k.rows - r0);
+        fvec racc[kRowBlock], rw[kRowBlock];
+        const scalar_t* xr[kRowBlock];
+        const scalar_t* gr[kRowBlock];
+        for (const auto r : c10::irange(rb)) {
+          racc[r] = fvec(acc(0));
+          rw[r] = fvec(row_w[k.n * rows + r0 + r]);
+          xr[r] = x_p + (k.n * rows + r0 + r) * lanes + k.lane0;
+          gr[r] = gy_p + (k.n * rows + r0 + r) * lanes + k.lane0;
+        }
+        for (int64_t j = 0; j < k.lanes; j += kN) {
+          const int64_t nv = std::min(kN, k.lanes - j);
+          const fvec lw = fvec::set(fvec(acc(0)), fvec::loadu(lw_base + j), nv);
+          fvec la = fvec::loadu(lane_acc + j);
+          for (int64_t r = 0; r < rb; ++r) {
+            prefetch(gr[r] + j + kRowBlock * lanes);
+            prefetch(xr[r] + j + kRowBlock * lanes);
+            const fvec gv = nv == kN ? IO::load(gr[r] + j) : IO::load_tail(gr[r] + j, nv, gy_end);
+            const fvec xv = nv == kN ? IO::load(xr[r] + j) : IO::load_tail(xr[r] + j, nv, x_end);
+            const fvec gx = gv * xv;
+            la = la + gx * rw[r];
+            racc[r] = racc[r] + gx * lw;
+          }
+          la.store(lane_acc + j);
+        }
+        for (const auto r : c10::irange(rb)) row_part[(k.n * g.n_tiles + k.tile) * rows + r0 + r] = hsum(racc[r]);
+      }
+      std::copy_n(lane_acc, k.lanes, lane_part.data() + (k.n * g.n_chunks + k.chunk) * lanes + k.lane0);
+    });
+    // NCHW: row sums are grad_ch_gate, lane sums grad_sp_gate; channels_last the other way round
+    scalar_t* row_out = (d.channels_last ? d_sp : d_ch).data_ptr<scalar_t>();
+    scalar_t* lane_out = (d.channels_last ? d_ch : d_sp).data_ptr<scalar_t>();
+    for (const auto n : c10::irange(d.N)) {
+      for (const auto r : c10::irange(rows)) {
+        acc s = 0;
+        for (const auto t : c10::irange(g.n_tiles)) s += row_part[(n * g.n_tiles + t) * rows + r];
+        row_out[n * rows + r] = static_cast<scalar_t>(s);
+      }
+      for (const auto l : c10::irange(lanes)) {
+        acc s = 0;
+        for (const auto c : c10::irange(g.n_chunks)) s += lane_part[(n * g.n_chunks + c) * lanes + l];
+        lane_out[n * lanes + l] = static_cast<scalar_t>(s);
+      }
+    }
+  });
+  return {d_ch, d_sp};
+}
+
+// ---------------------------------------------------------------------------
+// Gradient weights of the max pools (reference: fastattn.reference._max_weight)
+// ---------------------------------------------------------------------------
+// A position that holds the max gets `hit`, the others `miss`:
+//   split_ties: hit = (1 / count) * g, miss = (0 / count) * g  (NaN when count == 0, as PyTorch)
+//   otherwise:  hit = 1 * g at the first argmax, miss = 0 * g
+template <typename acc>
+void max_grad_weights(acc g, int32_t count, bool split_ties, acc& hit, acc& miss) {
+  const acc cnt = split_ties ? acc(count) : acc(1);
+  hit = (acc(1) / cnt) * g;
+  miss = (acc(0) / cnt) * g;
+}
+
+// Per-position terms of the spatial max-pool gradient, each N*H*W (+ a vector of padding):
+// a = grad_mean / C, hit, miss, and the max itself.
+template <typename acc>
+struct SpatialPoolTerms {
+  std::vector<acc> a, hit, miss, max;
+};
+
+template <typename scalar_t>
+SpatialPoolTerms<acc_type<scalar_t>> spatial_pool_terms(const Tensor& grad_pooled, const Tensor& pooled,
+                                                        const Tensor& count, const Tensor& x, const Dense& d,
+                                                        bool split_ties, const char* op) {
+  using acc = acc_type<scalar_t>;
+  const int64_t H = x.size(2), W = x.size(3);
+  const auto gp = param_array<scalar_t>(grad_pooled, {d.N, 2, H, W}, op, "grad_pooled");
+  const auto pl = param_array<scalar_t>(pooled, {d.N, 2, H, W}, op, "pooled");
+  const Tensor cnt = index_array(count, {d.N, H, W}, at::kInt, op, "count");
+  const int32_t* cnt_p = cnt.const_data_ptr<int32_t>();
+  const int64_t len = d.N * d.HW + Vectorized<acc>::size();
+  SpatialPoolTerms<acc> t{std::vector<acc>(len, 0), std::vector<acc>(len, 0), std::vector<acc>(len, 0),
+                          std::vector<acc>(len, 0)};
+  const acc channels = acc(d.C);
+  for (const auto n : c10::irange(d.N)) {
+    for (const auto hw : c10::irange(d.HW)) {
+      const int64_t i = n * d.HW + hw;
+      t.a[i] = gp[2 * n * d.HW + hw] / channels;
+      max_grad_weights(gp[(2 * n + 1) * d.HW + hw], cnt_p[i], split_ties, t.hit[i], t.miss[i]);
+      t.max[i] = pl[(2 * n + 1) * d.HW + hw];
+    }
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------
+// gated_spatial_pool_backward_gate
+// ---------------------------------------------------------------------------
+Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Tensor& x, const Tensor& gate,
+                                            const Tensor& pooled, const Tensor& argmax, const Tensor& count,
+                                            bool split_ties) {
+  constexpr const char* op = "gated_spatial_pool_backward_gate";
+  const Dense d = dense_input(x, op);
+  const int64_t H = x.size(2), W = x.size(3);
+  TORCH_CHECK(grad_pooled.dim() == 4 && grad_pooled.size(0) == d.N && grad_pooled.size(1) == 2 &&
+                  grad_pooled.size(2) == H && grad_pooled.size(3) == W,
+              op, ": grad_pooled must have shape (N, 2, H, W) = ", at::IntArrayRef({d.N, 2, H, W}), ", got ",
+              grad_pooled.sizes());
+  Tensor d_gate = at::empty({d.N, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const auto g_acc = param_array<scalar_t>(gate, {d.N, d.C}, op, "gate");
+    const auto terms = spatial_pool_terms<scalar_t>(grad_pooled, pooled, count, x, d, split_ties, op);
+    const Tensor arg = index_array(argmax, {d.N, H, W}, at::kLong, op, "argmax");
+    const acc* gate_p = g_acc.data();
+    const acc *t_a = terms.a.data(), *t_hit = terms.hit.data(), *t_miss = terms.miss.data(), *t_max = terms.max.data();
+    const int64_t* arg_p = arg.const_data_ptr<int64_t>();
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* x_end = x_p + d.t.numel();
+    const int64_t rows = d.rows(), lanes = d.lanes();
+    const fvec lane_iota = iota<acc>();
+    const Grid grid(d.N, rows, lanes, kN, /*split_rows=*/true);
+    // grad_gate[n, c] = sum over positions of x * (a + (max hit ? hit : miss)): NCHW sums rows' lanes,
+    // channels_last sums lanes over rows; partial sums per lane tile or per row chunk
+    std::vector<acc> part(d.channels_last ? grid.N * grid.n_chunks * lanes : grid.N * grid.n_tiles * rows, acc(0));
+    for_each_task(grid, [&](const Grid::Task& k) {
+      const int64_t base = k.n * rows;
+      const int64_t ahead = prefetch_distance(k.lanes, lanes);
+      if (!d.channels_last) {  // rows = channels, lanes = positions
+        __at_align__ acc lane_arg[kMaxLaneTile + kN];  // argmax channel, local to this row chunk
+        for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(arg_p[k.n * lanes + k.lane0 + l], k.row0);
+        const int64_t p0 = k.n * lanes + k.lane0;
+        for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
+          const fvec gr(gate_p[base + r]);
+          const fvec rloc(acc(r - k.row0));
+          const scalar_t* xr = x_p + (base + r) * lanes + k.lane0;
+          fvec s(acc(0));
+          for (int64_t j = 0; j < k.lanes; j += kN) {
+            const int64_t nv = std::min(kN, k.lanes - j);
+            prefetch(xr + j + ahead);
+            const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
+            const fvec hit_mask = split_ties ? IO::round(xv * gr) == fvec::loadu(t_max + p0 + j)
+                                             : rloc == fvec::loadu(lane_arg + j);
+            const fvec dz = fvec::loadu(t_a + p0 + j) +
+                            fvec::blendv(fvec::loadu(t_miss + p0 + j), fvec::loadu(t_hit + p0 + j), hit_mask);
+            const fvec contrib = dz * xv;
+            s = s + (nv == kN ? contrib : fvec::set(fvec(acc(0)), contrib, nv));
+          }
+          part[(k.n * grid.n_tiles + k.tile) * rows + r] = hsum(s);
+        }
+      } else {  // rows = positions, lanes = channels
+        __at_align__ acc lane_acc[kMaxLaneTile + kN] = {};
+        const acc* gl = gate_p + k.n * lanes + k.lane0;
+        for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
+          const int64_t p = base + r;
+          const fvec a(t_a[p]), hit(t_hit[p]), miss(t_miss[p]), mx(t_max[p]);
+          const fvec arg_loc(local_index<acc>(arg_p[p], k.lane0));
+          const scalar_t* xr = x_p + p * lanes + k.lane0;
+          fvec lidx = lane_iota;
+          for (int64_t j = 0; j < k.lanes; j += kN, lidx = lidx + fvec(acc(kN))) {
+            const int64_t nv = std::min(kN, k.lanes - j);
+            prefetch(xr + j + ahead);
+            const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
+            const fvec hit_mask = split_ties ? IO::round(xv * fvec::loadu(gl + j)) == mx : lidx == arg_loc;
+            const fvec dz = a + fvec::blendv(miss, hit, hit_mask);
+            (fvec::loadu(lane_acc + j) + dz * xv).store(lane_acc + j);
+          }
+        }
+        std::copy_n(lane_acc, k.lanes, part.data() + (k.n * grid.n_chunks + k.chunk) * lanes + k.lane0);
+      }
+    });
+    scalar_t* out = d_gate.data_ptr<scalar_t>();
+    const int64_t parts = d.channels_last ? grid.n_chunks : grid.n_tiles;
+    const int64_t len = d.channels_last ? lanes : rows;  // = C
+    for (const auto n : c10::irange(d.N)) {
+      for (const auto c : c10::irange(len)) {
+        acc s = 0;
+        for (const auto q : c10::irange(parts)) s += part[(n * parts + q) * len + c];
+        out[n * len + c] = static_cast<scalar_t>(s);
+      }
+    }
+  });
+  return d_gate;
+}
+
+// ---------------------------------------------------------------------------
+// cbam_grad_x
+// ---------------------------------------------------------------------------
+// Per-channel and per-position terms of the x-gradient (cbam_grad_x), each array padded by a vector.
+template <typename acc>
+struct GradXTerms {
+  bool has_gy, has_pool, has_avg, has_max, split_ties;
+  const acc *c_gate, *c_avg, *c_hit, *c_miss, *c_max;  // (N*C): ch_gate, grad_avg / HW, channel-max hit, miss, max
+  const int64_t* c_arg;                                 // (N*C): first argmax position
+  const acc *p_gate, *p_a, *p_hit, *p_miss, *p_max;    // (N*HW): sp_gate, grad_mean / C, spatial-max hit, miss, max
+  const int64_t* p_arg;                                 // (N*HW): first argmax channel
+};
+
+// dx over one task's rows and lane tile: the sum of the given terms, in the reference's order.
+// The row's own terms are broadcasts, the lanes' are vector loads; channel and position swap roles
+// between NCHW (rows = channels) and channels_last (rows = positions). Argmax indices are compared
+// as floats local to this task's row chunk or lane tile. Everything is copied into locals: the
+// stores to dx could otherwise alias captured state and force reloads in the inner loop.
+template <typename scalar_t, bool kChannelsLast>
+void grad_x_task(const GradXTerms<acc_type<scalar_t>> t, const Grid::Task& k, int64_t rows, int64_t lanes,
+                 const scalar_t* x_p, const scalar_t* gy_p, scalar_t* dx_p, int64_t numel) {
+  using IO = VecIO<scalar_t>;
+  using acc = typename IO::acc;
+  using fvec = typename IO::fvec;
+  constexpr int64_t kN = IO::kN;
+  const bool has_gy = t.has_gy, has_pool = t.has_pool, has_avg = t.has_avg, has_max = t.has_max;
+  const bool split = t.split_ties, need_x = has_pool || has_max;
+  const scalar_t* x_end = x_p + numel;
+  const scalar_t* gy_end = gy_p ? gy_p + numel : nullptr;
+  // the lane dimension's argmax (channel or position) as a row index local to this row chunk
+  std::vector<acc> lane_arg_buf(round_up(k.lanes, kN), acc(-1));
+  const acc* lane_arg = lane_arg_buf.data();
+  const int64_t l0 = k.n * lanes + k.lane0;
+  const int64_t* lane_arg_src = kChannelsLast ? (has_max ? t.c_arg : nullptr) : (has_pool ? t.p_arg : nullptr);
+  if (lane_arg_src)
+    for (const auto l : c10::irange(k.lanes)) lane_arg_buf[l] = local_index<acc>(lane_arg_src[l0 + l], k.row0);
+  // the lane dimension's arrays at this tile
+  auto at_tile = [&](const acc* a) { return a ? a + l0 : nullptr; };  // absent terms stay null
+  const acc* lg = at_tile(kChannelsLast ? t.c_gate : t.p_gate);
+  const acc* l_avg = at_tile(t.c_avg);  // read in channels_last only
+  const acc* l_hit = at_tile(kChannelsLast ? t.c_hit : t.p_hit);
+  const acc* l_miss = at_tile(kChannelsLast ? t.c_miss : t.p_miss);
+  const acc* l_max = at_tile(kChannelsLast ? t.c_max : t.p_max);
+  const acc* l_a = at_tile(t.p_a);  // read in NCHW only
+  const fvec zero(acc(0));
+  const fvec lane_iota = iota<acc>();
+  const int64_t ahead = prefetch_distance(k.lanes, lanes);
+
+  for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
+    const int64_t ri = k.n * rows + r;
+    const scalar_t* xr = x_p + ri * lanes + k.lane0;
+    const scalar_t* gr = gy_p ? gy_p + ri * lanes + k.lane0 : nullptr;
+    scalar_t* dr = dx_p + ri * lanes + k.lane0;
+    const fvec r_loc(acc(r - k.row0));
+    // the row's own terms
+    fvec rg, r_avg, r_hit, r_miss, r_max, r_a, r_arg;
+    if constexpr (kChannelsLast) {  // row = position
+      rg = fvec(t.p_gate[ri]);
+      if (has_pool) {
+        r_a = fvec(t.p_a[ri]);
+        r_hit = fvec(t.p_hit[ri]);
+        r_miss = fvec(t.p_miss[ri]);
+        r_max = fvec(t.p_max[ri]);
+        r_arg = fvec(local_index<acc>(t.p_arg[ri], k.lane0));
+      }
+    } else {  // row = channel
+      rg = fvec(t.c_gate[ri]);
+      r_avg = fvec(t.c_avg[ri]);
+      if (has_max) {
+        r_hit = fvec(t.c_hit[ri]);
+        r_miss = fvec(t.c_miss[ri]);
+        r_max = fvec(t.c_max[ri]);
+        r_arg = fvec(local_index<acc>(t.c_arg[ri], k.lane0));
+      }
+    }
+    fvec l_loc = lane_iota;
+    for (int64_t j = 0; j < k.lanes; j += kN, l_loc = l_loc + fvec(acc(kN))) {
+      const int64_t nv = std::min(kN, k.lanes - j);
+      fvec xv = zero, gv = zero;
+      if (need_x) {
+        prefetch(xr + j + ahead);
+        xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
+      }
+      if (has_gy) {
+        prefetch(gr + j + ahead);
+        gv = nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
+      }
+      const fvec la = fvec::loadu(lane_arg + j);
+      // the element's channel gate and position gate
+      const fvec cg = kChannelsLast ? fvec::loadu(lg + j) : rg;
+      const fvec sp = kChannelsLast ? rg : fvec::loadu(lg + j);
+      fvec dxv = zero;
+      if (has_gy) dxv = (gv * cg) * sp;
+      if (has_pool) {  // spatial max over channels: the position's terms
+        const fvec pmax = kChannelsLast ? r_max : fvec::loadu(l_max + j);
+        const fvec c_loc = kChannelsLast ? l_loc : r_loc;
+        const fvec p_arg = kChannelsLast ? r_arg : la;
+        const fvec hit = split ? IO::round(xv * cg) == pmax : c_loc == p_arg;
+        const fvec pa = kChannelsLast ? r_a : fvec::loadu(l_a + j);
+        const fvec phit = kChannelsLast ? r_hit : fvec::loadu(l_hit + j);
+        const fvec pmiss = kChannelsLast ? r_miss : fvec::loadu(l_miss + j);
+        dxv = dxv + cg * (pa + fvec::blendv(pmiss, phit, hit));
+      }
+      if (has_avg) dxv = dxv + (kChannelsLast ? fvec::loadu(l_avg + j) : r_avg);
+      if (has_max) {  // channel max over positions: the channel's terms
+        const fvec cmax = kChannelsLast ? fvec::loadu(l_max + j) : r_max;
+        const fvec p_loc = kChannelsLast ? r_loc : l_loc;
+        const fvec c_arg = kChannelsLast ? la : r_arg;
+        const fvec hit = split ? xv == cmax : p_loc == c_arg;
+        const fvec chit = kChannelsLast ? fvec::loadu(l_hit + j) : r_hit;
+        const fvec cmiss = kChannelsLast ? fvec::loadu(l_miss + j) : r_miss;
+        dxv = dxv + fvec::blendv(cmiss, chit, hit);
+      }
+      prefetch_for_write(dr + j + ahead);
+      IO::store(dr + j, dxv, nv);
+    }
+  }
+}
+
+Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, const std::optional<Tensor>& ch_gate,
+                       const std::optional<Tensor>& sp_gate, const std::optional<Tensor>& grad_pooled,
+                       const std::optional<Tensor>& pooled, const std::optional<Tensor>& sp_argmax,
+                       const std::optional<Tensor>& sp_count, const std::optional<Tensor>& grad_avg,
+                       const std::optional<Tensor>& grad_max, const std::optional<Tensor>& ch_max,
+                       const std::optional<Tensor>& ch_argmax, const std::optional<Tensor>& ch_count,
+                       bool split_ties) {
+  constexpr const char* op = "cbam_grad_x";
+  const Dense d = dense_input(x, op);
+  const int64_t H = x.size(2), W = x.size(3);
+  const bool has_gy = grad_y.has_value(), has_pool = grad_pooled.has_value();
+  const bool has_avg = grad_avg.has_value(), has_max = grad_max.has_value();
+  TORCH_CHECK(!has_gy || (ch_gate && sp_gate), op, ": grad_y needs ch_gate and sp_gate");
+  TORCH_CHECK(!has_pool || (ch_gate && pooled && sp_argmax && sp_count), op,
+              ": grad_pooled needs ch_gate, pooled, sp_argmax and sp_count");
+  TORCH_CHECK(!has_max || (ch_max && ch_argmax && ch_count), op, ": grad_max needs ch_max, ch_argmax and ch_count");
+  Tensor gy;
+  if (has_gy) {
+    TORCH_CHECK(grad_y->sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(), ", got ",
+                grad_y->sizes());
+    TORCH_CHECK(grad_y->scalar_type() == x.scalar_type() && grad_y->device().is_cpu(), op,
+                ": grad_y must be a CPU tensor of x's dtype");
+    gy = grad_y->contiguous(d.format());
+  }
+  if (has_pool) {
+    TORCH_CHECK(grad_pooled->dim() == 4 && grad_pooled->size(0) == d.N && grad_pooled->size(1) == 2 &&
+                    grad_pooled->size(2) == H && grad_pooled->size(3) == W,
+                op, ": grad_pooled must have shape (N, 2, H, W) = ", at::IntArrayRef({d.N, 2, H, W}), ", got ",
+                grad_pooled->sizes());
+  }
+  const XSized dx_out(x, d);
+  const Tensor& dx = dx_out.work;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const int64_t NC = d.N * d.C;
+    // per-channel terms (NC + kN each): ch_gate, grad_avg / HW, channel-max hit, miss, max
+    std::vector<acc> c_gate(NC + kN, 0), c_avg(NC + kN, 0), c_hit(NC + kN, 0), c_miss(NC + kN, 0),
+        c_max(NC + kN, 0);
+    if (ch_gate) c_gate = param_array<scalar_t>(*ch_gate, {d.N, d.C}, op, "ch_gate");
+    if (has_avg) {
+      c_avg = param_array<scalar_t>(*grad_avg, {d.N, d.C}, op, "grad_avg");
+      for (const auto i : c10::irange(NC)) c_avg[i] = c_avg[i] / acc(d.HW);
+    }
+    Tensor ch_arg;
+    if (has_max) {
+      const auto gm = param_array<scalar_t>(*grad_max, {d.N, d.C}, op, "grad_max");
+      c_max = param_array<scalar_t>(*ch_max, {d.N, d.C}, op, "ch_max");
+      const Tensor cnt = index_array(*ch_count, {d.N, d.C}, at::kInt, op, "ch_count");
+      ch_arg = index_array(*ch_argmax, {d.N, d.C}, at::kLong, op, "ch_argmax");
+      for (const auto i : c10::irange(NC))
+        max_grad_weights(gm[i], cnt.const_data_ptr<int32_t>()[i], split_ties, c_hit[i], c_miss[i]);
+    }
+    // per-position terms: sp_gate, and those of the spatial max pool
+    std::vector<acc> p_gate(d.N * d.HW + kN, 0);
+    if (sp_gate) p_gate = param_array<scalar_t>(*sp_gate, {d.N, H, W}, op, "sp_gate");
+    SpatialPoolTerms<acc> pool_terms;
+    Tensor sp_arg;
+    if (has_pool) {
+      pool_terms = spatial_pool_terms<scalar_t>(*grad_pooled, *pooled, *sp_count, x, d, split_ties, op);
+      sp_arg = index_array(*sp_argmax, {d.N, H, W}, at::kLong, op, "sp_argmax");
+    }
+    auto data_or_null = [](const std::vector<acc>& v) { return v.empty() ? nullptr : v.data(); };
+    GradXTerms<acc> terms_set;
+    terms_set.has_gy = has_gy;
+    terms_set.has_pool = has_pool;
+    terms_set.has_avg = has_avg;
+    terms_set.has_max = has_max;
+    terms_set.split_ties = split_ties;
+    terms_set.c_gate = c_gate.data();
+    terms_set.c_avg = c_avg.data();
+    terms_set.c_hit = c_hit.data();
+    terms_set.c_miss = c_miss.data();
+    terms_set.c_max = c_max.data();
+    terms_set.c_arg = has_max ? ch_arg.const_data_ptr<int64_t>() : nullptr;
+    terms_set.p_gate = p_gate.data();
+    terms_set.p_a = data_or_null(pool_terms.a);
+    terms_set.p_hit = data_or_null(pool_terms.hit);
+    terms_set.p_miss = data_or_null(pool_terms.miss);
+    terms_set.p_max = data_or_null(pool_terms.max);
+    terms_set.p_arg = has_pool ? sp_arg.const_data_ptr<int64_t>() : nullptr;
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* gy_p = has_gy ? gy.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dx_p = dx.data_ptr<scalar_t>();
+    // long lane tiles: each row is one long stream of x, grad_y and dx
+    const Grid g(d.N, d.rows(), d.lanes(), kN, /*split_rows=*/true, 0, kMaxStreamTile);
+    const int64_t numel = d.t.numel();
+    for_each_task(g, [&](const Grid::Task& k) {
+      if (d.channels_last) {
+        grad_x_task<scalar_t, true>(terms_set, k, d.rows(), d.lanes(), x_p, gy_p, dx_p, numel);
+      } else {
+        grad_x_task<scalar_t, false>(terms_set, k, d.rows(), d.lanes(), x_p, gy_p, dx_p, numel);
+      }
+    });
+  });
+  return dx_out.finish();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("channel_pool", &fastattn::cpu::channel_pool_cpu);
+  m.impl("gated_spatial_pool", &fastattn::cpu::gated_spatial_pool_cpu);
+  m.impl("cbam_apply", &fastattn::cpu::cbam_apply_cpu);
+  m.impl("cbam_apply_backward", &fastattn::cpu::cbam_apply_backward_cpu);
+  m.impl("gated_spatial_pool_backward_gate", &fastattn::cpu::gated_spatial_pool_backward_gate_cpu);
+  m.impl("cbam_grad_x", &fastattn::cpu::cbam_grad_x_cpu);
+}

@@ -1,0 +1,356 @@
+"""Op-level parity of the C++ CPU CBAM kernels (csrc/cpu/cbam.cpp) with fastattn.reference.ref_*.
+
+Error rule (DESIGN.md §4): against the float64 reference, a kernel's error may be at most
+2x the error of the same-dtype eager reference plus a small atol. Max values, argmax and tie
+counts must match the same-dtype reference exactly, NaN positions included.
+"""
+import os
+
+import pytest
+import torch
+from _util import assert_error_rule
+
+from fastattn.reference import (ref_cbam_apply, ref_cbam_apply_backward, ref_cbam_grad_x, ref_channel_pool,
+                                ref_gated_spatial_pool, ref_gated_spatial_pool_backward_gate)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_ops():
+    """torch.ops.fastattn with CPU CBAM kernels: the installed fastattn._C when it has them,
+    else a standalone build of csrc/cpu/cbam.cpp (plus csrc/ops.cpp when no schemas are registered)."""
+    from fastattn import _ext
+    if _ext.has_kernel("channel_pool", "CPU"):
+        return torch.ops.fastattn
+    from torch.utils.cpp_extension import load
+    schemas_known = hasattr(torch.ops.fastattn, "channel_pool")
+    sources = [os.path.join(ROOT, "csrc/cpu/cbam.cpp")] + ([] if schemas_known else [os.path.join(ROOT, "csrc/ops.cpp")])
+    name = "fa_cpu_cbam_impl" if schemas_known else "fa_cpu_cbam"
+    build_dir = f"/tmp/build-cpu-cbam-{name}"
+    os.makedirs(build_dir, exist_ok=True)
+    os.environ.setdefault("MAX_JOBS", "1")
+    load(name=name, sources=sources, build_directory=build_dir,
+         extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v3", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    return torch.ops.fastattn
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return _load_ops()
+
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# (N, C, H, W): odd and one-element sizes; big C only with a small map, big maps only with small C
+SHAPES = [(1, 1, 1, 1), (8, 3, 7, 7), (1, 17, 13, 17), (2, 2048, 1, 1), (1, 2048, 3, 5), (1, 3, 56, 56),
+          (8, 17, 1, 1)]
+SHAPES_16BIT = [(8, 3, 7, 7), (1, 17, 13, 17), (1, 2048, 2, 3)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other channel of a wider tensor: neither layout, copied by the kernel
+        wide = torch.stack([t, torch.zeros_like(t)], 2).flatten(1, 2)
+        return wide[:, ::2]
+    return t
+
+
+def _input(shape, dtype, layout, ties=False, nan=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if ties:  # many equal values: ReLU'd and rounded to one decimal
+        x = x.relu().mul(10).round().div(10)
+    if nan:
+        x[torch.rand(shape, generator=g) < 0.05] = float("nan")
+    return _layout(x.to(dtype), layout)
+
+
+def _check(name, out, ref_same, ref64, dtype):
+    """out vs float64 truth within 2x the eager same-dtype error + atol (tests/_util.py); dtype and shape too."""
+    assert out.shape == ref_same.shape and out.dtype == ref_same.dtype == dtype, (name, out.shape, out.dtype)
+    assert_error_rule(name, out, ref64.to(torch.float64), ref_same)
+
+
+def _exact(name, out, ref):
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (name, out.dtype, ref.dtype)
+    if out.is_floating_point():
+        same = (out == ref) | (out.isnan() & ref.isnan())
+    else:
+        same = out == ref
+    if not same.all():
+        idx = (~same).nonzero()[0].tolist()
+        pytest.fail(f"{name}: {int((~same).sum())} mismatches, first at {idx}: {out[tuple(idx)]} vs {ref[tuple(idx)]}")
+
+
+def _f64(*ts):
+    return [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts]
+
+
+def _expected_format(x):
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_layout(out, x):
+    """x-sized outputs: the reference's memory format, and exactly the strides of the fake kernel (empty_like)."""
+    assert out.is_contiguous(memory_format=_expected_format(x))
+    assert out.stride() == torch.empty_like(x).stride()
+
+
+def _gates(shape, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    return (torch.rand(n, c, generator=g, dtype=torch.float64).to(dtype),
+            torch.rand(n, h, w, generator=g, dtype=torch.float64).to(dtype))
+
+
+# every shape in float32 and float64, a few in the 16-bit types
+CASES = ([(s, d, l) for d in (torch.float32, torch.float64) for s in SHAPES for l in LAYOUTS]
+         + [(s, d, l) for d in (torch.float16, torch.bfloat16) for s in SHAPES_16BIT for l in LAYOUTS])
+KINDS = ["random", "ties", "nan"]
+
+
+def _id(case):
+    s, d, l = case
+    return f"{'x'.join(map(str, s))}-{str(d)[6:]}-{l}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_pools(ops, case):
+    for kind in KINDS:
+        _check_pools(ops, *case, kind)
+
+
+def _check_pools(ops, shape, dtype, layout, kind):
+    x = _input(shape, dtype, layout, ties=kind == "ties", nan=kind == "nan")
+    gate, _ = _gates(shape, dtype)
+    if kind == "ties":  # ties survive the gate: gates that are powers of two keep equal products equal
+        gate = torch.where(gate > 0.5, 1.0, 0.5).to(dtype)
+
+    avg, mx, arg, cnt = ops.channel_pool(x, True)
+    r_avg, r_mx, r_arg, r_cnt = ref_channel_pool(x)
+    _check(f"channel_pool avg ({kind})", avg, r_avg, ref_channel_pool(x.double())[0], dtype)
+    _exact("channel_pool max", mx, r_mx)
+    _exact("channel_pool argmax", arg, r_arg)
+    _exact("channel_pool count", cnt, r_cnt)
+
+    pooled, arg, cnt = ops.gated_spatial_pool(x, gate, True)
+    r_pooled, r_arg, r_cnt = ref_gated_spatial_pool(x, gate)
+    assert pooled.is_contiguous()
+    # the mean of z = x * gate rounded to x.dtype: truth from the same rounded z in float64
+    z = x * gate[:, :, None, None]
+    r64_mean = z.double().mean(1)
+    _check("gated_spatial_pool mean", pooled[:, 0], r_pooled[:, 0], r64_mean, dtype)
+    _exact("gated_spatial_pool max", pooled[:, 1], r_pooled[:, 1])
+    _exact("gated_spatial_pool argmax", arg, r_arg)
+    _exact("gated_spatial_pool count", cnt, r_cnt)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_cbam_apply(ops, case):
+    shape, dtype, layout = case
+    x = _input(shape, dtype, layout, nan=True)
+    ch, sp = _gates(shape, dtype)
+    y = ops.cbam_apply(x, ch, sp)
+    ref = ref_cbam_apply(x, ch, sp)
+    _check("cbam_apply", y, ref, ref_cbam_apply(*_f64(x, ch, sp)), dtype)
+    if dtype in (torch.float32, torch.float64):  # same products in the same order
+        _exact("cbam_apply (bitwise)", y, ref)
+    _check_layout(y, x)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_cbam_apply_backward(ops, case):
+    shape, dtype, layout = case
+    x = _input(shape, dtype, layout)
+    ch, sp = _gates(shape, dtype)
+    grad_y = _input(shape, dtype, "contiguous", seed=3)  # often another layout than x
+    out = ops.cbam_apply_backward(grad_y, x, ch, sp)
+    ref = ref_cbam_apply_backward(grad_y, x, ch, sp)
+    ref64 = ref_cbam_apply_backward(*_f64(grad_y, x, ch, sp))
+    for name, o, r, r64 in zip(["grad_ch_gate", "grad_sp_gate"], out, ref, ref64):
+        _check(name, o, r, r64, dtype)
+
+
+def _backward_inputs(shape, dtype, layout, kind, seed=5):
+    x = _input(shape, dtype, layout, ties=kind == "ties", nan=kind == "nan")
+    ch, sp = _gates(shape, dtype)
+    if kind == "ties":
+        ch = torch.where(ch > 0.5, 1.0, 0.5).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    grad_pooled = torch.randn(n, 2, h, w, generator=g, dtype=torch.float64).to(dtype)
+    grad_avg = torch.randn(n, c, generator=g, dtype=torch.float64).to(dtype)
+    grad_max = torch.randn(n, c, generator=g, dtype=torch.float64).to(dtype)
+    return x, ch, sp, grad_pooled, grad_avg, grad_max
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_gated_spatial_pool_backward_gate(ops, case):
+    for kind in KINDS:
+        for split_ties in (True, False):
+            _check_backward_gate(ops, *case, kind, split_ties)
+
+
+def _check_backward_gate(ops, shape, dtype, layout, kind, split_ties):
+    x, gate, _, grad_pooled, _, _ = _backward_inputs(shape, dtype, layout, kind)
+    pooled, arg, cnt = ref_gated_spatial_pool(x, gate)
+    args = (grad_pooled, x, gate, pooled, arg, cnt, split_ties)
+    out = ops.gated_spatial_pool_backward_gate(*args)
+    ref = ref_gated_spatial_pool_backward_gate(*args)
+    # truth: float64 arithmetic with the same-dtype forward's tie masks
+    _check(f"grad_gate ({kind}, split_ties={split_ties})", out, ref, _f64_backward_gate(args), dtype)
+
+
+def _f64_backward_gate(args):
+    grad_pooled, x, gate, pooled, arg, cnt, split_ties = args
+    acc = torch.float64
+    z = x * gate[:, :, None, None]  # same rounding as the kernel's tie test
+    if split_ties:
+        w = (z == pooled[:, 1:2]).to(acc) / cnt[:, None].to(acc)
+    else:
+        w = (torch.arange(x.shape[1])[None, :, None, None] == arg[:, None]).to(acc)
+    gp = grad_pooled.to(acc)
+    dz = gp[:, 0:1] / x.shape[1] + w * gp[:, 1:2]
+    return (dz * x.to(acc)).sum((2, 3))
+
+
+TERMS = {"all": ("grad_y", "grad_pooled", "grad_avg", "grad_max"), "grad_y": ("grad_y",),
+         "pool": ("grad_pooled", "grad_avg"), "max": ("grad_max",)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_cbam_grad_x(ops, case):
+    for kind in KINDS:
+        for split_ties in (True, False):
+            _check_grad_x(ops, *case, kind, split_ties, "all")
+    for terms in TERMS:  # the subsets the autograd formulas of the single ops pass
+        if terms != "all":
+            _check_grad_x(ops, *case, "ties", False, terms)
+
+
+def _check_grad_x(ops, shape, dtype, layout, kind, split_ties, terms):
+    x, ch, sp, grad_pooled, grad_avg, grad_max = _backward_inputs(shape, dtype, layout, kind)
+    grad_y = _input(shape, dtype, "contiguous", seed=7)
+    pooled, sp_arg, sp_cnt = ref_gated_spatial_pool(x, ch)
+    _, ch_max, ch_arg, ch_cnt = ref_channel_pool(x)
+    use = TERMS[terms]
+    args = [x,
+            grad_y if "grad_y" in use else None,
+            ch, sp if "grad_y" in use else None,
+            grad_pooled if "grad_pooled" in use else None,
+            pooled if "grad_pooled" in use else None,
+            sp_arg if "grad_pooled" in use else None,
+            sp_cnt if "grad_pooled" in use else None,
+            grad_avg if "grad_avg" in use else None,
+            grad_max if "grad_max" in use else None,
+            ch_max if "grad_max" in use else None,
+            ch_arg if "grad_max" in use else None,
+            ch_cnt if "grad_max" in use else None,
+            split_ties]
+    out = ops.cbam_grad_x(*args)
+    ref = ref_cbam_grad_x(*args)
+    # truth: float64 arithmetic with the same-dtype forward's tie masks (the x == max tests use x as given)
+    args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() and i not in (0, 5, 10) else a
+              for i, a in enumerate(args)]
+    ref64 = ref_cbam_grad_x(*args64) if dtype == torch.float64 else _grad_x_f64(args)
+    _check(f"cbam_grad_x ({kind}, split_ties={split_ties}, terms={terms})", out, ref, ref64, dtype)
+    _check_layout(out, x)
+
+
+def _grad_x_f64(args):
+    (x, grad_y, ch, sp, grad_pooled, pooled, sp_arg, sp_cnt, grad_avg, grad_max, ch_max, ch_arg, ch_cnt,
+     split_ties) = args
+    acc = torch.float64
+    n, c, h, w = x.shape
+    dx = torch.zeros(x.shape, dtype=acc)
+    if grad_y is not None:
+        dx = dx + grad_y.to(acc) * ch.to(acc)[:, :, None, None] * sp.to(acc)[:, None]
+    if grad_pooled is not None:
+        z = x * ch[:, :, None, None]
+        if split_ties:
+            wsp = (z == pooled[:, 1:2]).to(acc) / sp_cnt[:, None].to(acc)
+        else:
+            wsp = (torch.arange(c)[None, :, None, None] == sp_arg[:, None]).to(acc)
+        gp = grad_pooled.to(acc)
+        dx = dx + ch.to(acc)[:, :, None, None] * (gp[:, 0:1] / c + wsp * gp[:, 1:2])
+    if grad_avg is not None:
+        dx = dx + grad_avg.to(acc)[:, :, None, None] / (h * w)
+    if grad_max is not None:
+        flat = x.flatten(2)
+        if split_ties:
+            wch = (flat == ch_max[:, :, None]).to(acc) / ch_cnt[:, :, None].to(acc)
+        else:
+            wch = (torch.arange(h * w)[None, None] == ch_arg[:, :, None]).to(acc)
+        dx = dx + (wch * grad_max.to(acc)[:, :, None]).view(n, c, h, w)
+    return dx
+
+
+def test_argmax_first_nan_and_all_ties(ops):
+    """Hand-made rows: the first NaN wins with count 0; all-equal rows give index 0 and count = length."""
+    x = torch.zeros(1, 20, 3, 3)
+    x[0, 1, 2, 1] = float("nan")   # channel 1: NaN at position 7
+    x[0, 1, 0, 2] = float("nan")   # ... and an earlier NaN at position 2
+    x[0, 2] = float("-inf")        # channel 2: all -inf
+    x[0, 3, 1, 1] = float("inf")   # channel 3: one +inf
+    for layout in ["contiguous", "channels_last"]:
+        xl = _layout(x, layout)
+        avg, mx, arg, cnt = ops.channel_pool(xl, False)
+        assert arg[0, :4].tolist() == [0, 2, 0, 4] and cnt[0, :4].tolist() == [9, 0, 9, 1]
+        assert mx[0, 1].isnan() and mx[0, 2] == float("-inf")
+        pooled, arg, cnt = ops.gated_spatial_pool(xl, torch.ones(1, 20), True)
+        r_pooled, r_arg, r_cnt = ref_gated_spatial_pool(xl, torch.ones(1, 20))
+        _exact("pooled", pooled, r_pooled)
+        _exact("argmax", arg, r_arg)
+        _exact("count", cnt, r_cnt)
+
+
+def test_long_rows_and_many_tiles(ops):
+    """Rows longer than the kernels' L1 pieces and lane tiles: maxima in later pieces, ties across pieces."""
+    x = torch.zeros(2, 5, 70, 70)
+    x[0, 0, 60, 3] = 2.0          # late max
+    x[0, 1, 0, 0] = 1.0
+    x[0, 1, 69, 69] = 1.0         # tie across pieces
+    x[1, 2, 30, 30] = float("nan")
+    for layout in ["contiguous", "channels_last"]:
+        xl = _layout(x, layout)
+        for o, r in zip(ops.channel_pool(xl, False), ref_channel_pool(xl)):
+            _exact("channel_pool", o, r)
+    xc = torch.randn(1, 1300, 5, 5).relu().round()
+    for layout in ["contiguous", "channels_last"]:
+        xl = _layout(xc, layout)
+        gate = torch.ones(1, 1300)
+        for o, r in zip(ops.gated_spatial_pool(xl, gate, False), ref_gated_spatial_pool(xl, gate)):
+            _exact("gated_spatial_pool", o, r)
+        for o, r in zip(ops.channel_pool(xl, True), ref_channel_pool(xl)):
+            _exact("channel_pool", o, r)
+    # more positions than one lane tile of the elementwise and gradient kernels
+    for layout in ["contiguous", "channels_last"]:
+        for kind in ["ties", "nan"]:
+            for split_ties in (True, False):
+                _check_grad_x(ops, (1, 2, 100, 100), torch.float32, layout, kind, split_ties, "all")
+                _check_backward_gate(ops, (1, 2, 100, 100), torch.float32, layout, kind, split_ties)
+
+
+def test_empty_batch(ops):
+    x = torch.randn(0, 5, 3, 3)
+    gate, sp = torch.rand(0, 5), torch.rand(0, 3, 3)
+    assert [t.shape for t in ops.channel_pool(x, True)] == [(0, 5)] * 4
+    assert [t.shape for t in ops.gated_spatial_pool(x, gate, True)] == [(0, 2, 3, 3), (0, 3, 3), (0, 3, 3)]
+    assert ops.cbam_apply(x, gate, sp).shape == x.shape
+    assert [t.shape for t in ops.cbam_apply_backward(x, x, gate, sp)] == [(0, 5), (0, 3, 3)]
+
+
+def test_bad_inputs_raise(ops):
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="4-D"):
+        ops.channel_pool(torch.randn(2, 3, 4), True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.gated_spatial_pool(x, torch.ones(2, 3, dtype=torch.float64), True)
+    with pytest.raises(RuntimeError, match="shape"):
+        ops.cbam_apply(x, torch.ones(2, 4), torch.ones(2, 4, 4))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.channel_pool(x.int(), True)
