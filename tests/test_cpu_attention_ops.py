@@ -134,7 +134,6 @@ def test_float32_parity(shape, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [
-    pytest.param((2, 32, 32, 49, 49, 1, None), id="d32"),
     pytest.param((1, 80, 40, 196, 49, 2, None), id="4to1-dqk40-dv20-h2"),
     pytest.param((2, 8, 32, 196, 49, 1, 1.0), id="sagan"),
     pytest.param((1, 128, 128, 64, 64, 8, None), id="d16-h8"),
@@ -214,7 +213,7 @@ def test_gradcheck_float64():
     q = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 4, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k, v: _Attention.apply(q, k, v, 2, 0.7), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: _Attention.apply(q, k, v, 2, 0.7), (q, k, v), fast_mode=True)
 
 
 def test_bad_input_raises():
@@ -259,3 +258,18 @@ def test_memory_stays_linear_in_length():
     growth = int(result.stdout.strip().splitlines()[-1])
     # the 16384 x 16384 float32 score matrix alone would be 1 GiB
     assert growth < 64 * 2**20, f"peak RSS grew by {growth / 2**20:.1f} MiB beyond inputs and outputs"
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or os.environ.get("ATEN_CPU_CAPABILITY"),
+                    reason="the AVX2 row kernels are what the other tests already run")
+def test_avx2_row_kernels():
+    """On AVX-512 machines the softmax row kernels run 16 wide; rerun some cases with ATen lowered to AVX2."""
+    import subprocess
+    import sys
+
+    selection = "float32_parity and (sagan or one-query) or nan_propagates"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                             "-k", selection], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout

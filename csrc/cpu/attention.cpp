@@ -12,13 +12,14 @@
 // Tiles are row-major with unit inner stride, the layout the tile GEMM wants.
 // The rows a task owns are packed per task into per-thread buffers; the
 // streamed operands are packed once per call into block panels (channel-major
-// d x block or position-major block x d, see make_panels), so NCHW, channel-last
+// d x block or position-major block x d, see plan_panels), so NCHW, channel-last
 // and any other strides are read without a user-visible copy. Tile GEMMs go to
 // ATen's cpublas::brgemm (oneDNN / MKL kernels) for float and to a plain loop
 // for double (gradcheck only).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Version.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -30,6 +31,7 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -39,7 +41,6 @@ namespace fastattn {
 namespace {
 
 using at::vec::Vectorized;
-
 
 // ---------------------------------------------------------------------------
 // Tile GEMM: C[m x n] (+)= A[m x k] * B[k x n]; row-major, unit inner strides.
@@ -92,14 +93,15 @@ inline Vectorized<float> exp_keep_nan(const Vectorized<float>& x) {
 inline Vectorized<double> exp_keep_nan(const Vectorized<double>& x) { return x.exp(); }
 
 // The build targets AVX2, so at::vec is 8 floats wide there. The exp-heavy row
-// kernels are the whole non-GEMM cost of the softmax; on CPUs with AVX-512
-// (checked at run time) their float versions run 16 wide instead.
+// kernels are the whole non-GEMM cost of the softmax; where ATen itself runs
+// AVX-512 kernels (the CPU has it and ATEN_CPU_CAPABILITY does not lower it)
+// their float versions run 16 wide instead.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTATTN_AVX512_ROWS 1
 #define FASTATTN_TARGET_AVX512 __attribute__((target("avx512f")))
 
 bool cpu_has_avx512() {
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
   return has_avx512;
 }
 
@@ -347,15 +349,17 @@ void store_matrix(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, cons
   }
   int64_t rows_done = 0, cols_done = 0;
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    if (row_stride == 1) {  // a plain transpose: scale 8 x 8 blocks into registers' worth of memory, transpose out
+    if (row_stride == 1) {  // a plain transpose: 8 x 8 register blocks, then the row factors along dst's rows
       rows_done = rows / 8 * 8;
       cols_done = cols / 8 * 8;
-      alignas(32) float block[64];
       for (int64_t r0 = 0; r0 < rows_done; r0 += 8)
         for (int64_t c0 = 0; c0 < cols_done; c0 += 8) {
-          for (int64_t r = 0; r < 8; ++r)
-            for (int64_t c = 0; c < 8; ++c) block[r * 8 + c] = src[(r0 + r) * ld + c0 + c] * row_factor[r0 + r];
-          at::vec::transpose_mxn<float, 8, 8>(block, 8, dst + r0 + c0 * col_stride, col_stride);
+          float* out = dst + r0 + c0 * col_stride;
+          at::vec::transpose_mxn<float, 8, 8>(src + r0 * ld + c0, ld, out, col_stride);
+          float factors[8];  // a local copy: the compiler may then vectorise the loop below
+          std::copy(row_factor + r0, row_factor + r0 + 8, factors);
+          for (int64_t c = 0; c < 8; ++c)
+            for (int64_t r = 0; r < 8; ++r) out[c * col_stride + r] *= factors[r];
         }
     }
   }
@@ -419,8 +423,35 @@ struct Panels {
   const acc_t* tile(int64_t nh, int64_t p0) const { return base + nh * head_stride + (p0 / block) * block_stride; }
 };
 
+// Independent pieces of work (items of several jobs) run in one parallel region:
+// each region ends in a barrier, which costs a scheduler time slice whenever
+// the cores are shared with other processes.
+class WorkList {
+ public:
+  void add(int64_t items, std::function<void(int64_t)> run) {
+    if (items <= 0) return;
+    ends_.push_back(total() + items);
+    runs_.push_back(std::move(run));
+  }
+  void run_parallel() const {
+    at::parallel_for(0, total(), 1, [&](int64_t begin, int64_t end) {
+      size_t job = 0;
+      for (int64_t item = begin; item < end; ++item) {
+        while (item >= ends_[job]) ++job;
+        runs_[job](item - (job == 0 ? 0 : ends_[job - 1]));
+      }
+    });
+  }
+
+ private:
+  int64_t total() const { return ends_.empty() ? 0 : ends_.back(); }
+  std::vector<int64_t> ends_;
+  std::vector<std::function<void(int64_t)>> runs_;
+};
+
+// Allocates the panels of x and adds the job that fills them to `work`.
 template <typename scalar_t, typename acc_t>
-Panels<acc_t> make_panels(const at::Tensor& x, int64_t heads, Major major, int64_t block) {
+Panels<acc_t> plan_panels(const at::Tensor& x, int64_t heads, Major major, int64_t block, WorkList& work) {
   const int64_t batch = x.size(0), length = x.size(2), d = x.size(1) / heads;
   const int64_t blocks = (length + block - 1) / block;
   Panels<acc_t> panels;
@@ -432,17 +463,15 @@ Panels<acc_t> make_panels(const at::Tensor& x, int64_t heads, Major major, int64
   panels.block_stride = block * d;
   panels.head_stride = blocks * block * d;
   const scalar_t* src = x.const_data_ptr<scalar_t>();
-  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
-  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t nh = t / blocks, p0 = (t % blocks) * block, np = std::min(block, length - p0);
-      const scalar_t* head_src = src + (nh / heads) * s0 + (nh % heads) * d * s1 + p0 * s2;
-      acc_t* tile = dst + t * block * d;
-      if (major == Major::Channel)
-        pack_matrix(head_src, d, np, s1, s2, acc_t(1), tile, panels.ld);
-      else
-        pack_matrix(head_src, np, d, s2, s1, acc_t(1), tile, panels.ld);
-    }
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), ld = panels.ld;
+  work.add(batch * heads * blocks, [=](int64_t t) {
+    const int64_t nh = t / blocks, p0 = (t % blocks) * block, np = std::min(block, length - p0);
+    const scalar_t* head_src = src + (nh / heads) * s0 + (nh % heads) * d * s1 + p0 * s2;
+    acc_t* tile = dst + t * block * d;
+    if (major == Major::Channel)
+      pack_matrix(head_src, d, np, s1, s2, acc_t(1), tile, ld);
+    else
+      pack_matrix(head_src, np, d, s2, s1, acc_t(1), tile, ld);
   });
   return panels;
 }
@@ -487,8 +516,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   using acc_t = at::opmath_type<scalar_t>;
   const Tiling tiling = choose_tiling(std::max(s.d_qk, s.d_v), s.q_len, s.k_len, s.batch * s.heads);
   const int64_t q_block = tiling.rows, k_block = tiling.stream;
-  const Panels<acc_t> keys = make_panels<scalar_t, acc_t>(k, s.heads, Major::Channel, k_block);     // d_qk x keys
-  const Panels<acc_t> values = make_panels<scalar_t, acc_t>(v, s.heads, Major::Position, k_block);  // keys x d_v
+  WorkList packing;
+  const Panels<acc_t> keys = plan_panels<scalar_t, acc_t>(k, s.heads, Major::Channel, k_block, packing);     // d_qk x keys
+  const Panels<acc_t> values = plan_panels<scalar_t, acc_t>(v, s.heads, Major::Position, k_block, packing);  // keys x d_v
+  packing.run_parallel();
   const int64_t q_blocks = (s.q_len + q_block - 1) / q_block;
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
   scalar_t* out_data = out.data_ptr<scalar_t>();
@@ -496,21 +527,21 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   at::parallel_for(0, s.batch * s.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_tile(q_block * s.d_qk), scores(q_block * k_block), probs(q_block * k_block);
-    std::vector<acc_t> acc(q_block * s.d_v), run_max(q_block), run_sum(q_block), inv_sum(q_block);
+    std::vector<acc_t> acc(q_block * s.d_v), row_shift(q_block), row_sum(q_block), inv_sum(q_block);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t nh = t / q_blocks, n = nh / s.heads, h = nh % s.heads;
       const int64_t i0 = (t % q_blocks) * q_block, mq = std::min(q_block, s.q_len - i0);
       // scale folded into q: scores are scale * q.k directly
       pack_matrix(q_data + n * q.stride(0) + h * s.d_qk * q.stride(1) + i0 * q.stride(2), mq, s.d_qk, q.stride(2),
                   q.stride(1), static_cast<acc_t>(scale), q_tile.data(), s.d_qk);
-      std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
+      std::fill(row_shift.begin(), row_shift.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       for (int64_t j0 = 0; j0 < s.k_len; j0 += k_block) {
         const int64_t nk = std::min(k_block, s.k_len - j0);
         tile_gemm(mq, nk, s.d_qk, q_tile.data(), s.d_qk, keys.tile(nh, j0), keys.ld, scores.data(), k_block, false);
         for (int64_t i = 0; i < mq; ++i) {
           const acc_t rescale = online_softmax_row(scores.data() + i * k_block, probs.data() + i * k_block, nk,
-                                                   run_max[i], run_sum[i]);
+                                                   row_shift[i], row_sum[i]);
           if (j0 > 0 && rescale != acc_t(1)) {
             acc_t* acc_row = acc.data() + i * s.d_v;
             for (int64_t c = 0; c < s.d_v; ++c) acc_row[c] *= rescale;
@@ -520,8 +551,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       }
       float* lse_row = lse_data + nh * s.q_len + i0;
       for (int64_t i = 0; i < mq; ++i) {
-        inv_sum[i] = acc_t(1) / run_sum[i];
-        lse_row[i] = static_cast<float>(run_max[i] + std::log(run_sum[i]));
+        inv_sum[i] = acc_t(1) / row_sum[i];
+        lse_row[i] = static_cast<float>(row_shift[i] + std::log(row_sum[i]));
       }
       store_matrix(acc.data(), s.d_v, mq, s.d_v, inv_sum.data(),
                    out_data + n * out.stride(0) + h * s.d_v * out.stride(1) + i0 * out.stride(2), out.stride(2),
@@ -561,7 +592,9 @@ at::Tensor lse_in_acc_dtype(const at::Tensor& lse, const at::Tensor& q, const at
   } else {
     const Tiling tiling = choose_tiling(s.d_qk, s.q_len, s.k_len, s.batch * s.heads);
     const int64_t q_block = tiling.rows, k_block = tiling.stream;
-    const Panels<acc_t> keys = make_panels<scalar_t, acc_t>(k, s.heads, Major::Channel, k_block);  // d_qk x keys
+    WorkList packing;
+    const Panels<acc_t> keys = plan_panels<scalar_t, acc_t>(k, s.heads, Major::Channel, k_block, packing);  // d_qk x keys
+    packing.run_parallel();
     const int64_t q_blocks = (s.q_len + q_block - 1) / q_block;
     const scalar_t* q_data = q.const_data_ptr<scalar_t>();
     acc_t* lse_data = lse_acc.data_ptr<acc_t>();
@@ -591,29 +624,31 @@ at::Tensor lse_in_acc_dtype(const at::Tensor& lse, const at::Tensor& q, const at
   }
 }
 
-// delta_i = rowsum(dO * O), one per (n, head, query): the softmax-gradient correction.
+// Allocates delta_i = rowsum(dO * O), one per (n, head, query), the softmax-
+// gradient correction, and adds the job that computes it to `work`.
 template <typename scalar_t, typename acc_t>
-at::Tensor softmax_grad_delta(const at::Tensor& grad_out, const at::Tensor& out, const AttentionShape& s) {
+at::Tensor plan_softmax_grad_delta(const at::Tensor& grad_out, const at::Tensor& out, const AttentionShape& s,
+                                   WorkList& work) {
   at::Tensor delta = at::empty({s.batch * s.heads, s.q_len}, out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* delta_data = delta.data_ptr<acc_t>();
   const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+  const int64_t go_s0 = grad_out.stride(0), go_s1 = grad_out.stride(1), go_s2 = grad_out.stride(2);
+  const int64_t o_s0 = out.stride(0), o_s1 = out.stride(1), o_s2 = out.stride(2);
+  const int64_t heads = s.heads, q_len = s.q_len, d_v = s.d_v;
   constexpr int64_t q_block = 64;
-  const int64_t q_blocks = (s.q_len + q_block - 1) / q_block;
-  at::parallel_for(0, s.batch * s.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> go_tile(q_block * s.d_v), o_tile(q_block * s.d_v);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t nh = t / q_blocks, n = nh / s.heads, h = nh % s.heads;
-      const int64_t i0 = (t % q_blocks) * q_block, mq = std::min(q_block, s.q_len - i0);
-      pack_matrix(go_data + n * grad_out.stride(0) + h * s.d_v * grad_out.stride(1) + i0 * grad_out.stride(2), mq,
-                  s.d_v, grad_out.stride(2), grad_out.stride(1), acc_t(1), go_tile.data(), s.d_v);
-      pack_matrix(out_data + n * out.stride(0) + h * s.d_v * out.stride(1) + i0 * out.stride(2), mq, s.d_v,
-                  out.stride(2), out.stride(1), acc_t(1), o_tile.data(), s.d_v);
-      for (int64_t i = 0; i < mq; ++i) {
-        acc_t dot = 0;
-        for (int64_t c = 0; c < s.d_v; ++c) dot += go_tile[i * s.d_v + c] * o_tile[i * s.d_v + c];
-        delta_data[nh * s.q_len + i0 + i] = dot;
-      }
+  const int64_t q_blocks = (q_len + q_block - 1) / q_block;
+  work.add(s.batch * heads * q_blocks, [=](int64_t t) {
+    std::vector<acc_t> go_tile(q_block * d_v), o_tile(q_block * d_v);
+    const int64_t nh = t / q_blocks, n = nh / heads, h = nh % heads;
+    const int64_t i0 = (t % q_blocks) * q_block, mq = std::min(q_block, q_len - i0);
+    pack_matrix(go_data + n * go_s0 + h * d_v * go_s1 + i0 * go_s2, mq, d_v, go_s2, go_s1, acc_t(1), go_tile.data(),
+                d_v);
+    pack_matrix(out_data + n * o_s0 + h * d_v * o_s1 + i0 * o_s2, mq, d_v, o_s2, o_s1, acc_t(1), o_tile.data(), d_v);
+    for (int64_t i = 0; i < mq; ++i) {
+      acc_t dot = 0;
+      for (int64_t c = 0; c < d_v; ++c) dot += go_tile[i * d_v + c] * o_tile[i * d_v + c];
+      delta_data[nh * q_len + i0 + i] = dot;
     }
   });
   return delta;
@@ -632,17 +667,19 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const acc_t scale_acc = static_cast<acc_t>(scale);
   const int64_t batch_heads = s.batch * s.heads;
   const at::Tensor lse_acc = lse_in_acc_dtype<scalar_t, acc_t>(lse, q, k, s, scale);
-  const at::Tensor delta = softmax_grad_delta<scalar_t, acc_t>(grad_out, out, s);
 
   const Tiling tiling = choose_tiling(std::max(s.d_qk, s.d_v), s.k_len, s.q_len, batch_heads);
   const int64_t k_block = tiling.rows, q_block = tiling.stream;
   const int64_t k_blocks = (s.k_len + k_block - 1) / k_block, q_blocks = (s.q_len + q_block - 1) / q_block;
-  // key ranges per (n, head): enough tasks for every thread, each range adding one dq-sized partial
-  const int64_t splits = std::clamp<int64_t>((2 * at::get_num_threads() + batch_heads - 1) / batch_heads, 1, k_blocks);
-  const Panels<acc_t> queries_t = make_panels<scalar_t, acc_t>(q, s.heads, Major::Channel, q_block);       // d_qk x queries
-  const Panels<acc_t> queries = make_panels<scalar_t, acc_t>(q, s.heads, Major::Position, q_block);        // queries x d_qk
-  const Panels<acc_t> grads_t = make_panels<scalar_t, acc_t>(grad_out, s.heads, Major::Channel, q_block);  // d_v x queries
-  const Panels<acc_t> grads = make_panels<scalar_t, acc_t>(grad_out, s.heads, Major::Position, q_block);   // queries x d_v
+  // key ranges per (n, head): a task for every thread, each range adding one dq-sized partial
+  const int64_t splits = std::clamp<int64_t>((at::get_num_threads() + batch_heads - 1) / batch_heads, 1, k_blocks);
+  WorkList preparation;
+  const at::Tensor delta = plan_softmax_grad_delta<scalar_t, acc_t>(grad_out, out, s, preparation);
+  const Panels<acc_t> queries_t = plan_panels<scalar_t, acc_t>(q, s.heads, Major::Channel, q_block, preparation);
+  const Panels<acc_t> queries = plan_panels<scalar_t, acc_t>(q, s.heads, Major::Position, q_block, preparation);
+  const Panels<acc_t> grads_t = plan_panels<scalar_t, acc_t>(grad_out, s.heads, Major::Channel, q_block, preparation);
+  const Panels<acc_t> grads = plan_panels<scalar_t, acc_t>(grad_out, s.heads, Major::Position, q_block, preparation);
+  preparation.run_parallel();
   // dq^T partials: (split, n * heads, query block, d_qk x q_block)
   at::Tensor dq_partial = at::empty({splits, batch_heads, q_blocks, s.d_qk * q_block}, lse_acc.options());
   acc_t* partial_data = dq_partial.data_ptr<acc_t>();
@@ -650,6 +687,14 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const acc_t* delta_data = delta.const_data_ptr<acc_t>();
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
   const scalar_t* v_data = v.const_data_ptr<scalar_t>();
+  const std::vector<acc_t> scale_channels(s.d_qk, scale_acc);
+  // dq = scale * dq^T tile (d_qk x q_block) of query block qb, written in dq's layout
+  auto store_dq = [&](int64_t nh, int64_t qb, const acc_t* tile) {
+    const int64_t n = nh / s.heads, h = nh % s.heads, i0 = qb * q_block;
+    store_matrix(tile, q_block, s.d_qk, std::min(q_block, s.q_len - i0), scale_channels.data(),
+                 dq.data_ptr<scalar_t>() + n * dq.stride(0) + h * s.d_qk * dq.stride(1) + i0 * dq.stride(2),
+                 dq.stride(1), dq.stride(2));
+  };
 
   at::parallel_for(0, batch_heads * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> k_tile(k_block * s.d_qk), k_tile_t(s.d_qk * k_block), v_tile(k_block * s.d_v);
@@ -691,26 +736,24 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                      dv.data_ptr<scalar_t>() + n * dv.stride(0) + h * s.d_v * dv.stride(1) + j0 * dv.stride(2),
                      dv.stride(2), dv.stride(1));
       }
+      if (splits == 1)  // this task saw every key of (n, head): its partial is the whole dq
+        for (int64_t qb = 0; qb < q_blocks; ++qb) store_dq(nh, qb, partial + qb * s.d_qk * q_block);
     }
   });
+  if (splits == 1) return;
 
-  // dq = scale * (sum of the partials, in split order), written in dq's layout
+  // dq = scale * (sum of the partials, in split order)
   at::parallel_for(0, batch_heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(s.d_qk * q_block);
-    const std::vector<acc_t> scale_rows(s.d_qk, scale_acc);
+    const int64_t tile_size = s.d_qk * q_block, split_stride = batch_heads * q_blocks * tile_size;
+    std::vector<acc_t> sum(tile_size);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t nh = t / q_blocks, n = nh / s.heads, h = nh % s.heads;
-      const int64_t i0 = (t % q_blocks) * q_block, mq = std::min(q_block, s.q_len - i0);
-      const int64_t tile_size = s.d_qk * q_block, split_stride = batch_heads * q_blocks * tile_size;
       const acc_t* tile = partial_data + t * tile_size;
       std::copy(tile, tile + tile_size, sum.begin());
       for (int64_t split = 1; split < splits; ++split) {
         const acc_t* other = tile + split * split_stride;
         for (int64_t e = 0; e < tile_size; ++e) sum[e] += other[e];
       }
-      store_matrix(sum.data(), q_block, s.d_qk, mq, scale_rows.data(),
-                   dq.data_ptr<scalar_t>() + n * dq.stride(0) + h * s.d_qk * dq.stride(1) + i0 * dq.stride(2),
-                   dq.stride(1), dq.stride(2));
+      store_dq(t / q_blocks, t % q_blocks, sum.data());
     }
   });
 }
