@@ -143,7 +143,7 @@ def test_other_dtypes_parity(shape, dtype, layout):
     _run_case(*shape, layout=layout, dtype=dtype)
 
 
-@pytest.mark.parametrize("layouts", [("strided", "strided", "strided"), ("cl", "nchw", "cl"), ("nchw", "cl", "strided")])
+@pytest.mark.parametrize("layouts", [("strided",) * 3, ("cl", "nchw", "cl"), ("nchw", "cl", "strided")])
 def test_any_strides_and_mixed_layouts(layouts):
     _run_case(2, 32, 48, 49, 196, 2, None, layout=layouts, dtype=torch.float32)
 

@@ -415,6 +415,11 @@ Tiling choose_tiling(int64_t d_max, int64_t row_len, int64_t stream_len, int64_t
 enum class Major { Channel, Position };
 
 template <typename acc_t>
+at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+template <typename acc_t>
 struct Panels {
   at::Tensor storage;  // (N * heads, blocks, block * d)
   const acc_t* base = nullptr;
@@ -455,7 +460,7 @@ Panels<acc_t> plan_panels(const at::Tensor& x, int64_t heads, Major major, int64
   const int64_t batch = x.size(0), length = x.size(2), d = x.size(1) / heads;
   const int64_t blocks = (length + block - 1) / block;
   Panels<acc_t> panels;
-  panels.storage = at::empty({batch * heads, blocks, block * d}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  panels.storage = at::empty({batch * heads, blocks, block * d}, acc_options<acc_t>(x));
   acc_t* dst = panels.storage.template data_ptr<acc_t>();
   panels.base = dst;
   panels.block = block;
@@ -517,8 +522,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const Tiling tiling = choose_tiling(std::max(s.d_qk, s.d_v), s.q_len, s.k_len, s.batch * s.heads);
   const int64_t q_block = tiling.rows, k_block = tiling.stream;
   WorkList packing;
-  const Panels<acc_t> keys = plan_panels<scalar_t, acc_t>(k, s.heads, Major::Channel, k_block, packing);     // d_qk x keys
-  const Panels<acc_t> values = plan_panels<scalar_t, acc_t>(v, s.heads, Major::Position, k_block, packing);  // keys x d_v
+  const auto keys = plan_panels<scalar_t, acc_t>(k, s.heads, Major::Channel, k_block, packing);     // d_qk x keys
+  const auto values = plan_panels<scalar_t, acc_t>(v, s.heads, Major::Position, k_block, packing);  // keys x d_v
   packing.run_parallel();
   const int64_t q_blocks = (s.q_len + q_block - 1) / q_block;
   const scalar_t* q_data = q.const_data_ptr<scalar_t>();
@@ -586,14 +591,14 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_forward_cpu(const at::Tenso
 template <typename scalar_t, typename acc_t>
 at::Tensor lse_in_acc_dtype(const at::Tensor& lse, const at::Tensor& q, const at::Tensor& k, const AttentionShape& s,
                             double scale) {
-  at::Tensor lse_acc = lse.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  at::Tensor lse_acc = lse.to(acc_options<acc_t>(lse)).contiguous();
   if constexpr (std::is_same_v<acc_t, float>) {
     return lse_acc;
   } else {
     const Tiling tiling = choose_tiling(s.d_qk, s.q_len, s.k_len, s.batch * s.heads);
     const int64_t q_block = tiling.rows, k_block = tiling.stream;
     WorkList packing;
-    const Panels<acc_t> keys = plan_panels<scalar_t, acc_t>(k, s.heads, Major::Channel, k_block, packing);  // d_qk x keys
+    const auto keys = plan_panels<scalar_t, acc_t>(k, s.heads, Major::Channel, k_block, packing);  // d_qk x keys
     packing.run_parallel();
     const int64_t q_blocks = (s.q_len + q_block - 1) / q_block;
     const scalar_t* q_data = q.const_data_ptr<scalar_t>();
@@ -629,7 +634,7 @@ at::Tensor lse_in_acc_dtype(const at::Tensor& lse, const at::Tensor& q, const at
 template <typename scalar_t, typename acc_t>
 at::Tensor plan_softmax_grad_delta(const at::Tensor& grad_out, const at::Tensor& out, const AttentionShape& s,
                                    WorkList& work) {
-  at::Tensor delta = at::empty({s.batch * s.heads, s.q_len}, out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor delta = at::empty({s.batch * s.heads, s.q_len}, acc_options<acc_t>(out));
   acc_t* delta_data = delta.data_ptr<acc_t>();
   const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* out_data = out.const_data_ptr<scalar_t>();
@@ -675,10 +680,13 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const int64_t splits = std::clamp<int64_t>((at::get_num_threads() + batch_heads - 1) / batch_heads, 1, k_blocks);
   WorkList preparation;
   const at::Tensor delta = plan_softmax_grad_delta<scalar_t, acc_t>(grad_out, out, s, preparation);
-  const Panels<acc_t> queries_t = plan_panels<scalar_t, acc_t>(q, s.heads, Major::Channel, q_block, preparation);
-  const Panels<acc_t> queries = plan_panels<scalar_t, acc_t>(q, s.heads, Major::Position, q_block, preparation);
-  const Panels<acc_t> grads_t = plan_panels<scalar_t, acc_t>(grad_out, s.heads, Major::Channel, q_block, preparation);
-  const Panels<acc_t> grads = plan_panels<scalar_t, acc_t>(grad_out, s.heads, Major::Position, q_block, preparation);
+  auto plan = [&](const at::Tensor& x, Major major) {
+    return plan_panels<scalar_t, acc_t>(x, s.heads, major, q_block, preparation);
+  };
+  const Panels<acc_t> queries_t = plan(q, Major::Channel);       // d_qk x queries
+  const Panels<acc_t> queries = plan(q, Major::Position);        // queries x d_qk
+  const Panels<acc_t> grads_t = plan(grad_out, Major::Channel);  // d_v x queries
+  const Panels<acc_t> grads = plan(grad_out, Major::Position);   // queries x d_v
   preparation.run_parallel();
   // dq^T partials: (split, n * heads, query block, d_qk x q_block)
   at::Tensor dq_partial = at::empty({splits, batch_heads, q_blocks, s.d_qk * q_block}, lse_acc.options());
