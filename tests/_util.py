@@ -78,3 +78,11 @@ def fastattn_devices() -> list[str]:
 
 __all__ = ["GRAD_ATOL", "fastattn", "assert_error_rule", "attention_backends", "compiled_backends", "interpreted", "max_err",
            "run_fused_on_reference_ops"]
+
+
+def compiled_ops(op: str, dispatch_key: str):
+    """torch.ops.fastattn from the installed fastattn._C, checked to hold `op` for the dispatch key."""
+    from fastattn import _ext
+    assert _ext.has_kernel(op, dispatch_key), (
+        f"fastattn._C has no {dispatch_key} kernel for {op} (load error: {_ext.LOAD_ERROR}); run `make build`")
+    return torch.ops.fastattn

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import fastattn
 from fastattn import _ext
 
 CBAM_OPS = ["channel_pool", "gated_spatial_pool", "cbam_apply", "cbam_apply_backward",

@@ -6,35 +6,16 @@ import os
 import pytest
 import torch
 
+from _util import compiled_ops
+
 from fastattn.reference import ref_spatial_attention_forward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_ops():
-    """torch.ops.fastattn with the CPU attention kernels (stand-in until fastattn._C ships them):
-    builds csrc/cpu/attention.cpp (plus csrc/ops.cpp when no schema is registered yet)."""
-    import fastattn  # noqa: F401  (loads fastattn._C when built, which defines the schemas)
-
-    try:
-        torch.ops.fastattn.spatial_attention_forward.default
-        have_schema = True
-    except (AttributeError, RuntimeError):
-        have_schema = False
-    if have_schema and torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::spatial_attention_forward", "CPU"):
-        return torch.ops.fastattn
-    from torch.utils.cpp_extension import load
-
-    name = "fa_cpu_attention" + ("_impl" if have_schema else "")
-    sources = [os.path.join(REPO, "csrc", "cpu", "attention.cpp")]
-    if not have_schema:
-        sources.append(os.path.join(REPO, "csrc", "ops.cpp"))
-    build_dir = f"/tmp/build-{name}"
-    os.makedirs(build_dir, exist_ok=True)
-    load(name=name, sources=sources, build_directory=build_dir,
-         extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v3", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    return torch.ops.fastattn
+    """torch.ops.fastattn with the CPU kernels of the installed fastattn._C."""
+    return compiled_ops("spatial_attention_forward", "CPU")
 
 
 ops = _load_ops()

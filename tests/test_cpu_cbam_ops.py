@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from _util import assert_error_rule
+from _util import assert_error_rule, compiled_ops
 
 from fastattn.reference import (ref_cbam_apply, ref_cbam_apply_backward, ref_cbam_grad_x, ref_channel_pool,
                                 ref_gated_spatial_pool, ref_gated_spatial_pool_backward_gate)
@@ -17,22 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_ops():
-    """torch.ops.fastattn with CPU CBAM kernels: the installed fastattn._C when it has them,
-    else a standalone build of csrc/cpu/cbam.cpp (plus csrc/ops.cpp when no schemas are registered)."""
-    from fastattn import _ext
-    if _ext.has_kernel("channel_pool", "CPU"):
-        return torch.ops.fastattn
-    from torch.utils.cpp_extension import load
-    schemas_known = hasattr(torch.ops.fastattn, "channel_pool")
-    sources = [os.path.join(ROOT, "csrc/cpu/cbam.cpp")] + ([] if schemas_known else [os.path.join(ROOT, "csrc/ops.cpp")])
-    name = "fa_cpu_cbam_impl" if schemas_known else "fa_cpu_cbam"
-    build_dir = f"/tmp/build-cpu-cbam-{name}"
-    os.makedirs(build_dir, exist_ok=True)
-    os.environ.setdefault("MAX_JOBS", "1")
-    load(name=name, sources=sources, build_directory=build_dir,
-         extra_cflags=["-O3", "-fopenmp", "-march=x86-64-v3", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    return torch.ops.fastattn
+    """torch.ops.fastattn with the CPU kernels of the installed fastattn._C."""
+    return compiled_ops("channel_pool", "CPU")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ rounding alone (in rowsum(dO * out)) puts any kernel that receives `out` at 2-5x
 """
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from _util import compiled_ops
 
 from fastattn.reference import ref_spatial_attention_forward
 
@@ -31,20 +32,8 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_ops():
-    """torch.ops.fastattn with the CUDA attention kernels, built standalone from csrc/.
-
-    The one place that builds/loads the library: to be replaced by the installed fastattn._C.
-    """
-    from torch.utils.cpp_extension import load
-
-    include_paths = []
-    for site in sys.path:  # some CUDA headers ship inside the torch wheel's nvidia/ packages (as in setup.py)
-        include_paths += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
-    load(name="fa_cuda_attn", sources=[str(_REPO / "csrc" / "ops.cpp"), str(_REPO / "csrc" / "cuda" / "attention.cu")],
-         extra_cflags=["-O3", "-std=c++17"],
-         extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
-         extra_include_paths=include_paths, is_python_module=False, verbose=False)
-    return torch.ops.fastattn
+    """torch.ops.fastattn with the CUDA kernels of the installed fastattn._C."""
+    return compiled_ops("spatial_attention_forward", "CUDA")
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,15 @@ NaN and inf in the same places.
 """
 from __future__ import annotations
 
-import glob
 import itertools
 import os
-import sys
-import tempfile
 import zlib
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from _util import compiled_ops
 
 from fastattn.reference import (
     _max_weight,
@@ -38,17 +37,8 @@ DEVICE = "cuda"
 
 
 def _load_ops():
-    """torch.ops.fastattn with the CUDA CBAM kernels, built from source for the GPU at hand."""
-    from torch.utils.cpp_extension import load
-
-    includes = [p for site in sys.path for p in glob.glob(os.path.join(site, "nvidia", "cu*", "include"))]
-    build_dir = os.path.join(tempfile.gettempdir(), "fastattn-test-cuda-cbam")
-    os.makedirs(build_dir, exist_ok=True)
-    load(name="fa_test_cuda_cbam",
-         sources=[os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "cuda", "cbam.cu")],
-         extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
-         extra_include_paths=includes, build_directory=build_dir, is_python_module=False)
-    return torch.ops.fastattn
+    """torch.ops.fastattn with the CUDA kernels of the installed fastattn._C."""
+    return compiled_ops("channel_pool", "CUDA")
 
 
 @pytest.fixture(scope="module")

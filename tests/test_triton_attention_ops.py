@@ -6,6 +6,7 @@ Accuracy rule (DESIGN.md section 4): error against the float64 reference at most
 eager same-dtype PyTorch formula, plus a small atol: one unit of the dtype at the result's magnitude,
 sqrt(d_qk) units for float32 (see _atol_units).
 """
+import importlib
 import os
 
 import torch
@@ -13,9 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 
-import importlib.util  # noqa: E402
 import itertools  # noqa: E402
-import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -26,16 +25,8 @@ from fastattn.reference import ref_spatial_attention_forward  # noqa: E402
 
 
 def _load_triton_attention():
-    """The kernel module: installed as fastattn.triton_kernels.attention, else loaded from the source tree."""
-    try:
-        from fastattn.triton_kernels import attention
-        return attention
-    except ImportError:
-        path = pathlib.Path(__file__).resolve().parents[1] / "triton_kernels" / "attention.py"
-        spec = importlib.util.spec_from_file_location("fastattn_triton_attention", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    """The Triton launchers, installed as fastattn.triton_kernels.attention."""
+    return importlib.import_module("fastattn.triton_kernels.attention")
 
 
 attention = _load_triton_attention()

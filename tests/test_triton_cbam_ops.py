@@ -5,6 +5,7 @@ are compiled and run on CUDA tensors (device "cuda"). Index outputs (argmax, tie
 must equal the same-dtype reference exactly; sums follow DESIGN.md §4: error against the float64
 reference at most 2x the same-dtype eager reference's error plus a small atol.
 """
+import importlib
 import os
 
 import torch
@@ -13,9 +14,6 @@ if not torch.cuda.is_available():
     # must precede the decoration of the kernels; Triton runs CPU tensors only when interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -31,15 +29,8 @@ from fastattn.reference import (  # noqa: E402
 
 
 def _load_triton_cbam():
-    """The Triton launchers: installed as fastattn.triton_kernels.cbam, else from the source tree."""
-    try:
-        return importlib.import_module("fastattn.triton_kernels.cbam")
-    except ImportError:
-        path = pathlib.Path(__file__).resolve().parents[1] / "triton_kernels" / "cbam.py"
-        spec = importlib.util.spec_from_file_location("fastattn_triton_cbam_under_test", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    """The Triton launchers, installed as fastattn.triton_kernels.cbam."""
+    return importlib.import_module("fastattn.triton_kernels.cbam")
 
 
 tc = _load_triton_cbam()
