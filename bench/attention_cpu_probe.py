@@ -9,6 +9,7 @@ Times, interleaved in one process, on (N, Cq, Cv, Lq, Lk, heads) cases in float3
 and prints medians and the ratios fastattn / competitor (< 1 means fastattn is faster).
 
     PYTHONPATH=. python bench/attention_cpu_probe.py [--threads 2] [--reps 5] [--bwd]
+    PYTHONPATH=. python bench/attention_cpu_probe.py --threads 1 --cpu-time   # steadier on a shared machine
 """
 from __future__ import annotations
 
