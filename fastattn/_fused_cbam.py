@@ -73,33 +73,37 @@ class FusedCBAMFunction(torch.autograd.Function):
 
         if spec.no_spatial:
             sp_gate = x.new_ones(n, h, w)
-            pooled = sp_in = conv_out = sp_argmax = sp_count = stat_mean = stat_var = None
+            pooled = sp_in = conv_out = sp_argmax = sp_count = save_mean = save_invstd = None
+            stat_mean = stat_var = x.new_empty(0)
         else:
             pooled, sp_argmax, sp_count = kernels.gated_spatial_pool(x, ch_gate, spec.split_ties)
             sp_in = _spatial_input(pooled, spec)
             conv_out = F.conv2d(sp_in, conv_w, None, 1, spec.padding)
-            if spec.bn_batch_stats:
-                stat_var, stat_mean = torch.var_mean(conv_out, dim=(0, 2, 3), unbiased=False)
-            else:
-                stat_mean, stat_var = bn_mean, bn_var
-            normed = F.batch_norm(conv_out, None if spec.bn_batch_stats else bn_mean,
-                                  None if spec.bn_batch_stats else bn_var, bn_w, bn_b,
-                                  spec.bn_batch_stats, 0.0, spec.bn_eps)
+            # PyTorch's own BatchNorm kernels, forward and backward: the same numbers as eager
+            normed, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+                conv_out, bn_w, bn_b, None if spec.bn_batch_stats else bn_mean,
+                None if spec.bn_batch_stats else bn_var, spec.bn_batch_stats, 0.0, spec.bn_eps)
+            # batch statistics for the running-statistics update (empty when BN uses its running ones;
+            # tensors, not None, so that torch.compile traces one graph)
+            stat_var, stat_mean = (torch.var_mean(conv_out, dim=(0, 2, 3), unbiased=False)
+                                   if spec.bn_batch_stats else (conv_out.new_empty(0), conv_out.new_empty(0)))
             sp_gate = torch.sigmoid(normed).view(n, h, w)
 
         y = kernels.cbam_apply(x, ch_gate, sp_gate)
         ctx.spec = spec
-        ctx.save_for_backward(x, w1, b1, w2, conv_w, bn_w, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
-                              sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, stat_mean, stat_var)
-        ctx.mark_non_differentiable(*(t for t in (stat_mean, stat_var) if t is not None))
+        if spec.bn_batch_stats:  # the running statistics are updated in place after this; backward needs none
+            bn_mean = bn_var = None
+        ctx.save_for_backward(x, w1, b1, w2, conv_w, bn_w, bn_mean, bn_var, mlp_in, hidden, ch_gate, mx, ch_argmax,
+                              ch_count, sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, save_mean, save_invstd)
+        ctx.mark_non_differentiable(stat_mean, stat_var)
         return y, stat_mean, stat_var
 
     @staticmethod
     def backward(ctx, dy, _d_mean, _d_var):
         spec: CbamSpec = ctx.spec
         kernels = kernels_for(spec.backend)
-        (x, w1, b1, w2, conv_w, bn_w, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
-         sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, stat_mean, stat_var) = ctx.saved_tensors
+        (x, w1, b1, w2, conv_w, bn_w, bn_mean, bn_var, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
+         sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, save_mean, save_invstd) = ctx.saved_tensors
         n = x.shape[0]
         dy = dy.contiguous(memory_format=torch.channels_last) if _channels_last(x) else dy.contiguous()
         d_ch_gate, d_sp_gate = kernels.cbam_apply_backward(dy, x, ch_gate, sp_gate)
@@ -108,16 +112,9 @@ class FusedCBAMFunction(torch.autograd.Function):
         if not spec.no_spatial:
             # sigmoid -> BatchNorm -> conv, backwards
             d_normed = (d_sp_gate * sp_gate * (1 - sp_gate)).view(n, 1, *x.shape[2:])
-            rstd = torch.rsqrt(stat_var + spec.bn_eps)[None, :, None, None]
-            x_hat = (conv_out - stat_mean[None, :, None, None]) * rstd
-            d_bn_w = (d_normed * x_hat).sum((0, 2, 3)) if bn_w is not None else None
-            d_bn_b = d_normed.sum((0, 2, 3))
-            d_hat = d_normed * bn_w[None, :, None, None] if bn_w is not None else d_normed
-            if spec.bn_batch_stats:
-                d_conv = rstd * (d_hat - d_hat.mean((0, 2, 3), keepdim=True)
-                                 - x_hat * (d_hat * x_hat).mean((0, 2, 3), keepdim=True))
-            else:
-                d_conv = rstd * d_hat
+            d_conv, d_bn_w, d_bn_b = torch.ops.aten.native_batch_norm_backward(
+                d_normed, conv_out, bn_w, bn_mean, bn_var, save_mean, save_invstd, spec.bn_batch_stats,
+                spec.bn_eps, [True, bn_w is not None, bn_w is not None])
             d_sp_in, d_conv_w, _ = torch.ops.aten.convolution_backward(
                 d_conv, sp_in, conv_w, None, [1, 1], list(spec.padding), [1, 1], False, [0, 0], 1,
                 [True, ctx.needs_input_grad[5], False])

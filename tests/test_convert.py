@@ -40,9 +40,13 @@ INPUT = (2, 3, 64, 64)
 def _timm_model(key: str, seed: int = 0) -> nn.Module:
     name, attn, _, _ = MODELS[key]
     torch.manual_seed(seed)
-    # zero_init_last=False: otherwise the last BN of each block is zero and the attention sees zeros
+    # zero_init_last=False: otherwise the last BN of each block is zero and the attention sees zeros.
+    # act_layer="gelu": a smooth activation between the blocks. With ReLU, a forward result a few ulp
+    # off (well within the error rule) can land on the other side of a kink at some pre-activation
+    # 1e-6 from zero and change that element's gradient by O(1): seen at layer3.1.act1 of
+    # resnet18-lcbam. The attention layers keep their own ReLU.
     model = timm.create_model(name, pretrained=False, num_classes=10, block_args=dict(attn_layer=attn),
-                              zero_init_last=False)
+                              zero_init_last=False, act_layer="gelu")
     with torch.no_grad():  # the non-local blocks start as identities (BN gamma 0): give them a say
         for m in model.modules():
             if isinstance(m, NonLocalAttn):
