@@ -46,26 +46,27 @@ def can_run_reference(family: str, device: torch.device, dtype: torch.dtype) -> 
     return None
 
 
-def can_run_cpu(family: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type != "cpu":
-        return f"the cpu backend runs CPU tensors, got a {device.type} tensor"
+def _can_run_compiled(family: str, device: torch.device, backend: str) -> str | None:
+    """Shared by the cpu and cuda backends: a tensor of their device and a kernel in fastattn._C."""
+    if device.type != backend:
+        return f"the {backend} backend runs {backend.upper()} tensors, got a {device.type} tensor"
     if _ext._C is None:
         return f"fastattn._C is not built ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}"
-    if not _ext.has_kernel(_COMPILED_OP[family], "CPU"):
-        return f"fastattn._C has no CPU kernel for {family}"
+    if not _ext.has_kernel(_COMPILED_OP[family], backend.upper()):
+        why = " (no nvcc or a CPU build of torch at build time)" if backend == "cuda" else ""
+        return f"fastattn._C was built without {backend.upper()} kernels for {family}{why}"
     return None
+
+
+def can_run_cpu(family: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    return _can_run_compiled(family, device, "cpu")
 
 
 def can_run_cuda(family: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type != "cuda":
-        return f"the cuda backend runs CUDA tensors, got a {device.type} tensor"
-    if _ext._C is None:
-        return f"fastattn._C is not built ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}"
-    if not _ext.has_kernel(_COMPILED_OP[family], "CUDA"):
-        return "fastattn._C was built without CUDA kernels (no nvcc or a CPU build of torch at build time)"
-    if dtype == torch.float64:
+    reason = _can_run_compiled(family, device, "cuda")
+    if reason is None and dtype == torch.float64:
         return "the cuda backend supports float32, float16 and bfloat16, not float64"
-    return None
+    return reason
 
 
 def can_run_triton(family: str, device: torch.device, dtype: torch.dtype) -> str | None:

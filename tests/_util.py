@@ -86,3 +86,13 @@ def compiled_ops(op: str, dispatch_key: str):
     assert _ext.has_kernel(op, dispatch_key), (
         f"fastattn._C has no {dispatch_key} kernel for {op} (load error: {_ext.LOAD_ERROR}); run `make build`")
     return torch.ops.fastattn
+
+
+def module_forward_backward(module, x, grad_y):
+    """y = module(x) and the gradients of x ("x") and of every parameter (by name) for grad_y."""
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    y.backward(grad_y)
+    grads = {"x": x.grad}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return y, grads

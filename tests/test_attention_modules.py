@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastattn
 from fastattn import _ext, reference
-from _util import GRAD_ATOL, assert_error_rule, attention_backends, interpreted
+from _util import GRAD_ATOL, assert_error_rule, attention_backends, interpreted, module_forward_backward
 
 # name -> (fused class, reference twin class, constructor args, kwargs); 16 channels everywhere
 KINDS = {
@@ -59,15 +59,6 @@ class _FusedPath(torch.nn.Module):
         return type(self.m)._fused(self.m, x, self.backend)
 
 
-def _run(module, x, grad_y):
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    y.backward(grad_y)
-    grads = {"x": x.grad}
-    grads.update({name: p.grad for name, p in module.named_parameters()})
-    return y, grads
-
-
 def _paths():
     """(label, backend): the fused code path over the op contract in PyTorch, then every kernel backend here."""
     return [("contract-ops", "reference")] + [(b, b) for b in attention_backends("cpu")]
@@ -113,9 +104,9 @@ def test_matches_twin(kind, train, label, backend, channels_last):
         grad_y = torch.randn(shape, generator=g)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y_eager, g_eager = _run(eager, x, grad_y)
-        y_truth, g_truth = _run(truth, x.double(), grad_y.double())
-        y_fused, g_fused = _run(_FusedPath(fused, backend), x, grad_y)
+        y_eager, g_eager = module_forward_backward(eager, x, grad_y)
+        y_truth, g_truth = module_forward_backward(truth, x.double(), grad_y.double())
+        y_fused, g_fused = module_forward_backward(_FusedPath(fused, backend), x, grad_y)
         g_fused = {k.removeprefix("m."): v for k, v in g_fused.items()}
 
         assert_error_rule(f"{shape} y", y_fused, y_truth, y_eager)

@@ -10,7 +10,7 @@ from timm.layers.cbam import CbamModule, LightCbamModule
 
 import fastattn
 from fastattn import reference
-from _util import assert_error_rule, compiled_backends, interpreted
+from _util import assert_error_rule, compiled_backends, interpreted, module_forward_backward
 
 torch.manual_seed(0)
 
@@ -41,15 +41,6 @@ def _inputs(shape, ties: bool, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _run(module, x, grad_y):
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    y.backward(grad_y)
-    grads = {"x": x.grad}
-    grads.update({name: p.grad for name, p in module.named_parameters()})
-    return y, grads
-
-
 def _fused_paths():
     """(label, runner) for every fused path available here; the op contract in PyTorch always is."""
     paths = [("contract-ops", "reference")]
@@ -70,13 +61,13 @@ def _check_parity(flavor, train, backend, shape, ties, channels_last, reduction=
 
     x = _inputs(shape, ties, channels_last)
     grad_y = torch.randn(shape)
-    y_eager, g_eager = _run(original, x, grad_y)
-    y_truth, g_truth = _run(truth_module, x.double(), grad_y.double())
+    y_eager, g_eager = module_forward_backward(original, x, grad_y)
+    y_truth, g_truth = module_forward_backward(truth_module, x.double(), grad_y.double())
     if backend == "reference":  # the fused Function over the op contract written in PyTorch
         fused.forward = lambda inp: fastattn.nn.CBAM._fused(fused, inp, "reference")
     else:
         fused.backend = backend
-    y_fused, g_fused = _run(fused, x, grad_y)
+    y_fused, g_fused = module_forward_backward(fused, x, grad_y)
 
     assert_error_rule("y", y_fused, y_truth, y_eager)
     if channels_last:
