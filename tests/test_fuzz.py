@@ -18,7 +18,7 @@ import fastattn
 from _util import assert_error_rule, compiled_backends
 
 FUZZ_EXAMPLES = int(os.environ.get("FASTATTN_FUZZ_EXAMPLES", "25"))
-LAYOUTS = ("contiguous", "channels_last", "transposed", "sliced")
+LAYOUTS = ("contiguous", "channels_last", "transposed", "sliced", "expanded")
 
 
 def _settings(backend):
@@ -28,20 +28,32 @@ def _settings(backend):
 
 
 def _dtypes(backend):
-    # the triton and cuda backends do not run float64
-    return st.sampled_from([torch.float32, torch.float64] if backend == "cpu" else [torch.float32])
+    # the triton and cuda backends do not run float64; the Triton interpreter lacks bfloat16 math
+    if backend == "cpu":
+        return st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])
+    return st.sampled_from([torch.float32, torch.float16])
 
 
 def _tensor(shape, layout, gen, dtype, positive=False):
-    """A tensor of `shape` in the given memory layout (its values do not depend on the layout)."""
+    """A tensor of `shape` in the given memory layout; "expanded" repeats sample 0 across the batch."""
     base = torch.rand(shape, generator=gen) if positive else torch.randn(shape, generator=gen)
+    if layout == "expanded":
+        base[1:] = base[:1]
     base = base.to(dtype)
+    if layout == "channels_last" and base.dim() == 2:
+        return base
     if layout == "channels_last" and base.dim() == 4:
         return base.contiguous(memory_format=torch.channels_last)
     if layout == "channels_last":  # (N, C, L) with C innermost
         return base.transpose(1, 2).contiguous().transpose(1, 2)
     if layout == "transposed":  # last two dims swapped in memory
         return base.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "expanded":  # one sample shared by the batch: stride 0 along N
+        return base[:1].expand(shape)
+    if layout == "sliced" and base.dim() == 2:  # every other column of a wider matrix
+        view = torch.zeros(shape[0], 2 * shape[1] + 1, dtype=dtype)[:, 1::2]
+        view.copy_(base)
+        return view
     if layout == "sliced":  # every other channel of a wider tensor, shifted by one position
         wide = torch.zeros(shape[0], 2 * shape[1], *shape[2:-1], shape[-1] + 1, dtype=dtype)
         view = wide[:, ::2, ..., 1:]
@@ -96,7 +108,8 @@ def cbam_case(draw, backend):
     shape = (draw(st.integers(1, 2 if tiny else 3)), draw(st.integers(1, 5 if tiny else 40)),
              draw(st.integers(1, 4 if tiny else 12)), draw(st.integers(1, 4 if tiny else 12)))
     return dict(shape=shape, dtype=draw(_dtypes(backend)), layout=draw(st.sampled_from(LAYOUTS)),
-                gate_rank=draw(st.sampled_from([2, 4])), sp_rank=draw(st.sampled_from([3, 4])),
+                gate_rank=draw(st.sampled_from([2, 4])),
+                gate_layout=draw(st.sampled_from(("contiguous", "transposed", "sliced", "expanded"))), sp_rank=draw(st.sampled_from([3, 4])),
                 ties=draw(st.sampled_from(["split", "first"])), seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -137,8 +150,8 @@ def test_cbam_primitives_match_reference(backend):
         n, c, h, w = shape = case["shape"]
         dtype, ties = case["dtype"], case["ties"]
         x = _tensor(shape, case["layout"], gen, dtype)
-        ch_gate = torch.rand(n, c, generator=gen).to(dtype)
-        sp_gate = torch.rand(n, h, w, generator=gen).to(dtype)
+        ch_gate = _tensor((n, c), case["gate_layout"], gen, dtype, positive=True)
+        sp_gate = _tensor((n, h, w), case["gate_layout"], gen, dtype, positive=True)
         if case["gate_rank"] == 4:
             ch_gate = ch_gate[:, :, None, None]
         if case["sp_rank"] == 4:
