@@ -20,8 +20,10 @@ $(BUILT): $(STAMP) $(SOURCES)
 	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
+# the whole suite, then the C++ CPU kernels' op and fuzz tests again under ASan + UBSan
 test: build
 	$(VPY) -m pytest -q tests
+	$(MAKE) sanitize
 
 bench: build
 	$(VPY) -m bench

@@ -217,6 +217,18 @@ def _define_triton_ops() -> None:
 _AUTOCAST_LIB = torch.library.Library("fastattn", "IMPL")  # keeps the autocast kernels registered
 
 
+_BACKWARD_OPS = ("cbam_apply_backward", "gated_spatial_pool_backward_gate", "cbam_grad_x",
+                 "spatial_attention_backward")
+
+
+def _no_double_backward(op: str):
+    """Autograd of a backward op: a clear error instead of a silently wrong second derivative."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastattn: double backward (a gradient of a gradient, create_graph=True) is not "
+                           f"supported through {op}; use backend='reference' for higher-order gradients")
+    return backward
+
+
 def _register() -> None:
     compiled = _ext._C is not None
     _define_triton_ops()
@@ -227,6 +239,8 @@ def _register() -> None:
             torch.library.register_fake(f"fastattn::{prefix}{op}", fake)
         for op, (setup, backward) in _autograd_for(kernels).items():
             torch.library.register_autograd(f"fastattn::{prefix}{op}", backward, setup_context=setup)
+        for op in _BACKWARD_OPS:
+            torch.library.register_autograd(f"fastattn::{prefix}{op}", _no_double_backward(op))
         for op, rule in _autocast.OP_RULES.items():
             _autocast.register(_AUTOCAST_LIB, f"fastattn::{prefix}{op}", rule)
 

@@ -342,3 +342,40 @@ def test_attention_logits_1e4_have_finite_grads(backend):
         assert f.isfinite().all(), f"{name} is not finite at logits ~ 1e4"
         # softmax is saturated: grads w.r.t. q, k are ~0 in exact arithmetic, any rounding is relative to 1e2
         torch.testing.assert_close(f.double(), t, atol=1e-3 * max(1.0, t.abs().max().item()), rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu",) if b in compiled_backends("cpu")])
+def test_double_backward_raises_instead_of_a_wrong_answer(backend):
+    q = torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    firsts = [fastattn.spatial_attention(q, q, q, backend=backend).sum(),
+              sum(t.sum() for t in fastattn.channel_pool(x, backend=backend)),
+              fastattn.cbam_apply(x, torch.rand(2, 3, dtype=torch.float64), torch.rand(2, 4, 5, dtype=torch.float64),
+                                  backend=backend).pow(2).sum()]
+    for first, inp in zip(firsts, (q, x, x)):
+        grad, = torch.autograd.grad(first, inp, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            grad.pow(2).sum().backward()
+    # the fused CBAM block's Function calls the same backward ops
+    block = fastattn.nn.CBAM(8, 2, backend=backend).double()
+    xb = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    grad, = torch.autograd.grad(block(xb).sum(), xb, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu",) if b in compiled_backends("cpu")])
+def test_rows_of_70000_positions(backend):
+    """Index arithmetic over long rows: 70 000 queries and keys (d = 4), and a 70 000-position CBAM plane."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 70_000, generator=g, dtype=torch.float64) for _ in range(3))
+    out = fastattn.spatial_attention(q.float(), k.float(), v.float(), backend=backend)
+    # the reference row by row in float64 for a few query positions (the full matrix would be 39 GB)
+    rows = torch.tensor([0, 1, 34_999, 69_999])
+    logits = (q[0, :, rows].T @ k[0]) * 0.5
+    expect = torch.softmax(logits, -1) @ v[0].T
+    torch.testing.assert_close(out[0, :, rows].T.double(), expect, atol=1e-5, rtol=1e-4)
+    x = torch.randn(1, 2, 250, 280, generator=g)
+    avg, mx = fastattn.channel_pool(x, backend=backend)
+    torch.testing.assert_close(avg, x.mean((2, 3)))
+    assert torch.equal(mx, x.amax((2, 3)))
