@@ -70,7 +70,7 @@ def check_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
         raise ValueError(f"q, k and v must have the same rank ({shapes})")
     check_same(q=q, k=k, v=v)
     if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
-        raise ValueError(f"heads must be a positive int, got {heads!r}")
+        raise ValueError(f"heads must be a positive int, got {heads!r} ({shapes})")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"q, k and v must have the same batch size N ({shapes})")
     if q.shape[1] != k.shape[1]:
