@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn._ops import kernels_for
+from fastattn.reference import _memory_format
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class FusedCBAMFunction(torch.autograd.Function):
         (x, w1, b1, w2, conv_w, bn_w, bn_mean, bn_var, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
          sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, save_mean, save_invstd) = ctx.saved_tensors
         n = x.shape[0]
-        dy = dy.contiguous(memory_format=torch.channels_last) if _channels_last(x) else dy.contiguous()
+        dy = dy.contiguous(memory_format=_memory_format(x))
         d_ch_gate, d_sp_gate = kernels.cbam_apply_backward(dy, x, ch_gate, sp_gate)
 
         d_conv_w = d_bn_w = d_bn_b = d_pooled = None
@@ -158,7 +159,3 @@ def _conv_input_grad(d_out: Tensor, weight: Tensor, padding: tuple[int, int]) ->
         return torch.ops.aten.convolution_backward(d_out, d_out.new_empty(0), weight, None, [1, 1], list(padding),
                                                    [1, 1], False, [0, 0], 1, [True, False, False])[0]
     return F.conv2d(d_out, weight.flip(2, 3).transpose(0, 1), None, 1, pad)
-
-
-def _channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

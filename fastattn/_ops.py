@@ -48,10 +48,6 @@ def kernels_for(backend: str) -> KernelSet:
     raise ValueError(f"no kernel set for backend {backend!r}")
 
 
-def _channel_last_3d(t: Tensor) -> bool:
-    return t.stride(1) == 1 and t.shape[1] > 1
-
-
 # ---------------------------------------------------------------------------
 # Fake kernels: output metadata only (shapes, dtypes, strides)
 # ---------------------------------------------------------------------------
@@ -86,7 +82,7 @@ def _fake_cbam_grad_x(x, *args):
 def _fake_spatial_attention_forward(q, k, v, heads, scale):
     n, _, lq = q.shape
     cv = v.shape[1]
-    if _channel_last_3d(q):
+    if _ref.channel_last_3d(q):
         out = q.new_empty(n, lq, cv).transpose(1, 2)
     else:
         out = q.new_empty(n, cv, lq)

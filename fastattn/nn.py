@@ -19,6 +19,21 @@ from fastattn._fused_cbam import CbamSpec, FusedCBAMFunction
 FLAVORS = ("timm", "timm_light", "official")
 
 
+def _check_flavor(flavor: str) -> str:
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
+    return flavor
+
+
+def _adopted(cls, module: nn.Module, *adopt_args):
+    """An instance of `cls` holding `module`'s own submodules (shared, not copied), in its train mode."""
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    fused._adopt(module, *adopt_args)
+    fused.train(module.training)
+    return fused
+
+
 def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -54,9 +69,7 @@ class CBAM(nn.Module):
     def __init__(self, channels: int, reduction: int = 16, *, flavor: str = "timm", spatial_kernel: int = 7,
                  no_spatial: bool = False, backend: str = "auto"):
         super().__init__()
-        if flavor not in FLAVORS:
-            raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
-        if flavor == "official":
+        if _check_flavor(flavor) == "official":
             twin = reference.OfficialCBAM(channels, reduction, no_spatial=no_spatial, kernel_size=spatial_kernel)
         else:
             if no_spatial:
@@ -68,11 +81,7 @@ class CBAM(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, flavor: str, backend: str = "auto") -> "CBAM":
         """A fused CBAM holding `module`'s own submodules (shared, not copied)."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused._adopt(module, flavor, backend)
-        fused.train(module.training)
-        return fused
+        return _adopted(cls, module, flavor, backend)
 
     def _adopt(self, source: nn.Module, flavor: str, backend: str) -> None:
         self.flavor = flavor
@@ -128,9 +137,7 @@ class ChannelGate(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, *, flavor: str = "timm", backend: str = "auto"):
         super().__init__()
-        if flavor not in FLAVORS:
-            raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
-        self.flavor, self.backend = flavor, _check_backend(backend)
+        self.flavor, self.backend = _check_flavor(flavor), _check_backend(backend)
         if flavor == "official":
             self.mlp = reference.OfficialChannelGate(channels, reduction).mlp
         else:
@@ -162,9 +169,7 @@ class SpatialGate(nn.Module):
 
     def __init__(self, kernel_size: int = 7, *, flavor: str = "timm", backend: str = "auto"):
         super().__init__()
-        if flavor not in FLAVORS:
-            raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
-        self.flavor, self.backend = flavor, _check_backend(backend)
+        self.flavor, self.backend = _check_flavor(flavor), _check_backend(backend)
         if flavor == "official":
             twin = reference.OfficialSpatialGate(kernel_size)
             self.compress, self.spatial = twin.compress, twin.spatial
@@ -199,11 +204,7 @@ class _FusedAttentionBlock(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "auto"):
         """A fused block holding `module`'s own submodules and parameters (shared, not copied)."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused._adopt(module, backend)
-        fused.train(module.training)
-        return fused
+        return _adopted(cls, module, backend)
 
     def _adopt(self, source: nn.Module, backend: str) -> None:
         self.backend = _check_backend(backend)

@@ -142,6 +142,11 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def channel_last_3d(t: Tensor) -> bool:
+    """(N, C, L) stored with C innermost: attention outputs then take that layout too."""
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
 def _split_heads(t: Tensor, heads: int) -> Tensor:
     """(N, C, L) -> (N, heads, L, C // heads)."""
     n, c, length = t.shape
@@ -157,7 +162,7 @@ def ref_spatial_attention_forward(q: Tensor, k: Tensor, v: Tensor, heads: int, s
     out = torch.softmax(logits, -1) @ vh  # (N, heads, Lq, dv)
     n, _, lq = q.shape
     out = out.transpose(-1, -2).reshape(n, v.shape[1], lq).to(q.dtype)
-    if q.stride(1) == 1 and q.shape[1] > 1:
+    if channel_last_3d(q):
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
     else:
         out = out.contiguous()
