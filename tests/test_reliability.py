@@ -383,3 +383,43 @@ def test_rows_of_70000_positions(backend):
     avg, mx = fastattn.channel_pool(x, backend=backend)
     torch.testing.assert_close(avg, x.mean((2, 3)))
     assert torch.equal(mx, x.amax((2, 3)))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS or not interpreted(),
+                    reason="Triton on CPU tensors runs in its interpreter only; on a GPU, "
+                           "test_triton_attention_ops.py::test_long_sequence_gpu covers long rows")
+def test_rows_of_70000_positions_triton_interpreted():
+    """Long rows through the Triton kernels in the interpreter: 70 000 keys for 16 queries (d = 16,
+    float32; one program streams 4 375 key blocks), forward; and a 70 000-position CBAM plane
+    (C = 2), the three primitives forward and backward. Checked against the float64 reference.
+
+    Left out, too slow for the interpreter (measured on this 2-core machine, one thread, shared):
+    the attention backward (Lq = 16, Lk = 70 000: 38 s), and Lq = 70 000 with Lk = 16 (4 375 query
+    programs: forward 21 s, backward 48 s). Each program runs as Python, a few ms per key block,
+    whatever d is. On a GPU, test_triton_attention_ops.py::test_long_sequence_gpu runs both
+    directions forward and backward at Lq or Lk = 65 537.
+    """
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 16, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 16, 70_000, generator=g, dtype=torch.float64) for _ in range(2))
+    out = fastattn.spatial_attention(q.float(), k.float(), v.float(), backend="triton")
+    truth = reference.spatial_attention(q, k, v)  # 16 x 70 000 logits: 9 MB in float64
+    assert_error_rule("out", out, truth, reference.spatial_attention(q.float(), k.float(), v.float()))
+
+    x = torch.randn(1, 2, 250, 280, generator=g)
+    ch, sp = torch.rand(1, 2, generator=g), torch.rand(1, 250, 280, generator=g)
+    cots = [torch.randn(1, 2, generator=g), torch.randn(1, 2, generator=g), torch.randn(1, 2, 250, 280, generator=g),
+            torch.randn(1, 2, 250, 280, generator=g)]
+
+    def fn_of(name):
+        def primitives(x, ch, sp):
+            avg, mx = fastattn.channel_pool(x, backend=name)
+            pooled = fastattn.gated_spatial_pool(x, ch, backend=name)
+            return avg, mx, pooled, fastattn.cbam_apply(x, ch, sp, backend=name)
+        return primitives
+    truth = _grads(fn_of("reference"), [t.double() for t in (x, ch, sp)], [c.double() for c in cots])
+    eager = _grads(fn_of("reference"), [x, ch, sp], cots)
+    fused = _grads(fn_of("triton"), [x, ch, sp], cots)
+    for name, f, t, e in zip(("avg", "max", "pooled", "y", "dx", "d ch_gate", "d sp_gate"),
+                             fused[0] + fused[1], truth[0] + truth[1], eager[0] + eager[1]):
+        assert_error_rule(name, f, t, e)
