@@ -13,6 +13,8 @@ FAMILIES = ("cbam", "attention", "models")
 PASSES = {"cbam": ("fwd", "fwd+bwd"), "attention": ("fwd", "fwd+bwd")}
 
 RESNET50_STAGES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
+# the shapes the README quotes; the default run takes its resident-set readings on these only
+MAIN_SHAPES = {"cbam": "8x256x56x56", "attention": "unet 8x320x32x32 h8"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.family}/{self.group}/{self.label}/{self.pass_}/{self.dtype}"
+
+
+def is_main(case: Case) -> bool:
+    return MAIN_SHAPES.get(case.family) == case.label
 
 
 # ---------------------------------------------------------------------------

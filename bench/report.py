@@ -45,6 +45,8 @@ def annotate(result: dict) -> None:
         rec["ratios"] = {}
         peaks = {name: res["peak_mem_mib"] for name, res in rec["results"].items()
                  if ok(res) and res.get("peak_mem_mib")}
+        rss = {name: res["peak_rss_mib"] for name, res in rec["results"].items()
+               if ok(res) and res.get("peak_rss_mib")}
         for name, t in timed.items():
             if is_fastattn(name):
                 rec["ratios"][name] = {"vs": {p: tp / t for p, tp in timed.items() if p != name},
@@ -52,6 +54,8 @@ def annotate(result: dict) -> None:
                                        "vs_best_other": others[best] / t if best else None}
                 if name in peaks:  # other's peak / fastattn's peak: > 1 means fastattn takes less memory
                     rec["ratios"][name]["peak_mem_vs"] = {p: m / peaks[name] for p, m in peaks.items() if p != name}
+                if name in rss:  # the same for the resident-set readings
+                    rec["ratios"][name]["peak_rss_vs"] = {p: m / rss[name] for p, m in rss.items() if p != name}
 
 
 # ---------------------------------------------------------------------------
@@ -66,6 +70,15 @@ def _num(value: float | None, empty: str = "-") -> str:
     if abs(value) >= 1:
         return f"{value:.{2 if abs(value) < 10 else 1}f}"
     return f"{value:.3g}"
+
+
+def _memory(res: dict, key: str) -> str:
+    """A peak-memory cell: the MiB, "failed" when the reading failed, "-" when none was taken."""
+    return "failed" if f"{key}_error" in res else _num(res.get(f"{key}_mib"))
+
+
+def _has_rss(recs: list[dict]) -> bool:
+    return any("peak_rss_mib" in res or "peak_rss_error" in res for r in recs for res in r["results"].values())
 
 
 def _case_name(rec: dict) -> str:
@@ -98,6 +111,17 @@ def _busy_warning(env: dict) -> list[str]:
             f"timings include waiting for other processes and are not reliable"]
 
 
+def _memory_line(memory: dict | None) -> list[str]:
+    """What the peak MiB and RSS MiB columns are, when the run took them."""
+    if not memory:
+        return []
+    rss = memory.get("rss")
+    heap = ", ".join(f"{k}={v}" for k, v in rss["malloc_env"].items()) if rss else ""
+    return ["peak MiB: tensor memory of one fwd+bwd/train call over what it held before"
+            + (f"; RSS MiB: resident set of that call, in a process per provider ({heap}), for "
+               f"{rss['cases']}" if rss else "")]
+
+
 def header(result: dict) -> list[str]:
     env, roof = result["environment"], result["roofline"]
     mm = ", ".join(f"{d} {_num(m['gflops'])}" for d, m in roof["matmul"].items())
@@ -110,6 +134,7 @@ def header(result: dict) -> list[str]:
             + (f"; load average (1 min) at start {load[0]:.1f}" if load else "")
             + (f", at end {load_end[0]:.1f}" if load_end else ""),
             *(_busy_warning(env)),
+            *(_memory_line(result.get("memory"))),
             f"times: median of {result['timing']['repeats'][0]}-{result['timing']['repeats'][1]} interleaved runs "
             f"after warm-up (ms); speedup = other's time / fastattn's time"]
 
@@ -121,9 +146,10 @@ def table(result: dict) -> str:
         if not recs:
             continue
         cold = any("cold_median_ms" in res for r in recs for res in r["results"].values())
+        rss = _has_rss(recs)
         unit = recs[0]["rate_unit"]
         cols = ["case", "pass", "provider", "median ms"] + (["cold ms"] if cold else []) + \
-            [unit, "% roof", "peak MiB", "fastattn vs best other"]
+            [unit, "% roof", "peak MiB"] + (["RSS MiB"] if rss else []) + ["fastattn vs best other"]
         rows = [cols]
         for rec in recs:
             first = True
@@ -138,7 +164,8 @@ def table(result: dict) -> str:
                 vs = "" if not ratio or ratio["vs_best_other"] is None else \
                     f"{ratio['vs_best_other']:.2f}x vs {ratio['best_other']}"
                 rows.append(lead + [_num(res["median_ms"])] + ([_num(res.get("cold_median_ms"))] if cold else []) +
-                            [_num(res.get("rate")), _num(res.get("pct_roofline")), _num(res.get("peak_mem_mib")), vs])
+                            [_num(res.get("rate")), _num(res.get("pct_roofline")), _memory(res, "peak_mem")] +
+                            ([_memory(res, "peak_rss")] if rss else []) + [vs])
         right = set(range(3, len(cols) - 1))
         lines += ["", f"== {FAMILY_TITLES[family]} =="] + _render(rows, right)
     return "\n".join(lines)
@@ -186,12 +213,15 @@ def markdown(result: dict, plots: list[str]) -> str:
         lines += _md_table(rows) + [""]
         mem = [r for r in recs if any(ok(x) and x.get("peak_mem_mib") is not None for x in r["results"].values())]
         if mem:
-            lines += ["Peak memory of one call over what is held before it (MiB):", ""]
+            rss = _has_rss(mem)
+            lines += ["Peak memory of one call over what is held before it (MiB): tensor memory from the allocation "
+                      "trace" + (" / resident set, in a process per provider (- where not measured)" if rss else "")
+                      + ":", ""]
             rows = [["case", "pass"] + names]
             for rec in mem:
                 rows.append([_case_name(rec), rec["pass"]] + [
-                    _num(rec["results"][n].get("peak_mem_mib")) if ok(rec["results"].get(n, {})) else "failed"
-                    for n in names])
+                    (_memory(res, "peak_mem") + (" / " + _memory(res, "peak_rss") if rss else "")) if ok(res)
+                    else "failed" for res in (rec["results"].get(n, {}) for n in names)])
             lines += _md_table(rows) + [""]
     failures = [(r, n, res) for r in result["cases"] for n, res in r["results"].items() if not ok(res)]
     if failures:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from bench import allocator
 
 SCHEMA = "fastattn-bench/1"
+RSS_CHOICES = ("all", "main", "none")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -24,6 +25,7 @@ class Settings:
     budget_s: float        # time for the timed rounds of one case, all providers together
     cold_repeats: int      # CPU CBAM forward, allocator cold
     memory: bool           # peak memory of the fwd+bwd / train cases
+    rss: str               # which of them also get a resident-set reading on the CPU: "all", "main", "none"
     compile_backend: str
     deadline_s: float | None = None  # for all cases; behind schedule, cases run with fewer repeats
     hurried: bool = False
@@ -31,11 +33,12 @@ class Settings:
     @classmethod
     def for_mode(cls, mode: str, compile_backend: str) -> "Settings":
         if mode == "quick":
-            return cls(0, 2, 2, 0.0, 1, True, compile_backend)
+            return cls(0, 2, 2, 0.0, 1, True, "all", compile_backend)
         if mode == "full":
-            return cls(2, 5, 30, 6.0, 7, True, compile_backend)
-        # make bench: under 5 minutes on 2 cores, start-up and plots included
-        return cls(1, 3, 15, 2.5, 5, True, compile_backend, deadline_s=240.0)
+            return cls(2, 5, 30, 6.0, 7, True, "all", compile_backend)
+        # make bench: under 5 minutes on 2 cores, start-up and plots included; a resident-set reading takes two
+        # calls with every page faulted in afresh (a resnet26-nl step: 25 s), so only the main shapes get one
+        return cls(1, 3, 15, 2.5, 5, True, "main", compile_backend, deadline_s=240.0)
 
     def for_case(self, elapsed_s: float, cases_left: int) -> "Settings":
         """These settings, or fewer repeats when the run is behind its deadline (never fewer cases)."""
@@ -81,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compile provider (default inductor)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory readings")
+    parser.add_argument("--rss", choices=RSS_CHOICES, default=None,
+                        help="which fwd+bwd/train cases also get a resident-set reading on the CPU, in a process per "
+                             "provider: all, main (the main shapes), none (default: main; all with --full, --quick)")
     parser.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
     # the harness's self-test: a provider that always fails, to check failures are reported, not dropped
     parser.add_argument("--inject-failure", action="store_true", help=argparse.SUPPRESS)
@@ -106,8 +112,18 @@ def _release_cuda(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(case, provider_names: list[str], device, clock, settings: Settings, progress=lambda text: None) -> dict:
-    """Measure every provider of one case. -> the case's JSON record (bench/README.md, "cases")."""
+def wants_rss(case, settings: Settings, device) -> bool:
+    from bench.cases import is_main
+    return device.type == "cpu" and settings.memory and case.pass_ in ("fwd+bwd", "train") and \
+        (settings.rss == "all" or settings.rss == "main" and is_main(case))
+
+
+def run_case(case, provider_names: list[str], device, clock, settings: Settings, progress=lambda text: None,
+             rss_probe=None) -> dict:
+    """Measure every provider of one case. -> the case's JSON record (bench/README.md, "cases").
+
+    rss_probe: a memory.RSSProbe, for the resident-set readings (CPU; see wants_rss).
+    """
     import torch
     from bench import cases as cases_mod
     from bench import memory, providers
@@ -188,6 +204,14 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings,
                 results[name]["peak_mem_mib"] = memory.peak_bytes(prep, device) / 2**20
             except Exception as exc:
                 results[name]["peak_mem_error"] = failure("memory", exc)["error"]
+    if rss_probe is not None and wants_rss(case, settings, device):
+        for name in prepared:
+            progress(f"resident set: {name}, in a process of its own")
+            reading = rss_probe.measure(case, name)
+            if reading["status"] == "ok":
+                results[name].update(peak_rss_mib=reading["peak_rss_mib"], rss_base_mib=reading["base_rss_mib"])
+            else:
+                results[name]["peak_rss_error"] = reading["error"]
     for prep in prepared.values():
         prep.clear()
     del prepared, inputs
@@ -226,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.for_mode(args.mode, args.compile_backend)
     settings.memory = not args.no_memory
+    if args.rss:
+        settings.rss = args.rss
+    rss_on = device.type == "cpu" and settings.memory and settings.rss != "none"
+    rss_cases = "every fwd+bwd and train case" if settings.rss == "all" else "the fwd+bwd and train cases of " + \
+        ", ".join(f"{family} {label}" for family, label in cases_mod.MAIN_SHAPES.items())
     clock = Clock(device)
     env = env_mod.environment(device, threads)
     env["allocator"]["managed"] = warm
@@ -251,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         "complete": False,
         "environment": env,
         "memory": {"statistic": "peak_mem_mib: extra tensor memory of one call at its peak, MiB",
-                   "method": memory.METHODS[device.type]} if settings.memory else None,
+                   "method": memory.METHODS[device.type],
+                   "rss": dict(memory.RSS_DESCRIPTION, cases=rss_cases) if rss_on else None}
+        if settings.memory else None,
         "timing": {"statistic": "median", "interleaved": "round-robin over providers, order rotated each repeat",
                    "clock": clock.description, "warmup_calls": settings.warmup + 1,
                    "repeats": [settings.min_repeats, settings.max_repeats], "budget_s_per_case": settings.budget_s,
@@ -263,14 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     # what is done so far, rewritten after every case: a crash (a kernel's segfault) still leaves the data
     partial = os.path.join(args.out, stem + ".partial.json")
-    with tqdm(total=len(cases) + 1, desc="roofline", unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
+    # the server of the resident-set readings starts at the first one and ends with the run
+    with tqdm(total=len(cases) + 1, desc="roofline", unit="case", dynamic_ncols=True, file=sys.stderr) as bar, \
+            memory.RSSProbe(settings.compile_backend, threads) as rss_probe:
         result["roofline"] = roofline.measure(device, clock, args.mode == "quick")
         bar.update()
         for index, case in enumerate(cases):
             bar.set_description(f"{case.family} {case.label} {case.pass_}")
             case_settings = settings.for_case(time.perf_counter() - started, len(cases) - index)
             result["cases"].append(run_case(case, provider_names(case.family), device, clock, case_settings,
-                                            progress=bar.set_postfix_str))
+                                            progress=bar.set_postfix_str, rss_probe=rss_probe if rss_on else None))
             with open(partial, "w") as f:
                 json.dump(result, f, default=str)
             bar.update()
