@@ -2,7 +2,8 @@
 
 Checks the JSON schema that bench/README.md documents, that every provider of
 every case produced a number or a failure record (a deliberately failing
-provider is reported, not dropped), and that the plots and summary were written.
+provider is reported, not dropped), peak memory and resident-set readings
+included, and that the plots and summary were written.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import allocator, report, timing  # noqa: E402
+from bench import allocator, memory, report, timing  # noqa: E402
 from bench.providers import INJECTED_FAILURE  # noqa: E402
 
 TOP_KEYS = {"schema", "device", "mode", "families", "dtypes", "complete", "environment", "memory", "timing",
@@ -79,6 +80,12 @@ def test_every_provider_has_a_number_or_a_failure(quick_run):
                 assert res["rate"] > 0, where
                 if case["pass"] in ("fwd+bwd", "train"):
                     assert "peak_mem_mib" in res or "peak_mem_error" in res, where
+                    # --quick takes a resident-set reading of every provider of every fwd+bwd/train case on the CPU
+                    if result["environment"]["device_type"] == "cpu":
+                        assert "peak_rss_mib" in res or res.get("peak_rss_error"), where
+                        if "peak_rss_mib" in res:
+                            assert math.isfinite(res["peak_rss_mib"]) and res["peak_rss_mib"] >= 0, where
+                            assert res["rss_base_mib"] > 0, where
             else:
                 assert res["status"] == "failed", where
                 assert FAILED_KEYS <= res.keys(), (where, FAILED_KEYS - res.keys())
@@ -113,6 +120,14 @@ def test_cold_column_and_memory(quick_run):
     # fastattn's reference backend runs the eager formula itself: the allocation trace must read the same
     for case in (c for c in train if c["family"] == "attention"):
         assert case["results"]["fastattn-reference"]["peak_mem_mib"] == case["results"]["eager"]["peak_mem_mib"]
+    if result["environment"]["device_type"] != "cpu":
+        return
+    rss = result["memory"]["rss"]
+    assert rss["malloc_env"] == memory.MALLOC_ENV and rss["cases"] == "every fwd+bwd and train case"
+    # and so must the resident set, each in a process of its own, with the heap's behaviour fixed
+    for case in (c for c in train if c["family"] == "attention"):
+        ref, eager = (case["results"][n].get("peak_rss_mib") for n in ("fastattn-reference", "eager"))
+        assert ref is not None and eager is not None and abs(ref - eager) <= 0.25, (case["id"], ref, eager)
 
 
 def test_outputs_written(quick_run):
@@ -124,6 +139,24 @@ def test_outputs_written(quick_run):
     summary = (out / (stem + ".md")).read_text()
     assert result["device"] in summary and "injected-failure" in summary
     assert "injected-failure" in stdout and "FAILED" in stdout
+    assert "RSS MiB" in stdout and "resident set" in summary
+
+
+def test_resident_set_failures_are_recorded():
+    """A provider that fails in the measuring process, or one that outlives the time-out, gives a failure record;
+    the probe starts a new server after a time-out and goes on."""
+    from bench import cases
+    case = next(c for c in cases.build("quick", ["cbam"], ["float32"], "cpu") if c.pass_ == "fwd+bwd")
+    with memory.RSSProbe("eager", 1) as probe:
+        failed = probe.measure(case, INJECTED_FAILURE)
+        assert failed["status"] == "failed" and failed["stage"] == "rss", failed
+        assert "injected failure" in failed["error"] and "InjectedFailure" in failed["traceback"], failed
+        probe.timeout_s = 0.01  # less than the server's start-up
+        late = probe.measure(case, "timm")
+        assert late["status"] == "failed" and "no result after" in late["error"], late
+        probe.timeout_s = memory.RSS_TIMEOUT_S
+        reading = probe.measure(case, "timm")
+        assert reading["status"] == "ok" and reading["peak_rss_mib"] >= 0 and reading["base_rss_mib"] > 0, reading
 
 
 # ---------------------------------------------------------------------------
