@@ -8,8 +8,10 @@ forward   channel_pool        reads x                          1 read
           -> x read 3 times, y written once.
 backward  cbam_apply_backward reads dy and x                   2 reads
           gated_spatial_pool_backward_gate reads x             1 read
-          cbam_grad_x         reads dy and x, writes dx        2 reads, 1 write
-          -> 5 reads, dx written once.
+          cbam_grad_x         reads dy, writes dx              1 read, 1 write
+                              (and x: cuda, triton; cpu where
+                              a tie of the split rule needs it)
+          -> 4 reads (cpu; 5 on cuda and triton), dx written once.
 Saved for backward: x, the two gates, the pooled map and the small index and
 tie-count tensors (N*C and N*H*W); not y and not x*ch_gate. The tie counts
 come from the forward, so timm's split-ties rule costs no extra read.

@@ -247,6 +247,34 @@ def _check_grad_x(ops, shape, dtype, layout, kind, split_ties, terms):
     _check_layout(out, x)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cbam_grad_x_ties_in_some_blocks(ops, layout):
+    """cbam_grad_x reads x only in blocks where the split rule meets a tie and finds the other hits
+    by argmax: one image with a tied channel max, one with a tied spatial max, one without ties,
+    NaN in a fourth; each image is several row blocks (64 channels x 1600 positions)."""
+    shape = (4, 64, 40, 40)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    x[1, 5, 7, 9] = x[1, 5, 20, 30] = x[1, 5].abs().max() + 1  # channel 5 of image 1: two maxima
+    ch = torch.rand(shape[:2], generator=g) + 0.5
+    ch[2, 3] = ch[2, 4] = 1.0
+    x[2, 3, 11, 12] = x[2, 4, 11, 12] = x[2, :, 11, 12].abs().max() + 1  # position (11, 12) of image 2: a tie
+    x[3, 9, 0, 1] = float("nan")
+    sp = torch.rand(shape[0], *shape[2:], generator=g)
+    grad_y = torch.randn(shape, generator=g)
+    grad_pooled = torch.randn(shape[0], 2, *shape[2:], generator=g)
+    grad_avg, grad_max = torch.randn(2, *shape[:2], generator=g)
+    x = _layout(x, layout)
+    pooled, sp_arg, sp_cnt = ref_gated_spatial_pool(x, ch)
+    _, ch_max, ch_arg, ch_cnt = ref_channel_pool(x)
+    assert ch_cnt[1, 5] == 2 and sp_cnt[2, 11, 12] == 2 and (ch_cnt[0] == 1).all() and (sp_cnt[0] == 1).all()
+    for split_ties in (True, False):
+        args = [x, grad_y, ch, sp, grad_pooled, pooled, sp_arg, sp_cnt, grad_avg, grad_max, ch_max, ch_arg, ch_cnt,
+                split_ties]
+        _check(f"cbam_grad_x (split_ties={split_ties})", ops.cbam_grad_x(*args), ref_cbam_grad_x(*args),
+               _grad_x_f64(args), torch.float32)
+
+
 def _grad_x_f64(args):
     (x, grad_y, ch, sp, grad_pooled, pooled, sp_arg, sp_cnt, grad_avg, grad_max, ch_max, ch_arg, ch_cnt,
      split_ties) = args
