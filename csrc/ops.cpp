@@ -38,6 +38,10 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? grad_pooled, Tensor? pooled, Tensor? sp_argmax, Tensor? sp_count, "
       "Tensor? grad_avg, Tensor? grad_max, Tensor? ch_max, Tensor? ch_argmax, Tensor? ch_count, "
       "bool split_ties) -> Tensor");
+  // The spatial gate's k x k conv on the (N, 1 or 2, H, W) map, CPU only (the other backends use
+  // cuDNN through F.conv2d): F.conv2d(x, weight, None, 1, padding), and its weight gradient.
+  m.def("cbam_spatial_conv(Tensor x, Tensor weight, int[2] padding) -> Tensor");
+  m.def("cbam_spatial_conv_weight_grad(Tensor grad_out, Tensor x, int kh, int kw, int[2] padding) -> Tensor");
 
   // ---- Spatial attention ----------------------------------------------------
   // q: (N, Cq, Lq), k: (N, Cq, Lk), v: (N, Cv, Lk), any strides.

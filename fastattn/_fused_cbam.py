@@ -19,7 +19,10 @@ come from the forward, so timm's split-ties rule costs no extra read.
 The small parts (the shared MLP on (N, C) vectors, the k*k conv + BatchNorm +
 sigmoid on (N, 2, H, W)) are ordinary PyTorch ops; their backward is written
 out here so the block stays a single traceable Function (torch.compile
-fullgraph) with one x-sized gradient pass.
+fullgraph) with one x-sized gradient pass. The one exception is the conv on the
+cpu backend: fastattn's direct kernel (cbam_spatial_conv and its weight
+gradient), because oneDNN's set-up for a 1- or 2-channel map costs more than
+its few MFLOP (fwd+bwd 1.6 ms -> 0.5 ms at 8x2x56x56 on a 2-core Xeon).
 """
 from __future__ import annotations
 
@@ -47,8 +50,8 @@ class CbamSpec:
 
 
 def _mlp_forward(v: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None):
-    hidden = F.linear(v, w1.flatten(1), b1)
-    return F.linear(torch.relu(hidden), w2.flatten(1), b2), hidden
+    hidden = torch.relu(F.linear(v, w1.flatten(1), b1))
+    return F.linear(hidden, w2.flatten(1), b2), hidden
 
 
 def _spatial_input(pooled: Tensor, spec: CbamSpec) -> Tensor:
@@ -81,7 +84,7 @@ class FusedCBAMFunction(torch.autograd.Function):
         else:
             pooled, sp_argmax, sp_count = kernels.gated_spatial_pool(x, ch_gate, spec.split_ties)
             sp_in = _spatial_input(pooled, spec)
-            conv_out = F.conv2d(sp_in, conv_w, None, 1, spec.padding)
+            conv_out = _conv(sp_in, conv_w, spec.padding, spec.backend)
             # PyTorch's own BatchNorm kernels, forward and backward: the same numbers as eager
             normed, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
                 conv_out, bn_w, bn_b, None if spec.bn_batch_stats else bn_mean,
@@ -114,27 +117,24 @@ class FusedCBAMFunction(torch.autograd.Function):
         d_conv_w = d_bn_w = d_bn_b = d_pooled = None
         if not spec.no_spatial:
             # sigmoid -> BatchNorm -> conv, backwards
-            d_normed = (d_sp_gate * sp_gate * (1 - sp_gate)).view(n, 1, *x.shape[2:])
+            d_normed = torch.ops.aten.sigmoid_backward(d_sp_gate, sp_gate).view(n, 1, *x.shape[2:])
             d_conv, d_bn_w, d_bn_b = torch.ops.aten.native_batch_norm_backward(
                 d_normed, conv_out, bn_w, bn_mean, bn_var, save_mean, save_invstd, spec.bn_batch_stats,
                 spec.bn_eps, [True, bn_w is not None, bn_w is not None])
-            d_sp_in = _conv_input_grad(d_conv, conv_w, spec.padding)
+            d_sp_in = _conv_input_grad(d_conv, conv_w, spec.padding, spec.backend)
             d_conv_w = None
             if ctx.needs_input_grad[5]:
-                d_conv_w = torch.ops.aten.convolution_backward(
-                    d_conv, sp_in, conv_w, None, [1, 1], list(spec.padding), [1, 1], False, [0, 0], 1,
-                    [False, True, False])[1]
+                d_conv_w = _conv_weight_grad(d_conv, sp_in, conv_w, spec.padding, spec.backend)
             d_pooled = _spatial_input_backward(d_sp_in, spec)
             d_ch_gate = d_ch_gate + kernels.gated_spatial_pool_backward_gate(
                 d_pooled, x, ch_gate, pooled, sp_argmax, sp_count, spec.split_ties)
 
         # sigmoid -> shared MLP, backwards
-        d_pre = d_ch_gate * ch_gate * (1 - ch_gate)
+        d_pre = torch.ops.aten.sigmoid_backward(d_ch_gate, ch_gate)
         d_mlp_out = d_pre if spec.light else torch.cat([d_pre, d_pre])
-        relu_hidden = torch.relu(hidden)
-        d_w2 = (d_mlp_out.t() @ relu_hidden).view_as(w2)
+        d_w2 = (d_mlp_out.t() @ hidden).view_as(w2)
         d_b2 = d_mlp_out.sum(0)
-        d_hidden = (d_mlp_out @ w2.flatten(1)) * (hidden > 0)
+        d_hidden = torch.ops.aten.threshold_backward(d_mlp_out @ w2.flatten(1), hidden, 0)  # hidden is ReLU'd
         d_w1 = (d_hidden.t() @ mlp_in).view_as(w1)
         d_b1 = d_hidden.sum(0) if b1 is not None else None
         d_mlp_in = d_hidden @ w1.flatten(1)
@@ -152,7 +152,23 @@ class FusedCBAMFunction(torch.autograd.Function):
                 d_bn_w, d_bn_b, None, None, None)
 
 
-def _conv_input_grad(d_out: Tensor, weight: Tensor, padding: tuple[int, int]) -> Tensor:
+def _conv(x: Tensor, weight: Tensor, padding: tuple[int, int], backend: str) -> Tensor:
+    """F.conv2d(x, weight, None, 1, padding); on the cpu backend fastattn's direct kernel, since oneDNN's
+    set-up costs more than the few MFLOP of a 1- or 2-channel map."""
+    if backend == "cpu":
+        return torch.ops.fastattn.cbam_spatial_conv(x, weight, list(padding))
+    return F.conv2d(x, weight, None, 1, padding)
+
+
+def _conv_weight_grad(d_out: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int], backend: str) -> Tensor:
+    if backend == "cpu":
+        return torch.ops.fastattn.cbam_spatial_conv_weight_grad(d_out, x, weight.shape[2], weight.shape[3],
+                                                                list(padding))
+    return torch.ops.aten.convolution_backward(d_out, x, weight, None, [1, 1], list(padding), [1, 1], False,
+                                               [0, 0], 1, [False, True, False])[1]
+
+
+def _conv_input_grad(d_out: Tensor, weight: Tensor, padding: tuple[int, int], backend: str) -> Tensor:
     """Input gradient of a stride-1 conv as a conv with the flipped, transposed kernel: on the CPU
     the transposed-conv path PyTorch takes for one output channel is ~8x slower at 8x2x56x56."""
     kh, kw = weight.shape[2:]
@@ -160,4 +176,4 @@ def _conv_input_grad(d_out: Tensor, weight: Tensor, padding: tuple[int, int]) ->
     if min(pad) < 0:
         return torch.ops.aten.convolution_backward(d_out, d_out.new_empty(0), weight, None, [1, 1], list(padding),
                                                    [1, 1], False, [0, 0], 1, [True, False, False])[0]
-    return F.conv2d(d_out, weight.flip(2, 3).transpose(0, 1), None, 1, pad)
+    return _conv(d_out, weight.flip(2, 3).transpose(0, 1), pad, backend)

@@ -93,6 +93,22 @@ def _fake_spatial_attention_backward(grad_out, q, k, v, out, lse, heads, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _fake_cbam_spatial_conv(x, weight, padding):
+    n, _, h, w = x.shape
+    return x.new_empty(n, weight.shape[0], h + 2 * padding[0] - weight.shape[2] + 1,
+                       w + 2 * padding[1] - weight.shape[3] + 1)
+
+
+def _fake_cbam_spatial_conv_weight_grad(grad_out, x, kh, kw, padding):
+    return x.new_empty(grad_out.shape[1], x.shape[1], kh, kw)
+
+
+# the cpu backend's direct conv for the spatial gate (other backends call F.conv2d): no Triton twin
+_COMPILED_ONLY_FAKES = {
+    "cbam_spatial_conv": _fake_cbam_spatial_conv,
+    "cbam_spatial_conv_weight_grad": _fake_cbam_spatial_conv_weight_grad,
+}
+
 _FAKES = {
     "channel_pool": _fake_channel_pool,
     "gated_spatial_pool": _fake_gated_spatial_pool,
@@ -225,6 +241,15 @@ def _no_double_backward(op: str):
     return backward
 
 
+def _internal_op(op: str):
+    """Autograd of an op the fused CBAM block calls inside its own forward and backward."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastattn::{op} is an internal op of the fused CBAM block (its forward and backward "
+                           f"call it) and has no derivative of its own; double backward through the block is "
+                           f"not supported")
+    return backward
+
+
 def _register() -> None:
     compiled = _ext._C is not None
     _define_triton_ops()
@@ -233,6 +258,10 @@ def _register() -> None:
             continue
         for op, fake in _FAKES.items():
             torch.library.register_fake(f"fastattn::{prefix}{op}", fake)
+        if kernels is COMPILED:
+            for op, fake in _COMPILED_ONLY_FAKES.items():
+                torch.library.register_fake(f"fastattn::{op}", fake)
+                torch.library.register_autograd(f"fastattn::{op}", _internal_op(op))
         for op, (setup, backward) in _autograd_for(kernels).items():
             torch.library.register_autograd(f"fastattn::{prefix}{op}", backward, setup_context=setup)
         for op in _BACKWARD_OPS:

@@ -368,3 +368,68 @@ def test_bad_inputs_raise(ops):
         ops.cbam_apply(x, torch.ones(2, 4), torch.ones(2, 4, 4))
     with pytest.raises(RuntimeError, match="float32"):
         ops.channel_pool(x.int(), True)
+
+
+# ---------------------------------------------------------------------------
+# cbam_spatial_conv / cbam_spatial_conv_weight_grad: the spatial gate's conv on the cpu backend
+# ---------------------------------------------------------------------------
+# (x shape, weight shape, padding): CBAM's 7x7 on 2 and 1 channels, the input gradient's 1 -> 2, odd and
+# one-pixel maps, asymmetric padding, a kernel as large as the padded map
+CONV_CASES = [((8, 2, 56, 56), (1, 2, 7, 7), (3, 3)), ((3, 1, 13, 17), (1, 1, 7, 7), (3, 3)),
+              ((2, 1, 9, 11), (2, 1, 7, 7), (3, 3)), ((2, 2, 5, 5), (1, 2, 3, 3), (0, 1)),
+              ((1, 2, 1, 1), (1, 2, 7, 7), (3, 3)), ((0, 2, 6, 6), (1, 2, 3, 3), (1, 1))]
+
+
+def _conv_id(case):
+    return "x{}-w{}-p{}".format(*("x".join(map(str, t)) for t in case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_cbam_spatial_conv(ops, case, dtype):
+    """Forward and weight gradient against F.conv2d / aten.convolution_backward (float64 truth, eager
+    same-dtype error for the rule)."""
+    xs, ws, pad = case
+    g = torch.Generator().manual_seed(11)
+    x64, w64 = torch.randn(xs, generator=g, dtype=torch.float64), torch.randn(ws, generator=g, dtype=torch.float64)
+    x, w = x64.to(dtype), w64.to(dtype)
+    out = ops.cbam_spatial_conv(x, w, list(pad))
+    truth = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, pad)
+    eager = torch.nn.functional.conv2d(x.float(), w.float(), None, 1, pad).to(dtype)  # 16-bit: CPU conv rounds once
+    _check("cbam_spatial_conv", out, eager, truth, dtype)
+    grad = torch.randn(truth.shape, generator=g, dtype=torch.float64).to(dtype)
+    gw = ops.cbam_spatial_conv_weight_grad(grad, x, ws[2], ws[3], list(pad))
+
+    def weight_grad(*args):
+        return torch.ops.aten.convolution_backward(*args, None, [1, 1], list(pad), [1, 1], False, [0, 0], 1,
+                                                   [False, True, False])[1]
+    _check("cbam_spatial_conv_weight_grad", gw, weight_grad(grad.float(), x.float(), w.float()).to(dtype),
+           weight_grad(grad.double(), x.double(), w.double()), dtype)
+
+
+def test_cbam_spatial_conv_opcheck(ops):
+    x, w = torch.randn(2, 2, 9, 10), torch.randn(1, 2, 7, 7)
+    torch.library.opcheck(torch.ops.fastattn.cbam_spatial_conv, (x, w, [3, 3]))
+    torch.library.opcheck(torch.ops.fastattn.cbam_spatial_conv_weight_grad, (torch.randn(2, 1, 9, 10), x, 7, 7, [3, 3]))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda o: o.cbam_spatial_conv(torch.randn(2, 3, 8, 8), torch.randn(1, 2, 7, 7), [3, 3]), "x must have 2 channels"),
+    (lambda o: o.cbam_spatial_conv(torch.randn(2, 2, 8, 8), torch.randn(1, 2, 7, 7).double(), [3, 3]), "dtype"),
+    (lambda o: o.cbam_spatial_conv(torch.randn(2, 2, 8, 8), torch.randn(1, 2, 7, 7), [-1, 3]), "non-negative"),
+    (lambda o: o.cbam_spatial_conv(torch.randn(2, 2, 4, 4), torch.randn(1, 2, 7, 7), [1, 1]), "does not fit"),
+    (lambda o: o.cbam_spatial_conv(torch.randn(2, 8, 8), torch.randn(1, 2, 7, 7), [3, 3]), "4-D"),
+    (lambda o: o.cbam_spatial_conv_weight_grad(torch.randn(2, 1, 7, 8), torch.randn(2, 2, 8, 8), 7, 7, [3, 3]),
+     "grad_out"),
+    (lambda o: o.cbam_spatial_conv_weight_grad(torch.randn(2, 1, 8, 8), torch.randn(2, 2, 8, 8), 0, 7, [3, 3]),
+     "kernel size"),
+], ids=["channels", "dtype", "padding", "kernel-too-big", "rank", "grad-out-shape", "kernel-size"])
+def test_cbam_spatial_conv_bad_input(ops, call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(ops)
+
+
+def test_cbam_spatial_conv_has_no_derivative(ops):
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="internal op"):
+        ops.cbam_spatial_conv(x, torch.randn(1, 2, 7, 7), [3, 3]).sum().backward()

@@ -1238,12 +1238,140 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
   return dx_out.finish();
 }
 
+// ---------------------------------------------------------------------------
+// cbam_spatial_conv and its weight gradient: the spatial gate's k x k conv
+// ---------------------------------------------------------------------------
+// out[n, o, y, x] = sum over c, i, j of w[o, c, i, j] * x[n, c, y + i - pad_h, x + j - pad_w], zero outside
+// x: F.conv2d(x, w, None, stride 1, padding). The CBAM map has 1 or 2 channels in and out, a few
+// MFLOP; oneDNN spends more time setting such a conv up than computing it (0.2-0.6 ms per call at
+// 8x2x56x56 on a 2-core AVX2 machine, against ~0.05 ms here). Accumulation in float (double for
+// double); sums in a fixed order, so results do not depend on the thread count.
+
+// x (N, C, H, W) in the accumulation dtype with pad_h rows and pad_w columns of zeros on each side;
+// rows of `row_len` >= W + 2 * pad_w elements, zero past the padding, so that vector loads up to
+// row_len never leave the row.
+template <typename scalar_t>
+std::vector<acc_type<scalar_t>> padded_planes(const Tensor& x, int64_t pad_h, int64_t pad_w, int64_t row_len) {
+  const Tensor c = x.contiguous();
+  const scalar_t* p = c.const_data_ptr<scalar_t>();
+  const int64_t planes = x.size(0) * x.size(1), H = x.size(2), W = x.size(3), Hp = H + 2 * pad_h;
+  std::vector<acc_type<scalar_t>> out(planes * Hp * row_len + Vectorized<acc_type<scalar_t>>::size(), 0);
+  for (const auto q : c10::irange(planes))
+    for (const auto y : c10::irange(H))
+      for (const auto xx : c10::irange(W))
+        out[(q * Hp + y + pad_h) * row_len + pad_w + xx] = static_cast<acc_type<scalar_t>>(p[(q * H + y) * W + xx]);
+  return out;
+}
+
+void check_spatial_conv(const Tensor& x, int64_t channels, int64_t kh, int64_t kw, at::IntArrayRef padding,
+                        const char* op) {
+  check_x(x, op);
+  TORCH_CHECK(x.size(1) == channels, op, ": x must have ", channels, " channels (the weight's), got shape ",
+              x.sizes());
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": padding must be two non-negative ints, got ", padding);
+  TORCH_CHECK(x.size(2) + 2 * padding[0] >= kh && x.size(3) + 2 * padding[1] >= kw, op, ": a ", kh, "x", kw,
+              " kernel does not fit x of shape ", x.sizes(), " padded by ", padding);
+}
+
+Tensor cbam_spatial_conv_cpu(const Tensor& x, const Tensor& weight, at::IntArrayRef padding) {
+  constexpr const char* op = "cbam_spatial_conv";
+  TORCH_CHECK(weight.dim() == 4 && weight.device().is_cpu() && weight.scalar_type() == x.scalar_type(), op,
+              ": weight must be a 4-D (out, in, kh, kw) CPU tensor of x's dtype, got ", weight.scalar_type(), " ",
+              weight.sizes());
+  const int64_t O = weight.size(0), C = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  check_spatial_conv(x, C, kh, kw, padding, op);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  const int64_t Ho = H + 2 * padding[0] - kh + 1, Wo = W + 2 * padding[1] - kw + 1;
+  Tensor out = at::empty({N, O, Ho, Wo}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN, kVecs = 4;  // output vectors per pass: independent FMA chains
+    const int64_t Hp = H + 2 * padding[0], row_len = round_up(Wo, kN) + kw;
+    const auto in = padded_planes<scalar_t>(x, padding[0], padding[1], row_len);
+    const auto w = param_array<scalar_t>(weight, weight.sizes(), op, "weight");
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N * O * Ho, row_grain(Wo * C * kh * kw), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / (O * Ho), o = (t / Ho) % O, y = t % Ho;
+        scalar_t* out_row = out_p + t * Wo;
+        for (int64_t x0 = 0; x0 < Wo; x0 += kN * kVecs) {
+          const int64_t vecs = std::min(kVecs, ceil_div(Wo - x0, kN));
+          fvec a[kVecs];
+          for (const auto v : c10::irange(kVecs)) a[v] = fvec(acc(0));
+          for (const auto c : c10::irange(C))
+            for (const auto i : c10::irange(kh)) {
+              const acc* row = in.data() + ((n * C + c) * Hp + y + i) * row_len + x0;
+              const acc* wr = w.data() + ((o * C + c) * kh + i) * kw;
+              for (const auto j : c10::irange(kw)) {
+                const fvec wv(wr[j]);
+                for (int64_t v = 0; v < vecs; ++v) a[v] = at::vec::fmadd(wv, fvec::loadu(row + v * kN + j), a[v]);
+              }
+            }
+          for (int64_t v = 0; v < vecs; ++v) IO::store(out_row + x0 + v * kN, a[v], std::min(kN, Wo - x0 - v * kN));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// grad_w[o, c, i, j] = sum over n, y, x of grad_out[n, o, y, x] * x[n, c, y + i - pad_h, x + j - pad_w]:
+// one task per (o, c, i), its kw sums as independent vector accumulators.
+Tensor cbam_spatial_conv_weight_grad_cpu(const Tensor& grad_out, const Tensor& x, int64_t kh, int64_t kw,
+                                         at::IntArrayRef padding) {
+  constexpr const char* op = "cbam_spatial_conv_weight_grad";
+  TORCH_CHECK(kh > 0 && kw > 0, op, ": kernel size must be positive, got ", kh, "x", kw);
+  check_spatial_conv(x, x.size(1), kh, kw, padding, op);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = H + 2 * padding[0] - kh + 1, Wo = W + 2 * padding[1] - kw + 1;
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == N && grad_out.size(2) == Ho && grad_out.size(3) == Wo &&
+                  grad_out.device().is_cpu() && grad_out.scalar_type() == x.scalar_type(),
+              op, ": grad_out must be a CPU tensor of x's dtype and shape (", N, ", out, ", Ho, ", ", Wo, "), got ",
+              grad_out.scalar_type(), " ", grad_out.sizes());
+  const int64_t O = grad_out.size(1);
+  Tensor grad_w = at::empty({O, C, kh, kw}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc = typename IO::acc;
+    using fvec = typename IO::fvec;
+    constexpr int64_t kN = IO::kN;
+    const int64_t Hp = H + 2 * padding[0], g_len = round_up(Wo, kN), row_len = g_len + kw;
+    const auto in = padded_planes<scalar_t>(x, padding[0], padding[1], row_len);
+    const auto g = padded_planes<scalar_t>(grad_out, 0, 0, g_len);  // zeros past Wo
+    scalar_t* gw = grad_w.data_ptr<scalar_t>();
+    at::parallel_for(0, O * C * kh, 1, [&](int64_t begin, int64_t end) {
+      std::vector<fvec> a(kw);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t o = t / (C * kh), c = (t / kh) % C, i = t % kh;
+        std::fill(a.begin(), a.end(), fvec(acc(0)));
+        for (const auto n : c10::irange(N))
+          for (const auto y : c10::irange(Ho)) {
+            const acc* g_row = g.data() + ((n * O + o) * Ho + y) * g_len;
+            const acc* in_row = in.data() + ((n * C + c) * Hp + y + i) * row_len;
+            for (int64_t x0 = 0; x0 < g_len; x0 += kN) {
+              const fvec gv = fvec::loadu(g_row + x0);
+              for (const auto j : c10::irange(kw)) a[j] = at::vec::fmadd(gv, fvec::loadu(in_row + x0 + j), a[j]);
+            }
+          }
+        for (const auto j : c10::irange(kw)) gw[t * kw + j] = static_cast<scalar_t>(hsum(a[j]));
+      }
+    });
+  });
+  return grad_w;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastattn
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("channel_pool", &fastattn::cpu::channel_pool_cpu);
+  m.impl("cbam_spatial_conv", &fastattn::cpu::cbam_spatial_conv_cpu);
+  m.impl("cbam_spatial_conv_weight_grad", &fastattn::cpu::cbam_spatial_conv_weight_grad_cpu);
   m.impl("gated_spatial_pool", &fastattn::cpu::gated_spatial_pool_cpu);
   m.impl("cbam_apply", &fastattn::cpu::cbam_apply_cpu);
   m.impl("cbam_apply_backward", &fastattn::cpu::cbam_apply_backward_cpu);
