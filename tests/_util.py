@@ -96,3 +96,17 @@ def module_forward_backward(module, x, grad_y):
     grads = {"x": x.grad}
     grads.update({name: p.grad for name, p in module.named_parameters()})
     return y, grads
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere, also where a block starts at zero (BN gamma, SAGAN gamma, proj_out,
+    NonLocal2d's out_norm); running statistics too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)

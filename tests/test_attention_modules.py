@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastattn
 from fastattn import _ext, reference
-from _util import GRAD_ATOL, assert_error_rule, attention_backends, interpreted, module_forward_backward
+from _util import GRAD_ATOL, assert_error_rule, attention_backends, interpreted, module_forward_backward, randomize
 
 # name -> (fused class, reference twin class, constructor args, kwargs); 16 channels everywhere
 KINDS = {
@@ -26,24 +26,11 @@ KINDS = {
 }
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights everywhere, also where the blocks start at zero (BN gamma, SAGAN gamma, proj_out)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g))
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-
-
 def _pair(kind: str, train: bool = True):
     """(fused, twin) with the same random weights; the twin is built by its own class."""
     fused_cls, twin_cls, args, kwargs = KINDS[kind]
     fused, twin = fused_cls(*args, **kwargs), twin_cls(*args, **kwargs)
-    _randomize(fused)
+    randomize(fused)
     twin.load_state_dict(fused.state_dict())
     return fused.train(train), twin.train(train)
 
@@ -79,7 +66,7 @@ def test_keys_equal_twin(kind):
 
 def test_keys_and_numerics_equal_timm():
     timm_block = TimmNonLocalAttn(32)
-    _randomize(timm_block)
+    randomize(timm_block)
     twin = reference.TimmNonLocalAttn(32)
     fused = fastattn.nn.NonLocalAttn(32)
     assert list(fused.state_dict()) == list(twin.state_dict()) == list(timm_block.state_dict())

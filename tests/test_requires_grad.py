@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastattn
-from _util import GRAD_ATOL, assert_error_rule, compiled_backends
+from _util import GRAD_ATOL, assert_error_rule, compiled_backends, randomize
 
 BACKENDS = ["reference"] + compiled_backends("cpu")
 NO_GRAD = "no_grad"  # every input requires grad, the call runs under torch.no_grad()
@@ -138,19 +138,6 @@ def _module_cases():
     return cases
 
 
-def _randomize(module: torch.nn.Module) -> None:
-    """Random weights everywhere, also where a block starts at zero (NonLocal2d's out_norm)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g))
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-
-
 def _run(module, backend, x):
     if backend == "reference":  # the fused code path over the op contract in PyTorch
         return type(module)._fused(module, x, "reference")
@@ -168,7 +155,7 @@ def _module_grads(module, x, grad_y):
 
 def _module(kind, train):
     module = MODULES[kind][0]()
-    _randomize(module)
+    randomize(module)
     return module.train(train)
 
 
