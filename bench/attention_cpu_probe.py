@@ -14,8 +14,6 @@ and prints medians and the ratios fastattn / competitor (< 1 means fastattn is f
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import statistics
 import time
 
@@ -34,12 +32,11 @@ CASES = {  # name: (N, Cq, Cv, Lq, Lk, heads, scale or None)
 
 
 def load_ops():
-    """The test file's `_load_ops()` (builds the kernels when fastattn._C lacks them)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "tests", "test_cpu_attention_ops.py")
-    spec = importlib.util.spec_from_file_location("_cpu_attention_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._load_ops()
+    """torch.ops.fastattn with the CPU attention kernels of the installed fastattn._C."""
+    from fastattn import _ext
+    if not _ext.has_kernel("spatial_attention_forward", "CPU"):
+        raise SystemExit(f"fastattn._C has no CPU attention kernels (load error: {_ext.LOAD_ERROR}); run `make build`")
+    return torch.ops.fastattn
 
 
 def heads_view(t, heads):
