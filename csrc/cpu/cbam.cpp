@@ -799,10 +799,12 @@ void max_grad_weights(acc g, int32_t count, bool split_ties, acc& hit, acc& miss
 }
 
 // Per-position terms of the spatial max-pool gradient, each N*H*W (+ a vector of padding):
-// a = grad_mean / C, hit, miss, and the max itself.
+// a = grad_mean / C, hit, miss, and the max itself; and the tie counts they were made from.
+// Making them checks grad_pooled, pooled and count (shapes, dtypes).
 template <typename acc>
 struct SpatialPoolTerms {
   std::vector<acc> a, hit, miss, max;
+  Tensor count;  // (N, H, W) int32, contiguous
 };
 
 template <typename scalar_t>
@@ -817,7 +819,7 @@ SpatialPoolTerms<acc_type<scalar_t>> spatial_pool_terms(const Tensor& grad_poole
   const int32_t* cnt_p = cnt.const_data_ptr<int32_t>();
   const int64_t len = d.N * d.HW + Vectorized<acc>::size();
   SpatialPoolTerms<acc> t{std::vector<acc>(len, 0), std::vector<acc>(len, 0), std::vector<acc>(len, 0),
-                          std::vector<acc>(len, 0)};
+                          std::vector<acc>(len, 0), cnt};
   const acc channels = acc(d.C);
   for (const auto n : c10::irange(d.N)) {
     for (const auto hw : c10::irange(d.HW)) {
@@ -839,10 +841,6 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
   constexpr const char* op = "gated_spatial_pool_backward_gate";
   const Dense d = dense_input(x, op);
   const int64_t H = x.size(2), W = x.size(3);
-  TORCH_CHECK(grad_pooled.dim() == 4 && grad_pooled.size(0) == d.N && grad_pooled.size(1) == 2 &&
-                  grad_pooled.size(2) == H && grad_pooled.size(3) == W,
-              op, ": grad_pooled must have shape (N, 2, H, W) = ", at::IntArrayRef({d.N, 2, H, W}), ", got ",
-              grad_pooled.sizes());
   Tensor d_gate = at::empty({d.N, d.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using IO = VecIO<scalar_t>;
@@ -1155,12 +1153,6 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
                 ": grad_y must be a CPU tensor of x's dtype");
     gy = grad_y->contiguous(d.format());
   }
-  if (has_pool) {
-    TORCH_CHECK(grad_pooled->dim() == 4 && grad_pooled->size(0) == d.N && grad_pooled->size(1) == 2 &&
-                    grad_pooled->size(2) == H && grad_pooled->size(3) == W,
-                op, ": grad_pooled must have shape (N, 2, H, W) = ", at::IntArrayRef({d.N, 2, H, W}), ", got ",
-                grad_pooled->sizes());
-  }
   const XSized dx_out(x, d);
   const Tensor& dx = dx_out.work;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -1191,11 +1183,10 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
     if (sp_gate) p_gate = param_array<scalar_t>(*sp_gate, {d.N, H, W}, op, "sp_gate");
     SpatialPoolTerms<acc> pool_terms;
     std::vector<acc> p_amiss;
-    Tensor sp_arg, sp_cnt;
-    if (has_pool) {
+    Tensor sp_arg;
+    if (has_pool) {  // grad_pooled, pooled and sp_count are checked here
       pool_terms = spatial_pool_terms<scalar_t>(*grad_pooled, *pooled, *sp_count, x, d, split_ties, op);
       sp_arg = index_array(*sp_argmax, {d.N, H, W}, at::kLong, op, "sp_argmax");
-      sp_cnt = index_array(*sp_count, {d.N, H, W}, at::kInt, op, "sp_count");
       p_amiss.resize(pool_terms.a.size());
       for (const auto i : c10::irange(p_amiss.size())) p_amiss[i] = pool_terms.a[i] + pool_terms.miss[i];
     }
@@ -1220,7 +1211,7 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
     terms_set.p_max = data_or_null(pool_terms.max);
     terms_set.p_amiss = data_or_null(p_amiss);
     terms_set.p_arg = has_pool ? sp_arg.const_data_ptr<int64_t>() : nullptr;
-    terms_set.p_cnt = has_pool ? sp_cnt.const_data_ptr<int32_t>() : nullptr;
+    terms_set.p_cnt = has_pool ? pool_terms.count.const_data_ptr<int32_t>() : nullptr;
     const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
     const scalar_t* gy_p = has_gy ? gy.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dx_p = dx.data_ptr<scalar_t>();
