@@ -233,21 +233,24 @@ _BACKWARD_OPS = ("cbam_apply_backward", "gated_spatial_pool_backward_gate", "cba
                  "spatial_attention_backward")
 
 
-def _no_double_backward(op: str):
-    """Autograd of a backward op: a clear error instead of a silently wrong second derivative."""
+def _raising_backward(message: str):
+    """An autograd formula that raises `message`: a clear error instead of a silently wrong derivative."""
     def backward(ctx, *grads):
-        raise RuntimeError(f"fastattn: double backward (a gradient of a gradient, create_graph=True) is not "
-                           f"supported through {op}; use backend='reference' for higher-order gradients")
+        raise RuntimeError(message)
     return backward
+
+
+def _no_double_backward(op: str):
+    """Autograd of a backward op."""
+    return _raising_backward(f"fastattn: double backward (a gradient of a gradient, create_graph=True) is not "
+                             f"supported through {op}; use backend='reference' for higher-order gradients")
 
 
 def _internal_op(op: str):
     """Autograd of an op the fused CBAM block calls inside its own forward and backward."""
-    def backward(ctx, *grads):
-        raise RuntimeError(f"fastattn::{op} is an internal op of the fused CBAM block (its forward and backward "
-                           f"call it) and has no derivative of its own; double backward through the block is "
-                           f"not supported")
-    return backward
+    return _raising_backward(f"fastattn::{op} is an internal op of the fused CBAM block (its forward and backward "
+                             f"call it) and has no derivative of its own; double backward through the block is "
+                             f"not supported")
 
 
 def _register() -> None:
