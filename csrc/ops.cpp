@@ -42,6 +42,15 @@ TORCH_LIBRARY(fastattn, m) {
   // cuDNN through F.conv2d): F.conv2d(x, weight, None, 1, padding), and its weight gradient.
   m.def("cbam_spatial_conv(Tensor x, Tensor weight, int[2] padding) -> Tensor");
   m.def("cbam_spatial_conv_weight_grad(Tensor grad_out, Tensor x, int kh, int kw, int[2] padding) -> Tensor");
+  // The whole CBAM block at inference (BatchNorm on running statistics), CPU only, in two passes over
+  // x: y from x, the shared MLP's weights w1 (hidden, C), w2 (C, hidden) (or 1x1 convs' (., ., 1, 1))
+  // and biases, and the spatial gate's conv weight (1, 1 or 2, kh, kw) with its BatchNorm's weight,
+  // bias, running mean and variance, eps; no conv_w: no spatial gate. light: timm's Light flavour
+  // (one-channel conv input); max_first: conv input cat[max, mean], else cat[mean, max].
+  m.def(
+      "cbam_forward_eval(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? conv_w, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int[2] padding, "
+      "bool light, bool max_first) -> Tensor");
 
   // ---- Spatial attention ----------------------------------------------------
   // q: (N, Cq, Lq), k: (N, Cq, Lk), v: (N, Cv, Lk), any strides.

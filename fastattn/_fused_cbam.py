@@ -12,6 +12,13 @@ backward  cbam_apply_backward reads dy and x                   2 reads
                               (and x: cuda, triton; cpu where
                               a tie of the split rule needs it)
           -> 4 reads (cpu; 5 on cuda and triton), dx written once.
+At inference on the cpu backend (no gradient wanted, BatchNorm on its running
+statistics) the whole block is one op, cbam_forward_eval, in two passes:
+inference  channel pool                                       1 read
+           per row band: spatial pool, gate, apply            1 read, 1 write
+                         (the band's rows re-read from L2)
+          -> x read twice, y written once; see inference_forward.
+
 Saved for backward: x, the two gates, the pooled map and the small index and
 tie-count tensors (N*C and N*H*W); not y and not x*ch_gate. The tie counts
 come from the forward, so timm's split-ties rule costs no extra read.
@@ -150,6 +157,21 @@ class FusedCBAMFunction(torch.autograd.Function):
                                      spec.split_ties)
         return (dx, d_w1, d_b1, d_w2, d_b2 if ctx.needs_input_grad[4] else None, d_conv_w,
                 d_bn_w, d_bn_b, None, None, None)
+
+
+def inference_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                      conv_w: Tensor | None, bn_w: Tensor | None, bn_b: Tensor | None, bn_mean: Tensor | None,
+                      bn_var: Tensor | None, spec: CbamSpec) -> Tensor:
+    """The block's forward as the single cpu op cbam_forward_eval, for calls that need no gradient with
+    BatchNorm on its running statistics: no images are coupled, so the spatial gate is made band by
+    band of rows and applied while the band is in cache (x read twice, against three times).
+
+    The MLP runs as the same PyTorch ops as on the training path; BatchNorm is folded into one scale
+    and shift as PyTorch's CPU kernel folds it. The two paths agree up to the last bits of the
+    BatchNorm and sigmoid arithmetic (tests/test_cbam_modules.py).
+    """
+    return torch.ops.fastattn.cbam_forward_eval(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, bn_mean, bn_var, spec.bn_eps,
+                                                list(spec.padding), spec.light, spec.max_first)
 
 
 def _conv(x: Tensor, weight: Tensor, padding: tuple[int, int], backend: str) -> Tensor:

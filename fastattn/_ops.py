@@ -103,10 +103,16 @@ def _fake_cbam_spatial_conv_weight_grad(grad_out, x, kh, kw, padding):
     return x.new_empty(grad_out.shape[1], x.shape[1], kh, kw)
 
 
-# the cpu backend's direct conv for the spatial gate (other backends call F.conv2d): no Triton twin
+def _fake_cbam_forward_eval(x, *args):
+    return torch.empty_like(x)
+
+
+# the cpu backend's direct conv for the spatial gate (other backends call F.conv2d) and its one-op
+# inference forward: no Triton twin, no derivative
 _COMPILED_ONLY_FAKES = {
     "cbam_spatial_conv": _fake_cbam_spatial_conv,
     "cbam_spatial_conv_weight_grad": _fake_cbam_spatial_conv_weight_grad,
+    "cbam_forward_eval": _fake_cbam_forward_eval,
 }
 
 _FAKES = {
@@ -247,7 +253,12 @@ def _no_double_backward(op: str):
 
 
 def _internal_op(op: str):
-    """Autograd of an op the fused CBAM block calls inside its own forward and backward."""
+    """Autograd of an op the fused CBAM block calls inside its own forward and backward, or (the inference
+    forward) only where no gradient is wanted."""
+    if op == "cbam_forward_eval":
+        return _raising_backward("fastattn::cbam_forward_eval is the fused CBAM block's inference forward and has "
+                                 "no derivative; the block calls it only where no gradient is needed (no input or "
+                                 "parameter requires grad, or grad mode is off)")
     return _raising_backward(f"fastattn::{op} is an internal op of the fused CBAM block (its forward and backward "
                              f"call it) and has no derivative of its own; double backward through the block is "
                              f"not supported")

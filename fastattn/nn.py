@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fastattn import functional as FA
 from fastattn import reference
 from fastattn._backend import BACKENDS, choose
-from fastattn._fused_cbam import CbamSpec, FusedCBAMFunction
+from fastattn._fused_cbam import CbamSpec, FusedCBAMFunction, inference_forward
 
 FLAVORS = ("timm", "timm_light", "official")
 
@@ -50,6 +50,10 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: 
         bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
 
 
+def _grad_wanted(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class CBAM(nn.Module):
     """Fused CBAM: channel gate (avg+max pool -> shared MLP -> sigmoid) then spatial
     gate (mean+max over channels -> k x k conv -> BatchNorm -> sigmoid).
@@ -64,6 +68,10 @@ class CBAM(nn.Module):
       "official"   Jongchan/attention-module CBAM: Linear MLP with biases, hidden
                    C // reduction, conv input cat[max, mean], BN momentum 0.01, max
                    gradients to one index. Its checkpoints load as they are.
+
+    On the cpu backend, a call that needs no gradient (torch.no_grad(), or nothing requires grad)
+    with BatchNorm on its running statistics (eval mode) runs as one op, cbam_forward_eval, that
+    reads x twice instead of three times (README "CBAM memory traffic").
     """
 
     def __init__(self, channels: int, reduction: int = 16, *, flavor: str = "timm", spatial_kernel: int = 7,
@@ -118,6 +126,9 @@ class CBAM(nn.Module):
                         bn_eps=1e-5 if conv is None else bn.eps, bn_batch_stats=batch_stats, backend=backend)
         conv_w = None if conv is None else conv.weight
         bn_params = (None,) * 4 if conv is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if backend == "cpu" and not (conv is not None and batch_stats) \
+                and not _grad_wanted(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w, *bn_params[:2]):
+            return inference_forward(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w, *bn_params, spec)
         y, mean, var = FusedCBAMFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
                                                *bn_params, spec)
         if conv is not None and bn.training and bn.track_running_stats:

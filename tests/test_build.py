@@ -12,7 +12,8 @@ from fastattn import _ext
 CBAM_OPS = ["channel_pool", "gated_spatial_pool", "cbam_apply", "cbam_apply_backward",
             "gated_spatial_pool_backward_gate", "cbam_grad_x"]
 ATTENTION_OPS = ["spatial_attention_forward", "spatial_attention_backward"]
-CPU_ONLY_OPS = ["cbam_spatial_conv", "cbam_spatial_conv_weight_grad"]  # on CUDA the block calls cuDNN
+# on CUDA the block calls cuDNN for its conv, and runs inference through the training path's kernels
+CPU_ONLY_OPS = ["cbam_spatial_conv", "cbam_spatial_conv_weight_grad", "cbam_forward_eval"]
 
 
 def test_compiled_library_loads():

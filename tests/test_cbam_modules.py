@@ -147,3 +147,90 @@ def test_gate_modules_match_reference(flavor):
             else reference.TimmSpatialAttn(7, light=flavor == "timm_light"))
     twin.load_state_dict(sgate.state_dict())
     torch.testing.assert_close(sgate(x), twin(x))
+
+
+# ---------------------------------------------------------------------------
+# Inference on the cpu backend: one op, cbam_forward_eval (fastattn/_fused_cbam.py inference_forward)
+# ---------------------------------------------------------------------------
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The fastattn ops a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastattn":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+# odd batches and one-row or one-column maps, a map wider than a lane tile (512), channel counts that
+# leave vector tails, a batch below the thread count (images split in row chunks)
+INFERENCE_SHAPES = [(3, 32, 9, 11), (1, 17, 56, 56), (2, 3, 1, 7), (2, 5, 13, 1), (1, 4, 3, 600), (4, 256, 7, 7),
+                    (1, 8, 100, 3)]
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends("cpu"), reason="needs the compiled cpu backend")
+@pytest.mark.parametrize("flavor", ["timm", "timm_light", "official", "official-no-spatial"])
+@pytest.mark.parametrize("shape", INFERENCE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpu_inference_is_one_op(flavor, shape, channels_last, dtype):
+    """eval + no_grad on the cpu backend runs cbam_forward_eval alone; its output meets the error rule
+    against the float64 original and matches the autograd path's."""
+    no_spatial = flavor == "official-no-spatial"
+    flavor = flavor.removesuffix("-no-spatial")
+    channels = shape[1]
+    if no_spatial:
+        original = reference.OfficialCBAM(channels, 1, no_spatial=True)
+    else:
+        original = _original(flavor, channels, 1 if channels < 4 else 4)
+    _randomize(original)
+    original.eval()
+    fused = fastattn.nn.CBAM(channels, 1 if channels < 4 or no_spatial else 4, flavor=flavor,
+                             no_spatial=no_spatial, backend="cpu").eval()
+    fused.load_state_dict(original.state_dict())
+    fused.to(dtype)
+    x = _inputs(shape, ties=False, channels_last=channels_last).to(dtype)
+    with torch.no_grad():
+        with _OpLog() as log:
+            y = fused(x)
+        truth = copy.deepcopy(original).double()(x.double())
+        eager = copy.deepcopy(original).to(dtype)(x)
+    assert log.ops == ["cbam_forward_eval"]
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last if channels_last
+                                                else torch.contiguous_format)
+    assert_error_rule("y", y, truth, eager)
+    y_autograd = fused(x)  # the parameters require grad: the training path's kernels
+    assert y_autograd.requires_grad
+    assert_error_rule("y vs autograd path", y, truth, y_autograd.detach())
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends("cpu"), reason="needs the compiled cpu backend")
+def test_cpu_inference_path_is_taken_only_without_grad_and_running_stats():
+    fused = fastattn.nn.CBAM(16, 4, backend="cpu")
+    x = torch.randn(2, 16, 6, 6)
+    # (label, train mode, parameters require grad, grad mode, x requires grad, takes cbam_forward_eval)
+    cases = [("train, no_grad: BN on batch statistics", True, True, False, False, False),
+             ("eval, parameters require grad", False, True, True, False, False),
+             ("eval, x requires grad", False, False, True, True, False),
+             ("eval, no_grad", False, True, False, True, True),
+             ("eval, nothing requires grad", False, False, True, False, True)]
+    for label, train, params_grad, grad_mode, x_grad, takes_eval_op in cases:
+        fused.train(train).requires_grad_(params_grad)
+        with torch.set_grad_enabled(grad_mode), _OpLog() as log:
+            y = fused(x.clone().requires_grad_(x_grad))
+        assert ("cbam_forward_eval" in log.ops) == takes_eval_op, (label, log.ops)
+        assert y.requires_grad == (grad_mode and (params_grad or x_grad)), label
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends("cpu"), reason="needs the compiled cpu backend")
+def test_cpu_inference_compiles_fullgraph():
+    fused = fastattn.nn.CBAM(32, 4, backend="cpu").eval()
+    _randomize(fused)
+    x = torch.randn(2, 32, 9, 9)
+    with torch.no_grad():
+        expect = fused(x)
+        got = torch.compile(fused, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)

@@ -433,3 +433,62 @@ def test_cbam_spatial_conv_has_no_derivative(ops):
     x = torch.randn(1, 2, 8, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="internal op"):
         ops.cbam_spatial_conv(x, torch.randn(1, 2, 7, 7), [3, 3]).sum().backward()
+
+
+# cbam_forward_eval: its numbers are checked through fastattn.nn.CBAM (tests/test_cbam_modules.py,
+# test_cpu_inference_is_one_op); here its registration and its argument checks
+def _eval_args(c=8, hidden=2, light=False, spatial=True, **override):
+    g = torch.Generator().manual_seed(3)
+    args = {"x": torch.randn(2, c, 6, 7, generator=g), "w1": torch.randn(hidden, c, 1, 1, generator=g),
+            "b1": None, "w2": torch.randn(c, hidden, 1, 1, generator=g), "b2": torch.randn(c, generator=g),
+            "conv_w": torch.randn(1, 1 if light else 2, 7, 7, generator=g) if spatial else None,
+            "bn_weight": torch.rand(1, generator=g) if spatial else None,
+            "bn_bias": torch.randn(1, generator=g) if spatial else None,
+            "bn_mean": torch.randn(1, generator=g) if spatial else None,
+            "bn_var": torch.rand(1, generator=g) + 0.5 if spatial else None,
+            "bn_eps": 1e-5, "padding": [3, 3], "light": light, "max_first": False}
+    args.update(override)
+    return tuple(args.values())
+
+
+@pytest.mark.parametrize("kind", ["timm", "light", "no-spatial", "channels-last"])
+def test_cbam_forward_eval_opcheck(ops, kind):
+    args = _eval_args(light=kind == "light", spatial=kind != "no-spatial")
+    if kind == "channels-last":
+        args = (args[0].contiguous(memory_format=torch.channels_last),) + args[1:]
+    torch.library.opcheck(torch.ops.fastattn.cbam_forward_eval, args)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"x": torch.randn(2, 8, 6)}, "4-D"),
+    ({"x": torch.ones(2, 8, 6, 7, dtype=torch.int32)}, "float32, float64"),
+    ({"w1": torch.randn(2, 9)}, "w1 must be a CPU tensor of x's dtype .* shape \\(2, 8\\)"),
+    ({"w1": torch.randn(2, 8, 3, 3)}, "w1 must be"),
+    ({"w2": torch.randn(8, 3, 1, 1)}, "w2 must be .* shape \\(8, 2\\)"),
+    ({"w2": torch.randn(8, 2).double()}, "w2 must be a CPU tensor of x's dtype"),
+    ({"b1": torch.randn(3)}, "b1 must be .* shape \\(2\\)"),
+    ({"b2": torch.randn(8).half()}, "b2 must be a CPU tensor of x's dtype"),
+    ({"conv_w": torch.randn(1, 1, 7, 7)}, "conv_w must be \\(1, 2, kh, kw\\)"),
+    ({"padding": [2, 3]}, "keep the map's size"),
+    ({"bn_mean": None}, "bn_mean and bn_var"),
+    ({"bn_var": torch.ones(2)}, "bn_var must be a floating CPU tensor of one value"),
+    ({"bn_eps": -1.0}, "bn_eps must be non-negative"),
+], ids=["x-rank", "x-dtype", "w1-shape", "w1-kernel", "w2-shape", "w2-dtype", "b1-shape", "b2-dtype",
+        "conv-channels", "padding", "bn-missing", "bn-two-values", "eps"])
+def test_cbam_forward_eval_bad_input(ops, override, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.cbam_forward_eval(*_eval_args(**override))
+
+
+def test_cbam_forward_eval_bn_without_conv_is_refused(ops):
+    args = list(_eval_args(spatial=False))
+    args[6] = torch.ones(1)  # bn_weight without conv_w
+    with pytest.raises(RuntimeError, match="without conv_w"):
+        ops.cbam_forward_eval(*args)
+
+
+def test_cbam_forward_eval_has_no_derivative(ops):
+    args = list(_eval_args())
+    args[0] = args[0].requires_grad_()
+    with pytest.raises(RuntimeError, match="inference forward and has no derivative"):
+        ops.cbam_forward_eval(*args).sum().backward()

@@ -46,6 +46,7 @@ constexpr int64_t kL2Block = 512 * 1024;     // bytes of x a two-pass lane reduc
 constexpr int64_t kScanPiece = 2048;         // two-pass row reductions re-read pieces this long from L1
 constexpr int64_t kPrefetchRows = 4;         // row-at-a-time loops prefetch this many rows ahead...
 constexpr int64_t kStreamAhead = 2048;       // ...or this many elements ahead in one contiguous stream
+constexpr int64_t kEvalBand = 192 * 1024;    // bytes of x per row band of the inference forward's pass 2
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float, or double for double
@@ -142,6 +143,26 @@ Vectorized<T> iota() {
   return Vectorized<T>::arange(T(0), T(1));
 }
 
+// `vecs` consecutive output vectors of one row of a stride-1 k x k conv over `planes` zero-padded
+// planes, into a[0, vecs): plane c's input rows start at in + c * plane_stride (kernel row i at
+// + i * row_len), its weights at w[(c * kh + i) * kw + j]. Sums in (c, i, j) order, one FMA each.
+template <typename acc, int64_t kVecs>
+void conv_vectors(const acc* in, int64_t plane_stride, int64_t row_len, int64_t planes, int64_t kh, int64_t kw,
+                  const acc* w, int64_t vecs, Vectorized<acc>* a) {
+  using fvec = Vectorized<acc>;
+  constexpr int64_t kN = fvec::size();
+  for (int64_t v = 0; v < kVecs; ++v) a[v] = fvec(acc(0));
+  for (int64_t c = 0; c < planes; ++c)
+    for (int64_t i = 0; i < kh; ++i) {
+      const acc* row = in + c * plane_stride + i * row_len;
+      const acc* wr = w + (c * kh + i) * kw;
+      for (int64_t j = 0; j < kw; ++j) {
+        const fvec wv(wr[j]);
+        for (int64_t v = 0; v < vecs; ++v) a[v] = at::vec::fmadd(wv, fvec::loadu(row + v * kN + j), a[v]);
+      }
+    }
+}
+
 // index - base, float-coded (exact below 2^24) for comparisons with local indices; -1 when out of range
 template <typename acc>
 acc local_index(int64_t index, int64_t base) {
@@ -193,7 +214,8 @@ struct MaxStats {
 // Stats of z[i] = round(row[i] * gate[i]) (z = row[i] without a gate), i in [0, len), in two
 // passes per L1-sized piece: sum and max, then ties and the first index of a new max. (One pass
 // with per-lane max/index/tie state costs more operations per element: measured 1.5x slower.)
-template <typename scalar_t, bool kGated>
+// Without kArg only sum and max are exact (the inference forward needs no more): no second pass.
+template <typename scalar_t, bool kGated, bool kArg = true>
 MaxStats<acc_type<scalar_t>> reduce_contiguous(const scalar_t* row, const acc_type<scalar_t>* gate, int64_t len,
                                                  const scalar_t* end) {
   using IO = VecIO<scalar_t>;
@@ -256,6 +278,10 @@ MaxStats<acc_type<scalar_t>> reduce_contiguous(const scalar_t* row, const acc_ty
     stats.sum += piece_sum;
     const acc piece_max =
         hmax(at::vec::clamp_min(at::vec::clamp_min(m[0], m[1]), at::vec::clamp_min(m[2], m[3])));
+    if constexpr (!kArg) {
+      stats.max = std::max(stats.max, piece_max);
+      continue;
+    }
     if (!(piece_max >= stats.max)) continue;
     // ties of piece_max in this piece, and its first index when it is a new max
     const fvec target(piece_max);
@@ -384,8 +410,9 @@ struct RowPasses {
 // (rows x lanes) block that fits in L2, in two passes: sum and max; then, re-read from L2 and rows
 // in reverse, ties of each lane's max and its first row. (One pass with per-lane max/index/tie
 // state costs more operations per element.) The vector loops skip NaN, which shows up as a NaN
-// sum; those lanes are rescanned with MaxStats' full rules.
-template <typename scalar_t, bool kGated>
+// sum; those lanes are rescanned with MaxStats' full rules. Without kArg, no second pass: arg and
+// count are left as they are.
+template <typename scalar_t, bool kGated, bool kArg = true>
 void reduce_rows_impl(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
                       const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
   using acc = acc_type<scalar_t>;
@@ -397,10 +424,12 @@ void reduce_rows_impl(const scalar_t* block, int64_t row_stride, int64_t rows, i
   for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
     Block(block, row_stride, r0, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
   for (int64_t r = full_rows; r < rows; ++r) Single(block, row_stride, r, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
-  for (int64_t r = rows - 1; r >= full_rows; --r)
-    Single(block, row_stride, r, row_gate).ties(lanes, r, end, st.max, st.arg, st.count);
-  for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
-    Block(block, row_stride, r0, row_gate).ties(lanes, r0, end, st.max, st.arg, st.count);
+  if constexpr (kArg) {
+    for (int64_t r = rows - 1; r >= full_rows; --r)
+      Single(block, row_stride, r, row_gate).ties(lanes, r, end, st.max, st.arg, st.count);
+    for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
+      Block(block, row_stride, r0, row_gate).ties(lanes, r0, end, st.max, st.arg, st.count);
+  }
   for (const auto l : c10::irange(lanes)) {
     if (!std::isnan(st.sum[l])) continue;
     MaxStats<acc> s;
@@ -415,13 +444,13 @@ void reduce_rows_impl(const scalar_t* block, int64_t row_stride, int64_t rows, i
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kArg = true>
 void reduce_rows(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
                  const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
   if (row_gate) {
-    reduce_rows_impl<scalar_t, true>(block, row_stride, rows, lanes, row_gate, end, st);
+    reduce_rows_impl<scalar_t, true, kArg>(block, row_stride, rows, lanes, row_gate, end, st);
   } else {
-    reduce_rows_impl<scalar_t, false>(block, row_stride, rows, lanes, row_gate, end, st);
+    reduce_rows_impl<scalar_t, false, kArg>(block, row_stride, rows, lanes, row_gate, end, st);
   }
 }
 
@@ -558,8 +587,9 @@ int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::ma
 // ---------------------------------------------------------------------------
 // channel_pool and gated_spatial_pool
 // ---------------------------------------------------------------------------
-// Max pooling along rows of each image, for every lane: stats(n, lane) handed to `emit`.
-template <typename scalar_t, typename Emit>
+// Max pooling along rows of each image, for every lane: stats(n, lane) handed to `emit` (sum and
+// max only without kArg).
+template <typename scalar_t, bool kArg = true, typename Emit>
 void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const Emit& emit) {
   using acc = acc_type<scalar_t>;
   const scalar_t* x = d.t.const_data_ptr<scalar_t>();
@@ -571,7 +601,8 @@ void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const E
   for_each_task(g, [&](const Grid::Task& k) {
     LaneStates<acc> st;
     const scalar_t* block = x + (k.n * rows + k.row0) * lanes + k.lane0;
-    reduce_rows<scalar_t>(block, lanes, k.rows, k.lanes, row_gate ? row_gate + k.n * rows + k.row0 : nullptr, end, st);
+    reduce_rows<scalar_t, kArg>(block, lanes, k.rows, k.lanes, row_gate ? row_gate + k.n * rows + k.row0 : nullptr, end,
+                                st);
     MaxStats<acc>* out = partial.data() + (k.n * g.n_chunks + k.chunk) * lanes + k.lane0;
     for (const auto l : c10::irange(k.lanes)) out[l] = st.get(l, k.row0);
   });
@@ -583,6 +614,23 @@ void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const E
       emit(n, l, s);
     }
   });
+}
+
+// The channel pool: stats of channel c of image n over all positions, handed to emit(n * C + c, stats)
+// (sum and max only without kArg).
+template <typename scalar_t, bool kArg, typename Emit>
+void channel_stats(const Dense& d, const Emit& emit) {
+  using acc = acc_type<scalar_t>;
+  if (d.channels_last) {  // per-channel lanes, reduced along positions
+    pool_along_rows<scalar_t, kArg>(d, nullptr, [&](int64_t n, int64_t c, const MaxStats<acc>& s) { emit(n * d.C + c, s); });
+  } else {  // each (n, c) plane is one contiguous row
+    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+    const scalar_t* end = x_p + d.t.numel();
+    at::parallel_for(0, d.N * d.C, row_grain(d.HW), [&](int64_t begin, int64_t stop) {
+      for (int64_t nc = begin; nc < stop; ++nc)
+        emit(nc, reduce_contiguous<scalar_t, false, kArg>(x_p + nc * d.HW, nullptr, d.HW, end));
+    });
+  }
 }
 
 // split_ties only selects the backward's tie rule: the forward outputs serve both.
@@ -606,15 +654,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_pool_cpu(const Tensor& x, boo
       arg_p[nc] = s.arg;
       cnt_p[nc] = static_cast<int32_t>(s.count);
     };
-    if (d.channels_last) {  // per-channel lanes, reduced along positions
-      pool_along_rows<scalar_t>(d, nullptr, [&](int64_t n, int64_t c, const MaxStats<acc>& s) { emit(n * d.C + c, s); });
-    } else {  // each (n, c) plane is one contiguous row
-      const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
-      const scalar_t* end = x_p + d.t.numel();
-      at::parallel_for(0, d.N * d.C, row_grain(d.HW), [&](int64_t begin, int64_t stop) {
-        for (int64_t nc = begin; nc < stop; ++nc) emit(nc, reduce_contiguous<scalar_t, false>(x_p + nc * d.HW, nullptr, d.HW, end));
-      });
-    }
+    channel_stats<scalar_t, true>(d, emit);
   });
   return {avg, mx, argmax, count};
 }
@@ -658,44 +698,261 @@ std::tuple<Tensor, Tensor, Tensor> gated_spatial_pool_cpu(const Tensor& x, const
 // ---------------------------------------------------------------------------
 // cbam_apply
 // ---------------------------------------------------------------------------
+// One row of y = (x * ch_gate) * sp_gate, multiplied in that order as the reference does. `row_w` is
+// the row's own gate (NCHW: the channel's; channels_last: the position's), lane_w the lanes' (read
+// as whole vectors: padded). kPrefetch: x streams from memory (not for rows already in cache).
+template <typename scalar_t, bool kPrefetch = true>
+void apply_row(const scalar_t* xr, scalar_t* yr, int64_t lanes, acc_type<scalar_t> row_w,
+               const acc_type<scalar_t>* lane_w, bool channels_last, const scalar_t* end) {
+  using IO = VecIO<scalar_t>;
+  using fvec = typename IO::fvec;
+  constexpr int64_t kN = IO::kN;
+  const fvec rw(row_w);
+  for (int64_t j = 0; j < lanes; j += kN) {
+    const int64_t nv = std::min(kN, lanes - j);
+    if constexpr (kPrefetch) {
+      prefetch(xr + j + kStreamAhead);
+      prefetch_for_write(yr + j + kStreamAhead);
+    }
+    const fvec v = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, end);
+    const fvec lw = fvec::loadu(lane_w + j);
+    IO::store(yr + j, channels_last ? (v * lw) * rw : (v * rw) * lw, nv);
+  }
+}
+
+// y = x * ch_gate * sp_gate over all of x; cg (N*C) and sp (N*H*W) padded by a vector
+template <typename scalar_t>
+void apply_gates(const Dense& d, const acc_type<scalar_t>* cg, const acc_type<scalar_t>* sp, scalar_t* y_p) {
+  const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+  const scalar_t* end = x_p + d.t.numel();
+  const int64_t rows = d.rows(), lanes = d.lanes();
+  const bool cl = d.channels_last;
+  at::parallel_for(0, d.N * rows, row_grain(lanes), [=](int64_t begin, int64_t stop) {
+    for (int64_t i = begin; i < stop; ++i) {
+      const int64_t n = i / rows;
+      apply_row<scalar_t>(x_p + i * lanes, y_p + i * lanes, lanes, cl ? sp[i] : cg[i], (cl ? cg : sp) + n * lanes, cl,
+                          end);
+    }
+  });
+}
+
 Tensor cbam_apply_cpu(const Tensor& x, const Tensor& ch_gate, const Tensor& sp_gate) {
   const Dense d = dense_input(x, "cbam_apply");
   const XSized y_out(x, d);
-  const Tensor& y = y_out.work;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_apply", [&] {
-    using IO = VecIO<scalar_t>;
-    using acc = typename IO::acc;
-    using fvec = typename IO::fvec;
-    constexpr int64_t kN = IO::kN;
-    const auto cg_acc = param_array<scalar_t>(ch_gate, {d.N, d.C}, "cbam_apply", "ch_gate");
-    const auto sp_acc = param_array<scalar_t>(sp_gate, {d.N, x.size(2), x.size(3)}, "cbam_apply", "sp_gate");
-    const acc* cg = cg_acc.data();
-    const acc* sp = sp_acc.data();
-    const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
-    const scalar_t* end = x_p + d.t.numel();
-    scalar_t* y_p = y.data_ptr<scalar_t>();
-    const int64_t rows = d.rows(), lanes = d.lanes();
-    const bool cl = d.channels_last;
-    // y = x * ch_gate * sp_gate, multiplied in that order as the reference does
-    at::parallel_for(0, d.N * rows, row_grain(lanes), [=](int64_t begin, int64_t stop) {
-      for (int64_t i = begin; i < stop; ++i) {
-        const int64_t n = i / rows;
-        const acc row_w = cl ? sp[i] : cg[i];
-        const acc* lane_w = (cl ? cg : sp) + n * lanes;
-        const fvec rw(row_w);
-        const scalar_t* xr = x_p + i * lanes;
-        scalar_t* yr = y_p + i * lanes;
-        for (int64_t j = 0; j < lanes; j += kN) {
-          const int64_t nv = std::min(kN, lanes - j);
-          prefetch(xr + j + kStreamAhead);
-          prefetch_for_write(yr + j + kStreamAhead);
-          const fvec v = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, end);
-          const fvec lw = fvec::loadu(lane_w + j);
-          const fvec out = cl ? (v * lw) * rw : (v * rw) * lw;
-          IO::store(yr + j, out, nv);
+    const auto cg = param_array<scalar_t>(ch_gate, {d.N, d.C}, "cbam_apply", "ch_gate");
+    const auto sp = param_array<scalar_t>(sp_gate, {d.N, x.size(2), x.size(3)}, "cbam_apply", "sp_gate");
+    apply_gates<scalar_t>(d, cg.data(), sp.data(), y_out.work.data_ptr<scalar_t>());
+  });
+  return y_out.finish();
+}
+
+// ---------------------------------------------------------------------------
+// cbam_forward_eval: the whole block at inference, in two passes over x
+// ---------------------------------------------------------------------------
+// With BatchNorm on its running statistics nothing couples the images, and the spatial gate of a
+// row of the map needs only the pooled rows within the conv's reach. So after pass 1 (the channel
+// pool) and the shared MLP, pass 2 walks each image's rows in bands: it pools the band's rows over
+// channels (with the rows below it that the conv reaches), makes the band's gate (conv, BN,
+// sigmoid), and applies both gates to the band while its rows are still in L2. x is read from
+// memory twice and y written once, against three reads for the op-by-op forward; no pooled map or
+// gate tensor is made, and the small parts cost no op calls.
+//
+// Every value is rounded to x's dtype where the op-by-op forward stores a tensor of that dtype;
+// pooling, conv and apply sum in the same order as channel_pool, gated_spatial_pool,
+// cbam_spatial_conv and cbam_apply, and the MLP is the same PyTorch ops. The two paths differ only
+// in how BatchNorm's scale and shift meet (one multiply-add here) and in the last bit of exp.
+
+// The spatial gate's parameters: conv weight (Cin, kh, kw) and BatchNorm folded to a scale and shift
+template <typename acc>
+struct EvalSpatial {
+  std::vector<acc> conv_w;
+  acc bn_scale = 1, bn_shift = 0;
+};
+
+// Pass 2 over the images' rows in bands (see above). cg: N*C channel gates, padded by a vector.
+template <typename scalar_t>
+void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<acc_type<scalar_t>>& p, int64_t kh,
+                       int64_t kw, int64_t ph, int64_t pw, bool light, bool max_first, const acc_type<scalar_t>* cg,
+                       scalar_t* y_p) {
+  using IO = VecIO<scalar_t>;
+  using acc = typename IO::acc;
+  using fvec = typename IO::fvec;
+  constexpr int64_t kN = IO::kN, kVecs = 4;
+  const int64_t C = d.C, HW = d.HW, cin = light ? 1 : 2;
+  const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+  const scalar_t* end = x_p + d.t.numel();
+  // bands of about kEvalBand bytes of x (at least a few vectors per channel), so that a band, the
+  // conv's reach pooled ahead of it and its share of y stay in L2; images split into row chunks
+  // only to feed every thread (a chunk pools the conv's reach past its edges once more)
+  const int64_t band = std::clamp<int64_t>(
+      std::max(ceil_div(8 * kN, W), kEvalBand / std::max<int64_t>(1, C * W * int64_t(sizeof(scalar_t)))), 1,
+      std::min(H, kMaxLaneTile / W + 1));
+  int64_t chunks = std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), d.N), 1, ceil_div(H, band));
+  const int64_t chunk_rows = ceil_div(H, chunks);
+  chunks = ceil_div(H, chunk_rows);
+  const int64_t buf_rows = chunk_rows + 2 * ph, row_len = round_up(W, kN) + kw;
+  const acc channels = acc(C);
+  at::parallel_for(0, d.N * chunks, 1, [&](int64_t begin, int64_t stop) {
+    // conv input rows [c0 - ph, c1 + ph) of the chunk, with pw zeros left of each row and zeros past it
+    std::vector<acc> in(cin * buf_rows * row_len + kN);
+    std::vector<acc> sg(round_up(band * W, kN) + kN, 0);
+    LaneStates<acc> st;
+    for (int64_t t = begin; t < stop; ++t) {
+      const int64_t n = t / chunks, c0 = (t % chunks) * chunk_rows, c1 = std::min(H, c0 + chunk_rows);
+      const acc* cg_n = cg + n * C;
+      std::fill(in.begin(), in.end(), acc(0));
+      // pooled (mean, max) at position pos of image n into the conv input, as the flavour takes it
+      auto put = [&](int64_t pos, acc sum, acc max) {
+        const acc mean = IO::round(sum / channels), mx = IO::round(max);
+        acc* at0 = in.data() + (pos / W - c0 + ph) * row_len + pw + pos % W;
+        if (light) {
+          at0[0] = IO::round(IO::round(acc(0.5) * mean) + IO::round(acc(0.5) * mx));
+        } else {
+          at0[0] = max_first ? mx : mean;
+          at0[buf_rows * row_len] = max_first ? mean : mx;
+        }
+      };
+      auto pool = [&](int64_t row_begin, int64_t row_end) {
+        for (int64_t pos0 = row_begin * W; pos0 < row_end * W; pos0 += kMaxLaneTile) {
+          const int64_t len = std::min(kMaxLaneTile, row_end * W - pos0);
+          if (d.channels_last) {
+            for (const auto l : c10::irange(len)) {
+              const auto s = reduce_contiguous<scalar_t, true, false>(x_p + (n * HW + pos0 + l) * C, cg_n, C, end);
+              put(pos0 + l, s.sum, s.max);
+            }
+          } else {
+            reduce_rows<scalar_t, false>(x_p + n * C * HW + pos0, HW, C, len, cg_n, end, st);
+            for (const auto l : c10::irange(len)) put(pos0 + l, st.sum[l], st.max[l]);
+          }
+        }
+      };
+      int64_t pooled_to = std::max<int64_t>(0, c0 - ph);
+      for (int64_t r = c0; r < c1; r += band) {
+        const int64_t r_end = std::min(c1, r + band);
+        const int64_t need = std::min(H, r_end + ph);
+        pool(pooled_to, need);
+        pooled_to = need;
+        // the band's gate: conv (cbam_spatial_conv's sum order), BN on running stats, sigmoid
+        for (int64_t yy = r; yy < r_end; ++yy) {
+          for (int64_t x0 = 0; x0 < W; x0 += kN * kVecs) {
+            const int64_t vecs = std::min(kVecs, ceil_div(W - x0, kN));
+            fvec a[kVecs];
+            conv_vectors<acc, kVecs>(in.data() + (yy - c0) * row_len + x0, buf_rows * row_len, row_len, cin, kh, kw,
+                                     p.conv_w.data(), vecs, a);
+            for (int64_t v = 0; v < vecs; ++v) {
+              const fvec normed = IO::round(IO::round(a[v]) * fvec(p.bn_scale) + fvec(p.bn_shift));
+              const fvec gate = IO::round((fvec(acc(1)) + (fvec(acc(0)) - normed).exp()).reciprocal());
+              gate.store(sg.data() + (yy - r) * W + x0 + v * kN);  // lanes past W are overwritten or unread
+            }
+          }
+        }
+        // both gates onto the band's rows, still in L2 from the pooling
+        if (d.channels_last) {
+          for (int64_t pos = r * W; pos < r_end * W; ++pos) {
+            const int64_t i = n * HW + pos;
+            apply_row<scalar_t, false>(x_p + i * C, y_p + i * C, C, sg[pos - r * W], cg_n, true, end);
+          }
+        } else {
+          for (const auto c : c10::irange(C)) {
+            const int64_t off = (n * C + c) * HW + r * W;
+            apply_row<scalar_t, false>(x_p + off, y_p + off, (r_end - r) * W, cg_n[c], sg.data(), false, end);
+          }
         }
       }
+    }
+  });
+}
+
+// w as a (rows, cols) matrix: a Linear weight, or a 1x1 conv's (rows, cols, 1, 1)
+Tensor as_matrix(const Tensor& w, int64_t rows, int64_t cols, at::ScalarType dtype, const char* op, const char* name) {
+  const bool shape_ok = (w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1)) && w.size(0) == rows &&
+                        w.size(1) == cols;
+  TORCH_CHECK(shape_ok && w.device().is_cpu() && w.scalar_type() == dtype, op, ": ", name,
+              " must be a CPU tensor of x's dtype ", dtype, " and shape (", rows, ", ", cols, ") or (", rows, ", ",
+              cols, ", 1, 1), got ", w.scalar_type(), " of shape ", w.sizes(), " on ", w.device());
+  return w.reshape({rows, cols});
+}
+
+// one value of a (1,) BatchNorm parameter or statistic, in the accumulation type; `fallback` when absent
+double bn_value(const std::optional<Tensor>& t, double fallback, const char* op, const char* name) {
+  if (!t) return fallback;
+  TORCH_CHECK(t->device().is_cpu() && at::isFloatingType(t->scalar_type()) && t->numel() == 1, op, ": ", name,
+              " must be a floating CPU tensor of one value (the spatial gate has one channel), got ",
+              t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
+  return t->item<double>();
+}
+
+Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                             const std::optional<Tensor>& b2, const std::optional<Tensor>& conv_w,
+                             const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
+                             const std::optional<Tensor>& bn_mean, const std::optional<Tensor>& bn_var, double bn_eps,
+                             at::IntArrayRef padding, bool light, bool max_first) {
+  constexpr const char* op = "cbam_forward_eval";
+  const Dense d = dense_input(x, op);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(d.C > 0 && d.HW > 0, op, ": C and H*W must be positive, got shape ", x.sizes());
+  TORCH_CHECK(w1.dim() >= 2 && w1.size(0) > 0, op, ": w1 must be (hidden, C) or (hidden, C, 1, 1), got shape ",
+              w1.sizes());
+  const int64_t hidden = w1.size(0), H = x.size(2), W = x.size(3);
+  const Tensor w1m = as_matrix(w1, hidden, d.C, dtype, op, "w1");
+  const Tensor w2m = as_matrix(w2, d.C, hidden, dtype, op, "w2");
+  auto check_bias = [&](const std::optional<Tensor>& t, int64_t size, const char* name) {
+    TORCH_CHECK(!t || (t->device().is_cpu() && t->scalar_type() == dtype && t->dim() == 1 && t->size(0) == size), op,
+                ": ", name, " must be a CPU tensor of x's dtype ", dtype, " and shape (", size, "), got ",
+                t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
+  };
+  check_bias(b1, hidden, "b1");
+  check_bias(b2, d.C, "b2");
+  const bool spatial = conv_w.has_value();
+  TORCH_CHECK(spatial == (bn_mean.has_value() && bn_var.has_value()) &&
+                  (spatial || (!bn_weight.has_value() && !bn_bias.has_value())),
+              op, ": the spatial gate takes conv_w with bn_mean and bn_var (bn_weight, bn_bias optional); ",
+              "without conv_w (no spatial gate) all of them are None");
+  const int64_t cin = light ? 1 : 2;
+  int64_t kh = 0, kw = 0;
+  if (spatial) {
+    TORCH_CHECK(conv_w->dim() == 4 && conv_w->size(0) == 1 && conv_w->size(1) == cin, op, ": conv_w must be (1, ",
+                cin, ", kh, kw), got shape ", conv_w->sizes());
+    kh = conv_w->size(2);
+    kw = conv_w->size(3);
+    TORCH_CHECK(padding.size() == 2 && kh == 2 * padding[0] + 1 && kw == 2 * padding[1] + 1, op,
+                ": the spatial conv must keep the map's size (kernel 2 * padding + 1), got a ", kh, "x", kw,
+                " kernel with padding ", padding);
+    TORCH_CHECK(bn_eps >= 0, op, ": bn_eps must be non-negative, got ", bn_eps);
+  }
+  const XSized y_out(x, d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
+    using acc = acc_type<scalar_t>;
+    constexpr int64_t kN = VecIO<scalar_t>::kN;
+    // pass 1: the channel pool (sum and max; no argmax at inference), as channel_pool rounds them
+    Tensor avg = at::empty({d.N, d.C}, x.options()), mx = at::empty({d.N, d.C}, x.options());
+    scalar_t* avg_p = avg.data_ptr<scalar_t>();
+    scalar_t* max_p = mx.data_ptr<scalar_t>();
+    const acc len = acc(d.HW);
+    channel_stats<scalar_t, false>(d, [&](int64_t nc, const MaxStats<acc>& s) {
+      avg_p[nc] = static_cast<scalar_t>(s.sum / len);
+      max_p[nc] = static_cast<scalar_t>(s.max);
     });
+    // the shared MLP and its sigmoid: PyTorch's own ops, as the op-by-op forward calls them
+    const Tensor mlp_in = light ? at::add(at::mul(avg, 0.5), at::mul(mx, 0.5)) : at::cat({avg, mx});
+    const Tensor mlp_out = at::linear(at::relu(at::linear(mlp_in, w1m, b1)), w2m, b2);
+    const Tensor ch_gate = at::sigmoid(light ? mlp_out : at::add(mlp_out.slice(0, 0, d.N), mlp_out.slice(0, d.N)));
+    const auto cg = param_array<scalar_t>(ch_gate, {d.N, d.C}, op, "ch_gate");
+
+    scalar_t* y_p = y_out.work.data_ptr<scalar_t>();
+    if (!spatial) {  // the channel gate alone
+      const std::vector<acc> ones(d.N * d.HW + kN, acc(1));
+      apply_gates<scalar_t>(d, cg.data(), ones.data(), y_p);
+      return;
+    }
+    EvalSpatial<acc> p;
+    p.conv_w = param_array<scalar_t>(*conv_w, {1, cin, kh, kw}, op, "conv_w");
+    // BatchNorm on running statistics as one scale and shift, folded as PyTorch's CPU kernel folds it
+    const acc inv_std = acc(1) / std::sqrt(acc(bn_value(bn_var, 1, op, "bn_var")) + acc(bn_eps));
+    p.bn_scale = inv_std * acc(bn_value(bn_weight, 1, op, "bn_weight"));
+    p.bn_shift = acc(bn_value(bn_bias, 0, op, "bn_bias")) - acc(bn_value(bn_mean, 0, op, "bn_mean")) * p.bn_scale;
+    eval_spatial_pass<scalar_t>(d, H, W, p, kh, kw, padding[0], padding[1], light, max_first, cg.data(), y_p);
   });
   return y_out.finish();
 }
@@ -1292,16 +1549,8 @@ Tensor cbam_spatial_conv_cpu(const Tensor& x, const Tensor& weight, at::IntArray
         for (int64_t x0 = 0; x0 < Wo; x0 += kN * kVecs) {
           const int64_t vecs = std::min(kVecs, ceil_div(Wo - x0, kN));
           fvec a[kVecs];
-          for (const auto v : c10::irange(kVecs)) a[v] = fvec(acc(0));
-          for (const auto c : c10::irange(C))
-            for (const auto i : c10::irange(kh)) {
-              const acc* row = in.data() + ((n * C + c) * Hp + y + i) * row_len + x0;
-              const acc* wr = w.data() + ((o * C + c) * kh + i) * kw;
-              for (const auto j : c10::irange(kw)) {
-                const fvec wv(wr[j]);
-                for (int64_t v = 0; v < vecs; ++v) a[v] = at::vec::fmadd(wv, fvec::loadu(row + v * kN + j), a[v]);
-              }
-            }
+          conv_vectors<acc, kVecs>(in.data() + (n * C * Hp + y) * row_len + x0, Hp * row_len, row_len, C, kh, kw,
+                                   w.data() + o * C * kh * kw, vecs, a);
           for (int64_t v = 0; v < vecs; ++v) IO::store(out_row + x0 + v * kN, a[v], std::min(kN, Wo - x0 - v * kN));
         }
       }
@@ -1365,6 +1614,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("cbam_spatial_conv_weight_grad", &fastattn::cpu::cbam_spatial_conv_weight_grad_cpu);
   m.impl("gated_spatial_pool", &fastattn::cpu::gated_spatial_pool_cpu);
   m.impl("cbam_apply", &fastattn::cpu::cbam_apply_cpu);
+  m.impl("cbam_forward_eval", &fastattn::cpu::cbam_forward_eval_cpu);
   m.impl("cbam_apply_backward", &fastattn::cpu::cbam_apply_backward_cpu);
   m.impl("gated_spatial_pool_backward_gate", &fastattn::cpu::gated_spatial_pool_backward_gate_cpu);
   m.impl("cbam_grad_x", &fastattn::cpu::cbam_grad_x_cpu);
