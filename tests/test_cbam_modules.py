@@ -175,7 +175,7 @@ INFERENCE_SHAPES = [(3, 32, 9, 11), (1, 17, 56, 56), (2, 3, 1, 7), (2, 5, 13, 1)
 @pytest.mark.parametrize("flavor", ["timm", "timm_light", "official", "official-no-spatial"])
 @pytest.mark.parametrize("shape", INFERENCE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 def test_cpu_inference_is_one_op(flavor, shape, channels_last, dtype):
     """eval + no_grad on the cpu backend runs cbam_forward_eval alone; its output meets the error rule
     against the float64 original and matches the autograd path's."""
@@ -205,6 +205,24 @@ def test_cpu_inference_is_one_op(flavor, shape, channels_last, dtype):
     y_autograd = fused(x)  # the parameters require grad: the training path's kernels
     assert y_autograd.requires_grad
     assert_error_rule("y vs autograd path", y, truth, y_autograd.detach())
+
+
+@pytest.mark.skipif("cpu" not in compiled_backends("cpu"), reason="needs the compiled cpu backend")
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("flavor", ["timm", "official"])
+def test_cpu_inference_other_spatial_kernels(flavor, kernel):
+    original = (CbamModule(24, rd_ratio=0.25, spatial_kernel_size=kernel) if flavor == "timm"
+                else reference.OfficialCBAM(24, 4, kernel_size=kernel))
+    _randomize(original)
+    original.eval()
+    fused = fastattn.nn.CBAM(24, 4, flavor=flavor, spatial_kernel=kernel, backend="cpu").eval()
+    fused.load_state_dict(original.state_dict())
+    x = torch.randn(3, 24, 10, 13)
+    with torch.no_grad(), _OpLog() as log:
+        y = fused(x)
+    assert log.ops == ["cbam_forward_eval"]
+    with torch.no_grad():
+        assert_error_rule("y", y, copy.deepcopy(original).double()(x.double()), original(x))
 
 
 @pytest.mark.skipif("cpu" not in compiled_backends("cpu"), reason="needs the compiled cpu backend")
