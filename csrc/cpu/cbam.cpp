@@ -793,7 +793,8 @@ void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<a
   chunks = ceil_div(H, chunk_rows);
   const int64_t buf_rows = chunk_rows + 2 * ph, row_len = round_up(W, kN) + kw;
   const acc channels = acc(C);
-  at::parallel_for(0, d.N * chunks, 1, [&](int64_t begin, int64_t stop) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C * chunk_rows * W));  // small: one thread
+  at::parallel_for(0, d.N * chunks, grain, [&](int64_t begin, int64_t stop) {
     // conv input rows [c0 - ph, c1 + ph) of the chunk, with pw zeros left of each row and zeros past it
     std::vector<acc> in(cin * buf_rows * row_len + kN);
     std::vector<acc> sg(round_up(band * W, kN) + kN, 0);
