@@ -107,12 +107,18 @@ def _fake_cbam_forward_eval(x, *args):
     return torch.empty_like(x)
 
 
+_INTERNAL_OP = ("fastattn::{op} is an internal op of the fused CBAM block (its forward and backward call it) "
+                "and has no derivative of its own; double backward through the block is not supported")
+_INFERENCE_OP = ("fastattn::{op} is the fused CBAM block's inference forward and has no derivative; the block "
+                 "calls it only where no gradient is needed (no input or parameter requires grad, or grad mode is "
+                 "off)")
+
 # the cpu backend's direct conv for the spatial gate (other backends call F.conv2d) and its one-op
-# inference forward: no Triton twin, no derivative
-_COMPILED_ONLY_FAKES = {
-    "cbam_spatial_conv": _fake_cbam_spatial_conv,
-    "cbam_spatial_conv_weight_grad": _fake_cbam_spatial_conv_weight_grad,
-    "cbam_forward_eval": _fake_cbam_forward_eval,
+# inference forward: no Triton twin, no derivative. op -> (fake kernel, the error a derivative raises)
+_COMPILED_ONLY = {
+    "cbam_spatial_conv": (_fake_cbam_spatial_conv, _INTERNAL_OP),
+    "cbam_spatial_conv_weight_grad": (_fake_cbam_spatial_conv_weight_grad, _INTERNAL_OP),
+    "cbam_forward_eval": (_fake_cbam_forward_eval, _INFERENCE_OP),
 }
 
 _FAKES = {
@@ -252,18 +258,6 @@ def _no_double_backward(op: str):
                              f"supported through {op}; use backend='reference' for higher-order gradients")
 
 
-def _internal_op(op: str):
-    """Autograd of an op the fused CBAM block calls inside its own forward and backward, or (the inference
-    forward) only where no gradient is wanted."""
-    if op == "cbam_forward_eval":
-        return _raising_backward("fastattn::cbam_forward_eval is the fused CBAM block's inference forward and has "
-                                 "no derivative; the block calls it only where no gradient is needed (no input or "
-                                 "parameter requires grad, or grad mode is off)")
-    return _raising_backward(f"fastattn::{op} is an internal op of the fused CBAM block (its forward and backward "
-                             f"call it) and has no derivative of its own; double backward through the block is "
-                             f"not supported")
-
-
 def _register() -> None:
     compiled = _ext._C is not None
     _define_triton_ops()
@@ -273,9 +267,9 @@ def _register() -> None:
         for op, fake in _FAKES.items():
             torch.library.register_fake(f"fastattn::{prefix}{op}", fake)
         if kernels is COMPILED:
-            for op, fake in _COMPILED_ONLY_FAKES.items():
+            for op, (fake, no_derivative) in _COMPILED_ONLY.items():
                 torch.library.register_fake(f"fastattn::{op}", fake)
-                torch.library.register_autograd(f"fastattn::{op}", _internal_op(op))
+                torch.library.register_autograd(f"fastattn::{op}", _raising_backward(no_derivative.format(op=op)))
         for op, (setup, backward) in _autograd_for(kernels).items():
             torch.library.register_autograd(f"fastattn::{prefix}{op}", backward, setup_context=setup)
         for op in _BACKWARD_OPS:

@@ -126,7 +126,7 @@ class CBAM(nn.Module):
                         bn_eps=1e-5 if conv is None else bn.eps, bn_batch_stats=batch_stats, backend=backend)
         conv_w = None if conv is None else conv.weight
         bn_params = (None,) * 4 if conv is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if backend == "cpu" and not (conv is not None and batch_stats) \
+        if backend == "cpu" and (conv is None or not batch_stats) \
                 and not _grad_wanted(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w, *bn_params[:2]):
             return inference_forward(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w, *bn_params, spec)
         y, mean, var = FusedCBAMFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
