@@ -153,11 +153,13 @@ Vectorized<T> iota() {
 // `vecs` consecutive output vectors of one row of a stride-1 k x k conv over `planes` zero-padded
 // planes, into a[0, vecs): plane c's input rows start at in + c * plane_stride (kernel row i at
 // + i * row_len), its weights at w[(c * kh + i) * kw + j]. Sums in (c, i, j) order, one FMA each.
+// The vector count is a constant inside, so that the accumulators live in registers.
 template <typename acc, int64_t kVecs>
-void conv_vectors(const acc* in, int64_t plane_stride, int64_t row_len, int64_t planes, int64_t kh, int64_t kw,
-                  const acc* w, int64_t vecs, Vectorized<acc>* a) {
+void conv_vectors_fixed(const acc* in, int64_t plane_stride, int64_t row_len, int64_t planes, int64_t kh, int64_t kw,
+                        const acc* w, Vectorized<acc>* out) {
   using fvec = Vectorized<acc>;
   constexpr int64_t kN = fvec::size();
+  fvec a[kVecs];
   for (int64_t v = 0; v < kVecs; ++v) a[v] = fvec(acc(0));
   for (int64_t c = 0; c < planes; ++c)
     for (int64_t i = 0; i < kh; ++i) {
@@ -165,9 +167,22 @@ void conv_vectors(const acc* in, int64_t plane_stride, int64_t row_len, int64_t 
       const acc* wr = w + (c * kh + i) * kw;
       for (int64_t j = 0; j < kw; ++j) {
         const fvec wv(wr[j]);
-        for (int64_t v = 0; v < vecs; ++v) a[v] = at::vec::fmadd(wv, fvec::loadu(row + v * kN + j), a[v]);
+        for (int64_t v = 0; v < kVecs; ++v) a[v] = at::vec::fmadd(wv, fvec::loadu(row + v * kN + j), a[v]);
       }
     }
+  for (int64_t v = 0; v < kVecs; ++v) out[v] = a[v];
+}
+
+template <typename acc, int64_t kVecs>
+void conv_vectors(const acc* in, int64_t plane_stride, int64_t row_len, int64_t planes, int64_t kh, int64_t kw,
+                  const acc* w, int64_t vecs, Vectorized<acc>* a) {
+  static_assert(kVecs == 4, "conv_vectors dispatches 1 to 4 vectors");
+  switch (vecs) {
+    case 4: return conv_vectors_fixed<acc, 4>(in, plane_stride, row_len, planes, kh, kw, w, a);
+    case 3: return conv_vectors_fixed<acc, 3>(in, plane_stride, row_len, planes, kh, kw, w, a);
+    case 2: return conv_vectors_fixed<acc, 2>(in, plane_stride, row_len, planes, kh, kw, w, a);
+    default: return conv_vectors_fixed<acc, 1>(in, plane_stride, row_len, planes, kh, kw, w, a);
+  }
 }
 
 // index - base, float-coded (exact below 2^24) for comparisons with local indices; -1 when out of range
@@ -1518,10 +1533,14 @@ std::vector<acc_type<scalar_t>> padded_planes(const Tensor& x, int64_t pad_h, in
   const scalar_t* p = c.const_data_ptr<scalar_t>();
   const int64_t planes = x.size(0) * x.size(1), H = x.size(2), W = x.size(3), Hp = H + 2 * pad_h;
   std::vector<acc_type<scalar_t>> out(planes * Hp * row_len + Vectorized<acc_type<scalar_t>>::size(), 0);
-  for (const auto q : c10::irange(planes))
-    for (const auto y : c10::irange(H))
-      for (const auto xx : c10::irange(W))
-        out[(q * Hp + y + pad_h) * row_len + pad_w + xx] = static_cast<acc_type<scalar_t>>(p[(q * H + y) * W + xx]);
+  acc_type<scalar_t>* o = out.data();
+  at::parallel_for(0, planes * H, row_grain(W), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* src = p + r * W;
+      acc_type<scalar_t>* dst = o + ((r / H) * Hp + r % H + pad_h) * row_len + pad_w;
+      for (const auto xx : c10::irange(W)) dst[xx] = static_cast<acc_type<scalar_t>>(src[xx]);
+    }
+  });
   return out;
 }
 
@@ -1597,21 +1616,34 @@ Tensor cbam_spatial_conv_weight_grad_cpu(const Tensor& grad_out, const Tensor& x
     const auto in = padded_planes<scalar_t>(x, padding[0], padding[1], row_len);
     const auto g = padded_planes<scalar_t>(grad_out, 0, 0, g_len);  // zeros past Wo
     scalar_t* gw = grad_w.data_ptr<scalar_t>();
-    at::parallel_for(0, O * C * kh, 1, [&](int64_t begin, int64_t end) {
-      std::vector<fvec> a(kw);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t o = t / (C * kh), c = (t / kh) % C, i = t % kh;
-        std::fill(a.begin(), a.end(), fvec(acc(0)));
-        for (const auto n : c10::irange(N))
-          for (const auto y : c10::irange(Ho)) {
-            const acc* g_row = g.data() + ((n * O + o) * Ho + y) * g_len;
-            const acc* in_row = in.data() + ((n * C + c) * Hp + y + i) * row_len;
-            for (int64_t x0 = 0; x0 < g_len; x0 += kN) {
-              const fvec gv = fvec::loadu(g_row + x0);
-              for (const auto j : c10::irange(kw)) a[j] = at::vec::fmadd(gv, fvec::loadu(in_row + x0 + j), a[j]);
-            }
+    // the kw sums of task t; kKw > 0 makes the kernel width a constant (accumulators in registers)
+    auto task = [&](int64_t t, auto kw_const) {
+      constexpr int64_t kKw = decltype(kw_const)::value;
+      const int64_t width = kKw > 0 ? kKw : kw;
+      const int64_t o = t / (C * kh), c = (t / kh) % C, i = t % kh;
+      fvec fixed[kKw > 0 ? kKw : 1];
+      std::vector<fvec> any(kKw > 0 ? 0 : kw);
+      fvec* a = kKw > 0 ? fixed : any.data();
+      for (const auto j : c10::irange(width)) a[j] = fvec(acc(0));
+      for (const auto n : c10::irange(N))
+        for (const auto y : c10::irange(Ho)) {
+          const acc* g_row = g.data() + ((n * O + o) * Ho + y) * g_len;
+          const acc* in_row = in.data() + ((n * C + c) * Hp + y + i) * row_len;
+          for (int64_t x0 = 0; x0 < g_len; x0 += kN) {
+            const fvec gv = fvec::loadu(g_row + x0);
+            for (const auto j : c10::irange(width)) a[j] = at::vec::fmadd(gv, fvec::loadu(in_row + x0 + j), a[j]);
           }
-        for (const auto j : c10::irange(kw)) gw[t * kw + j] = static_cast<scalar_t>(hsum(a[j]));
+        }
+      for (const auto j : c10::irange(width)) gw[t * kw + j] = static_cast<scalar_t>(hsum(a[j]));
+    };
+    at::parallel_for(0, O * C * kh, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        switch (kw) {
+          case 7: task(t, std::integral_constant<int64_t, 7>{}); break;
+          case 5: task(t, std::integral_constant<int64_t, 5>{}); break;
+          case 3: task(t, std::integral_constant<int64_t, 3>{}); break;
+          default: task(t, std::integral_constant<int64_t, 0>{});
+        }
       }
     });
   });
