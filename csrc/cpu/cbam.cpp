@@ -48,6 +48,7 @@ constexpr int64_t kPrefetchRows = 4;         // row-at-a-time loops prefetch thi
 constexpr int64_t kStreamAhead = 2048;       // ...or this many elements ahead in one contiguous stream
 constexpr int64_t kEvalBand = 192 * 1024;    // bytes of x per row band of the inference forward's pass 2
 constexpr int64_t kSegmentAhead = 4096;      // bytes ahead that loops over short strided segments prefetch
+constexpr int64_t kSums = 4;                 // partial sums of a row reduction: independent chains of adds
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float, or double for double
@@ -407,24 +408,28 @@ struct RowPasses {
       m.store(mx + j);
     }
   }
-  // pass 2, rows in reverse: ties of each lane's max, and its first row (the last hit)
+  // pass 2, rows in reverse: ties of each lane's max, and its first row (the last hit). Whole
+  // vectors run without the tail's branch, so that the row loop unrolls.
   void ties(int64_t lanes, int64_t r0, const scalar_t* end, const acc* mx, acc* arg, acc* cnt) const {
+    int64_t j = 0;
+    for (; j + kN <= lanes; j += kN) ties_vector<true>(j, lanes, r0, end, mx, arg, cnt);
+    if (j < lanes) ties_vector<false>(j, lanes, r0, end, mx, arg, cnt);
+  }
+  template <bool kFull>
+  void ties_vector(int64_t j, int64_t lanes, int64_t r0, const scalar_t* end, const acc* mx, acc* arg,
+                   acc* cnt) const {
     const fvec one(acc(1));
-    fvec row[kRows];
-    for (int u = 0; u < kRows; ++u) row[u] = fvec(acc(r0 + u));
-    for (int64_t j = 0; j < lanes; j += kN) {
-      const bool full = j + kN <= lanes;
-      const fvec target = fvec::loadu(mx + j);
-      fvec a = fvec::loadu(arg + j), c = fvec::loadu(cnt + j);
-      for (int u = kRows - 1; u >= 0; --u) {
-        const fvec v = z(u, full ? IO::load(p[u] + j) : IO::load_tail(p[u] + j, lanes - j, end));
-        const fvec eq = v == target;
-        a = fvec::blendv(a, row[u], eq);
-        c = c + (eq & one);
-      }
-      a.store(arg + j);
-      c.store(cnt + j);
+    const fvec target = fvec::loadu(mx + j);
+    fvec a = fvec::loadu(arg + j), c = fvec::loadu(cnt + j);
+#pragma GCC unroll 16
+    for (int u = kRows - 1; u >= 0; --u) {
+      const fvec v = z(u, kFull ? IO::load(p[u] + j) : IO::load_tail(p[u] + j, lanes - j, end));
+      const fvec eq = v == target;
+      a = fvec::blendv(a, fvec(acc(r0 + u)), eq);
+      c = c + (eq & one);
     }
+    a.store(arg + j);
+    c.store(cnt + j);
   }
 };
 
@@ -1158,19 +1163,29 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
           const fvec gr(gate_p[base + r]);
           const fvec rloc(acc(r - k.row0));
           const scalar_t* xr = x_p + (base + r) * lanes + k.lane0;
-          fvec s(acc(0));
-          for (int64_t j = 0; j < k.lanes; j += kN) {
-            const int64_t nv = std::min(kN, k.lanes - j);
-            prefetch(xr + j + ahead);
-            const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
+          auto contrib = [&](int64_t j, const fvec& xv) {
             const fvec hit_mask = split_ties ? IO::round(xv * gr) == fvec::loadu(t_max + p0 + j)
                                              : rloc == fvec::loadu(lane_arg + j);
             const fvec dz = fvec::loadu(t_a + p0 + j) +
                             fvec::blendv(fvec::loadu(t_miss + p0 + j), fvec::loadu(t_hit + p0 + j), hit_mask);
-            const fvec contrib = dz * xv;
-            s = s + (nv == kN ? contrib : fvec::set(fvec(acc(0)), contrib, nv));
+            return dz * xv;
+          };
+          // kSums partial sums over alternate vectors: one chain of adds would be the loop's bound
+          fvec s[kSums];
+          for (auto& v : s) v = fvec(acc(0));
+          int64_t j = 0;
+          for (; j + kSums * kN <= k.lanes; j += kSums * kN)
+            for (int64_t u = 0; u < kSums; ++u) {
+              prefetch(xr + j + u * kN + ahead);
+              s[u] = s[u] + contrib(j + u * kN, IO::load(xr + j + u * kN));
+            }
+          for (int64_t u = 0; j < k.lanes; j += kN, ++u) {
+            const int64_t nv = std::min(kN, k.lanes - j);
+            const fvec c = contrib(j, nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end));
+            s[u] = s[u] + (nv == kN ? c : fvec::set(fvec(acc(0)), c, nv));
           }
-          part[(k.n * grid.n_tiles + k.tile) * rows + r] = hsum(s);
+          static_assert(kSums == 4, "the partial sums add as a tree of four");
+          part[(k.n * grid.n_tiles + k.tile) * rows + r] = hsum((s[0] + s[1]) + (s[2] + s[3]));
         }
       } else {  // rows = positions, lanes = channels
         __at_align__ acc lane_acc[kMaxLaneTile + kN] = {};
