@@ -492,3 +492,43 @@ def test_cbam_forward_eval_has_no_derivative(ops):
     args[0] = args[0].requires_grad_()
     with pytest.raises(RuntimeError, match="inference forward and has no derivative"):
         ops.cbam_forward_eval(*args).sum().backward()
+
+
+_WIDE_SCRIPT = """
+import sys, torch
+from _util import compiled_ops
+ops = compiled_ops("channel_pool", "CPU")
+gen = torch.Generator().manual_seed(0)
+outs = []
+for shape in [(2, 37, 13, 17), (3, 64, 14, 14), (1, 17, 56, 56)]:
+    x = torch.randn(*shape, generator=gen)
+    x[0, 1, 2, 3] = float("nan")
+    tied = torch.relu(x).round()  # many ties of the max, along both dimensions
+    gate = torch.rand(shape[0], shape[1], generator=gen)
+    for t in (x, tied, x.contiguous(memory_format=torch.channels_last)):
+        outs += [*ops.channel_pool(t, True), *ops.gated_spatial_pool(t, gate, True)]
+torch.save(outs, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or os.environ.get("ATEN_CPU_CAPABILITY"),
+                    reason="without AVX-512 every test already runs the 8-wide row reductions")
+def test_wide_row_reductions_give_the_avx2_bits(tmp_path):
+    """On AVX-512 machines the float row reductions (pools over channels, max ties) run 16 wide; they
+    must give the bits of the 8-wide code, which runs with ATen lowered to AVX2."""
+    import subprocess
+    import sys
+
+    outputs = {}
+    for capability in ("avx2", None):
+        path = tmp_path / f"{capability}.pt"
+        env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        result = subprocess.run([sys.executable, "-c", _WIDE_SCRIPT, str(path)], capture_output=True, text=True,
+                                timeout=300, env=env, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[capability] = torch.load(path)
+    assert len(outputs["avx2"]) == len(outputs[None]) == 63
+    for i, (narrow, wide) in enumerate(zip(outputs["avx2"], outputs[None])):
+        torch.testing.assert_close(wide, narrow, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"output {i}: {m}")

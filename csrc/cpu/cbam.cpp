@@ -18,12 +18,16 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -433,6 +437,74 @@ struct RowPasses {
   }
 };
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTATTN_CBAM_AVX512 1
+#define FASTATTN_TARGET_AVX512 __attribute__((target("avx512f")))
+// The build targets AVX2, so at::vec is 8 floats wide. Where ATen itself runs AVX-512 kernels (the
+// CPU has it and ATEN_CPU_CAPABILITY does not lower it), the float row reductions below run 16
+// wide: the same operations on each lane in the same row order as RowPasses, so the same bits.
+bool use_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
+  return yes;
+}
+
+FASTATTN_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+// rows [r0, r0 + kRows) of a block, 16 lanes from j, times their row gates
+template <int kRows, bool kGated>
+struct Rows16 {
+  __m512 v[kRows];
+  FASTATTN_TARGET_AVX512 Rows16(const float* block, int64_t row_stride, int64_t r0, int64_t j, __mmask16 m,
+                                const float* row_gate) {
+    for (int u = 0; u < kRows; ++u) {
+      v[u] = _mm512_maskz_loadu_ps(m, block + (r0 + u) * row_stride + j);
+      if constexpr (kGated) v[u] = _mm512_mul_ps(v[u], _mm512_set1_ps(row_gate[r0 + u]));
+    }
+  }
+};
+
+// RowPasses::sum_max over rows [r0, r0 + kRows), 16 lanes at a time
+template <int kRows, bool kGated>
+FASTATTN_TARGET_AVX512 void sum_max16(const float* block, int64_t row_stride, int64_t r0, int64_t lanes,
+                                      const float* row_gate, float* sum, float* mx) {
+  const int64_t ahead = kRowBlock * row_stride;
+  for (int64_t j = 0; j < lanes; j += 16) {
+    const __mmask16 m = tail_mask16(lanes - j);
+    for (int u = 0; u < kRows; ++u) prefetch(block + (r0 + u) * row_stride + j + ahead);
+    const Rows16<kRows, kGated> z(block, row_stride, r0, j, m, row_gate);
+    __m512 s = _mm512_maskz_loadu_ps(m, sum + j), x = _mm512_maskz_loadu_ps(m, mx + j);
+    for (int u = 0; u < kRows; ++u) {
+      s = _mm512_add_ps(s, z.v[u]);
+      x = _mm512_max_ps(z.v[u], x);  // keeps x where the row's value is NaN, as clamp_min does
+    }
+    _mm512_mask_storeu_ps(sum + j, m, s);
+    _mm512_mask_storeu_ps(mx + j, m, x);
+  }
+}
+
+// RowPasses::ties over rows [r0, r0 + kRows), in reverse, 16 lanes at a time
+template <int kRows, bool kGated>
+FASTATTN_TARGET_AVX512 void ties16(const float* block, int64_t row_stride, int64_t r0, int64_t lanes,
+                                   const float* row_gate, const float* mx, float* arg, float* cnt) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t j = 0; j < lanes; j += 16) {
+    const __mmask16 m = tail_mask16(lanes - j);
+    const Rows16<kRows, kGated> z(block, row_stride, r0, j, m, row_gate);
+    const __m512 target = _mm512_maskz_loadu_ps(m, mx + j);
+    __m512 a = _mm512_maskz_loadu_ps(m, arg + j), c = _mm512_maskz_loadu_ps(m, cnt + j);
+    for (int u = kRows - 1; u >= 0; --u) {
+      const __mmask16 eq = _mm512_cmp_ps_mask(z.v[u], target, _CMP_EQ_OQ);
+      a = _mm512_mask_mov_ps(a, eq, _mm512_set1_ps(float(r0 + u)));
+      c = _mm512_mask_add_ps(c, eq, c, one);
+    }
+    _mm512_mask_storeu_ps(arg + j, m, a);
+    _mm512_mask_storeu_ps(cnt + j, m, c);
+  }
+}
+#endif
+
 // Per-lane stats of z = round(x * row_gate[r]) (z = x without a gate) over rows [0, rows) of a
 // (rows x lanes) block that fits in L2, in two passes: sum and max; then, re-read from L2 and rows
 // in reverse, ties of each lane's max and its first row. (One pass with per-lane max/index/tie
@@ -448,14 +520,34 @@ void reduce_rows_impl(const scalar_t* block, int64_t row_stride, int64_t rows, i
   st.reset(round_up(lanes, VecIO<scalar_t>::kN));
   const int64_t full_rows = rows / kRowBlock * kRowBlock;
   const int64_t ahead = kRowBlock * row_stride;  // prefetch the next block's rows
-  for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
-    Block(block, row_stride, r0, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
-  for (int64_t r = full_rows; r < rows; ++r) Single(block, row_stride, r, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
-  if constexpr (kArg) {
-    for (int64_t r = rows - 1; r >= full_rows; --r)
-      Single(block, row_stride, r, row_gate).ties(lanes, r, end, st.max, st.arg, st.count);
-    for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
-      Block(block, row_stride, r0, row_gate).ties(lanes, r0, end, st.max, st.arg, st.count);
+  bool done = false;
+#ifdef FASTATTN_CBAM_AVX512
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_avx512()) {
+      for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
+        sum_max16<kRowBlock, kGated>(block, row_stride, r0, lanes, row_gate, st.sum, st.max);
+      for (int64_t r = full_rows; r < rows; ++r) sum_max16<1, kGated>(block, row_stride, r, lanes, row_gate, st.sum, st.max);
+      if constexpr (kArg) {
+        for (int64_t r = rows - 1; r >= full_rows; --r)
+          ties16<1, kGated>(block, row_stride, r, lanes, row_gate, st.max, st.arg, st.count);
+        for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
+          ties16<kRowBlock, kGated>(block, row_stride, r0, lanes, row_gate, st.max, st.arg, st.count);
+      }
+      done = true;
+    }
+  }
+#endif
+  if (!done) {
+    for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
+      Block(block, row_stride, r0, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
+    for (int64_t r = full_rows; r < rows; ++r)
+      Single(block, row_stride, r, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
+    if constexpr (kArg) {
+      for (int64_t r = rows - 1; r >= full_rows; --r)
+        Single(block, row_stride, r, row_gate).ties(lanes, r, end, st.max, st.arg, st.count);
+      for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
+        Block(block, row_stride, r0, row_gate).ties(lanes, r0, end, st.max, st.arg, st.count);
+    }
   }
   for (const auto l : c10::irange(lanes)) {
     if (!std::isnan(st.sum[l])) continue;
@@ -623,16 +715,22 @@ void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const E
   const scalar_t* end = x + d.t.numel();
   const int64_t rows = d.rows(), lanes = d.lanes();
   const Grid g(d.N, rows, lanes, VecIO<scalar_t>::kN, /*split_rows=*/true, kL2Block / sizeof(scalar_t));
-  // per (image, chunk) states, merged in chunk order below
-  std::vector<MaxStats<acc>> partial(g.N * g.n_chunks * lanes);
+  // per (image, chunk) states, merged in chunk order below; a task that has every row emits its own
+  const bool whole = g.n_chunks == 1;
+  std::vector<MaxStats<acc>> partial(whole ? 0 : g.N * g.n_chunks * lanes);
   for_each_task(g, [&](const Grid::Task& k) {
     LaneStates<acc> st;
     const scalar_t* block = x + (k.n * rows + k.row0) * lanes + k.lane0;
     reduce_rows<scalar_t, kArg>(block, lanes, k.rows, k.lanes, row_gate ? row_gate + k.n * rows + k.row0 : nullptr, end,
                                 st);
+    if (whole) {
+      for (const auto l : c10::irange(k.lanes)) emit(k.n, k.lane0 + l, st.get(l, k.row0));
+      return;
+    }
     MaxStats<acc>* out = partial.data() + (k.n * g.n_chunks + k.chunk) * lanes + k.lane0;
     for (const auto l : c10::irange(k.lanes)) out[l] = st.get(l, k.row0);
   });
+  if (whole) return;
   at::parallel_for(0, d.N * lanes, 1 << 16, [&](int64_t begin, int64_t stop) {
     for (int64_t i = begin; i < stop; ++i) {
       const int64_t n = i / lanes, l = i % lanes;
