@@ -19,17 +19,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Version.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include "avx512.h"
+
 #include <algorithm>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -92,19 +90,9 @@ inline Vectorized<float> exp_keep_nan(const Vectorized<float>& x) {
 }
 inline Vectorized<double> exp_keep_nan(const Vectorized<double>& x) { return x.exp(); }
 
-// The build targets AVX2, so at::vec is 8 floats wide there. The exp-heavy row
-// kernels are the whole non-GEMM cost of the softmax; where ATen itself runs
-// AVX-512 kernels (the CPU has it and ATEN_CPU_CAPABILITY does not lower it)
-// their float versions run 16 wide instead.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTATTN_AVX512_ROWS 1
-#define FASTATTN_TARGET_AVX512 __attribute__((target("avx512f")))
-
-bool cpu_has_avx512() {
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
-  return has_avx512;
-}
-
+// The exp-heavy row kernels are the whole non-GEMM cost of the softmax: their
+// float versions run 16 wide where ATen runs AVX-512 (avx512.h).
+#ifdef FASTATTN_AVX512
 // at::vec's exp_u20, 16 wide. min/max return their second operand on NaN, so NaN stays NaN.
 FASTATTN_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_set1_ps(88.7228394f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
@@ -117,10 +105,6 @@ FASTATTN_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.999999701f));
   poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(poly, fx);  // poly * 2^fx, 0 below the smallest denormal
-}
-
-FASTATTN_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
 }
 
 template <bool kWithMax>
@@ -196,7 +180,7 @@ acc_t row_max(const acc_t* x, int64_t n) {
 // when a score is NaN) and, with kWithMax, stores the max of scores in *row_max_out.
 template <bool kWithMax = false, typename acc_t>
 acc_t exp_shifted_sum(const acc_t* scores, acc_t* probs, int64_t n, acc_t shift, acc_t* row_max_out = nullptr) {
-#ifdef FASTATTN_AVX512_ROWS
+#ifdef FASTATTN_AVX512
   if constexpr (std::is_same_v<acc_t, float>) {
     if (cpu_has_avx512()) return exp_shifted_sum16<kWithMax>(scores, probs, n, shift, row_max_out);
   }
@@ -266,7 +250,7 @@ acc_t online_softmax_row(const acc_t* scores, acc_t* probs, int64_t n, acc_t& sh
 // transposed tile).
 template <bool kPerColumn, typename acc_t>
 void softmax_backward_row(acc_t* scores, acc_t* dprobs, int64_t n, const acc_t* lse, const acc_t* delta) {
-#ifdef FASTATTN_AVX512_ROWS
+#ifdef FASTATTN_AVX512
   if constexpr (std::is_same_v<acc_t, float>) {
     if (cpu_has_avx512()) return softmax_backward_row16<kPerColumn>(scores, dprobs, n, lse, delta);
   }

@@ -18,16 +18,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include "avx512.h"
+
 #include <algorithm>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -437,20 +435,9 @@ struct RowPasses {
   }
 };
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTATTN_CBAM_AVX512 1
-#define FASTATTN_TARGET_AVX512 __attribute__((target("avx512f")))
-// The build targets AVX2, so at::vec is 8 floats wide. Where ATen itself runs AVX-512 kernels (the
-// CPU has it and ATEN_CPU_CAPABILITY does not lower it), the float row reductions below run 16
-// wide: the same operations on each lane in the same row order as RowPasses, so the same bits.
-bool use_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
-  return yes;
-}
-
-FASTATTN_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-}
+#ifdef FASTATTN_AVX512
+// The float row reductions of reduce_rows run 16 wide where ATen runs AVX-512 (avx512.h): the same
+// operations on each lane in the same row order as RowPasses, so the same bits.
 
 // rows [r0, r0 + kRows) of a block, 16 lanes from j, times their row gates
 template <int kRows, bool kGated>
@@ -521,9 +508,9 @@ void reduce_rows_impl(const scalar_t* block, int64_t row_stride, int64_t rows, i
   const int64_t full_rows = rows / kRowBlock * kRowBlock;
   const int64_t ahead = kRowBlock * row_stride;  // prefetch the next block's rows
   bool done = false;
-#ifdef FASTATTN_CBAM_AVX512
+#ifdef FASTATTN_AVX512
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (use_avx512()) {
+    if (cpu_has_avx512()) {
       for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
         sum_max16<kRowBlock, kGated>(block, row_stride, r0, lanes, row_gate, st.sum, st.max);
       for (int64_t r = full_rows; r < rows; ++r) sum_max16<1, kGated>(block, row_stride, r, lanes, row_gate, st.sum, st.max);
@@ -1634,7 +1621,7 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
 // out[n, o, y, x] = sum over c, i, j of w[o, c, i, j] * x[n, c, y + i - pad_h, x + j - pad_w], zero outside
 // x: F.conv2d(x, w, None, stride 1, padding). The CBAM map has 1 or 2 channels in and out, a few
 // MFLOP; oneDNN spends more time setting such a conv up than computing it (0.2-0.6 ms per call at
-// 8x2x56x56 on a 2-core AVX2 machine, against ~0.05 ms here). Accumulation in float (double for
+// 8x2x56x56 on a 2-core AVX2 machine, against ~0.1 ms here). Accumulation in float (double for
 // double); sums in a fixed order, so results do not depend on the thread count.
 
 // x (N, C, H, W) in the accumulation dtype with pad_h rows and pad_w columns of zeros on each side;
