@@ -29,7 +29,7 @@ out here so the block stays a single traceable Function (torch.compile
 fullgraph) with one x-sized gradient pass. The one exception is the conv on the
 cpu backend: fastattn's direct kernel (cbam_spatial_conv and its weight
 gradient), because oneDNN's set-up for a 1- or 2-channel map costs more than
-its few MFLOP (fwd+bwd 1.6 ms -> 0.5 ms at 8x2x56x56 on a 2-core Xeon).
+its few MFLOP (fwd+bwd 1.6 ms -> 0.35 ms at 8x2x56x56 on a 2-core Xeon).
 """
 from __future__ import annotations
 
