@@ -83,8 +83,24 @@ def can_run_triton(family: str, device: torch.device, dtype: torch.dtype) -> str
 _PREDICATES = {"reference": can_run_reference, "cpu": can_run_cpu, "cuda": can_run_cuda, "triton": can_run_triton}
 
 
+# choose()'s answers: what can run depends only on the key (the compiled library and Triton are
+# loaded once), and a module call should not pay for the predicates again (~50 us in total when
+# the interpreter's data has just been evicted by the previous op)
+_CHOSEN: dict[tuple, tuple[str, str]] = {}
+
+
 def choose(family: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> tuple[str, str]:
     """Returns (backend, reason). A named backend that cannot run the case raises."""
+    if torch.compiler.is_compiling():  # traced once; a constant of the graph
+        return _choose(family, device, dtype, backend)
+    key = (family, device.type, dtype, backend, triton_interpreted())
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _CHOSEN[key] = _choose(family, device, dtype, backend)
+    return chosen
+
+
+def _choose(family: str, device: torch.device, dtype: torch.dtype, backend: str) -> tuple[str, str]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
