@@ -190,3 +190,27 @@ def test_empty_batch():
 def test_explain_names_backend_and_reason():
     text = fastattn.explain("cbam", torch.ones(1))
     assert "backend" in text and "cpu" in text
+
+
+def test_backend_choice_is_cached_per_key_and_refusals_are_not(monkeypatch):
+    """choose() keeps its answers (a module call should not run the predicates again), keyed on
+    everything they read; a named backend that cannot run keeps raising."""
+    from fastattn import _backend
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_backend, "_CHOSEN", {})
+    first = _backend.choose("cbam", cpu, torch.float32)
+    assert _backend.choose("cbam", cpu, torch.float32) is first
+    assert _backend.choose("cbam", cpu, torch.float64) is not first
+    assert len(_backend._CHOSEN) == 2
+    for _ in range(2):
+        with pytest.raises(fastattn.BackendUnavailable, match="cuda"):
+            _backend.choose("cbam", cpu, torch.float32, "cuda")
+    assert len(_backend._CHOSEN) == 2
+    # TRITON_INTERPRET decides whether the triton backend runs CPU tensors: part of the key
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(fastattn.BackendUnavailable, match="triton"):
+        _backend.choose("cbam", cpu, torch.float32, "triton")
+    if _backend.triton_available() is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert _backend.choose("cbam", cpu, torch.float32, "triton")[0] == "triton"
