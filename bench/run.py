@@ -205,6 +205,9 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings,
             except Exception as exc:
                 results[name]["peak_mem_error"] = failure("memory", exc)["error"]
     if rss_probe is not None and wants_rss(case, settings, device):
+        # the warm allocator keeps what the timed calls freed (GBs for eager attention at large L):
+        # hand it back first, so that the probe's own process has room
+        allocator.trim()
         for name in prepared:
             progress(f"resident set: {name}, in a process of its own")
             reading = rss_probe.measure(case, name)
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                                             progress=bar.set_postfix_str, rss_probe=rss_probe if rss_on else None))
             with open(partial, "w") as f:
                 json.dump(result, f, default=str)
+            allocator.trim()  # the case's freed memory back to the OS (the next case's warm-up faults its own in)
             bar.update()
 
     env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
