@@ -492,6 +492,23 @@ FASTATTN_TARGET_AVX512 void ties16(const float* block, int64_t row_stride, int64
 }
 #endif
 
+// The row order of reduce_rows' two passes, at either vector width: sum and max over blocks of
+// kRowBlock rows, then the rows left over; with kArg, ties over the same rows in reverse.
+// pass(k, r0) covers rows [r0, r0 + k), k a std::integral_constant. One schedule for both widths
+// keeps their row order, and so their bits, the same.
+template <bool kArg, typename SumMax, typename Ties>
+void row_schedule(int64_t rows, const SumMax& sum_max, const Ties& ties) {
+  using Block = std::integral_constant<int, int(kRowBlock)>;
+  using Single = std::integral_constant<int, 1>;
+  const int64_t full_rows = rows / kRowBlock * kRowBlock;
+  for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock) sum_max(Block{}, r0);
+  for (int64_t r = full_rows; r < rows; ++r) sum_max(Single{}, r);
+  if constexpr (kArg) {
+    for (int64_t r = rows - 1; r >= full_rows; --r) ties(Single{}, r);
+    for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock) ties(Block{}, r0);
+  }
+}
+
 // Per-lane stats of z = round(x * row_gate[r]) (z = x without a gate) over rows [0, rows) of a
 // (rows x lanes) block that fits in L2, in two passes: sum and max; then, re-read from L2 and rows
 // in reverse, ties of each lane's max and its first row. (One pass with per-lane max/index/tie
@@ -502,39 +519,34 @@ template <typename scalar_t, bool kGated, bool kArg = true>
 void reduce_rows_impl(const scalar_t* block, int64_t row_stride, int64_t rows, int64_t lanes,
                       const acc_type<scalar_t>* row_gate, const scalar_t* end, LaneStates<acc_type<scalar_t>>& st) {
   using acc = acc_type<scalar_t>;
-  using Block = RowPasses<kRowBlock, scalar_t, kGated>;
-  using Single = RowPasses<1, scalar_t, kGated>;
   st.reset(round_up(lanes, VecIO<scalar_t>::kN));
-  const int64_t full_rows = rows / kRowBlock * kRowBlock;
-  const int64_t ahead = kRowBlock * row_stride;  // prefetch the next block's rows
-  bool done = false;
+  bool wide = false;
 #ifdef FASTATTN_AVX512
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu_has_avx512()) {
-      for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
-        sum_max16<kRowBlock, kGated>(block, row_stride, r0, lanes, row_gate, st.sum, st.max);
-      for (int64_t r = full_rows; r < rows; ++r) sum_max16<1, kGated>(block, row_stride, r, lanes, row_gate, st.sum, st.max);
-      if constexpr (kArg) {
-        for (int64_t r = rows - 1; r >= full_rows; --r)
-          ties16<1, kGated>(block, row_stride, r, lanes, row_gate, st.max, st.arg, st.count);
-        for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
-          ties16<kRowBlock, kGated>(block, row_stride, r0, lanes, row_gate, st.max, st.arg, st.count);
-      }
-      done = true;
-    }
+    wide = cpu_has_avx512();
+    if (wide)
+      row_schedule<kArg>(
+          rows,
+          [&](auto k, int64_t r0) {
+            sum_max16<decltype(k)::value, kGated>(block, row_stride, r0, lanes, row_gate, st.sum, st.max);
+          },
+          [&](auto k, int64_t r0) {
+            ties16<decltype(k)::value, kGated>(block, row_stride, r0, lanes, row_gate, st.max, st.arg, st.count);
+          });
   }
 #endif
-  if (!done) {
-    for (int64_t r0 = 0; r0 < full_rows; r0 += kRowBlock)
-      Block(block, row_stride, r0, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
-    for (int64_t r = full_rows; r < rows; ++r)
-      Single(block, row_stride, r, row_gate).sum_max(lanes, ahead, end, st.sum, st.max);
-    if constexpr (kArg) {
-      for (int64_t r = rows - 1; r >= full_rows; --r)
-        Single(block, row_stride, r, row_gate).ties(lanes, r, end, st.max, st.arg, st.count);
-      for (int64_t r0 = full_rows - kRowBlock; r0 >= 0; r0 -= kRowBlock)
-        Block(block, row_stride, r0, row_gate).ties(lanes, r0, end, st.max, st.arg, st.count);
-    }
+  if (!wide) {
+    const int64_t ahead = kRowBlock * row_stride;  // prefetch the next block's rows
+    row_schedule<kArg>(
+        rows,
+        [&](auto k, int64_t r0) {
+          RowPasses<decltype(k)::value, scalar_t, kGated>(block, row_stride, r0, row_gate)
+              .sum_max(lanes, ahead, end, st.sum, st.max);
+        },
+        [&](auto k, int64_t r0) {
+          RowPasses<decltype(k)::value, scalar_t, kGated>(block, row_stride, r0, row_gate)
+              .ties(lanes, r0, end, st.max, st.arg, st.count);
+        });
   }
   for (const auto l : c10::irange(lanes)) {
     if (!std::isnan(st.sum[l])) continue;
