@@ -175,9 +175,10 @@ def inference_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: 
     BatchNorm on its running statistics: no images are coupled, so the spatial gate is made band by
     band of rows and applied while the band is in cache (x read twice, against three times).
 
-    The MLP runs as the same PyTorch ops as on the training path; BatchNorm is folded into one scale
-    and shift as PyTorch's CPU kernel folds it. The two paths agree up to the last bits of the
-    BatchNorm and sigmoid arithmetic (tests/test_cbam_modules.py).
+    The MLP's Linear layers are the same PyTorch ops as on the training path (relu, the sum and the
+    sigmoid are loops in the op); BatchNorm is folded into one scale and shift as PyTorch's CPU
+    kernel folds it. The two paths agree up to the last bits of the BatchNorm and sigmoid arithmetic
+    (tests/test_cbam_modules.py).
     """
     return torch.ops.fastattn.cbam_forward_eval(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, bn_mean, bn_var, spec.bn_eps,
                                                 list(spec.padding), spec.light, spec.max_first)

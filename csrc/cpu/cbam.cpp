@@ -884,8 +884,9 @@ Tensor cbam_apply_cpu(const Tensor& x, const Tensor& ch_gate, const Tensor& sp_g
 //
 // Every value is rounded to x's dtype where the op-by-op forward stores a tensor of that dtype;
 // pooling, conv and apply sum in the same order as channel_pool, gated_spatial_pool,
-// cbam_spatial_conv and cbam_apply, and the MLP is the same PyTorch ops. The two paths differ only
-// in how BatchNorm's scale and shift meet (one multiply-add here) and in the last bit of exp.
+// cbam_spatial_conv and cbam_apply, and the MLP's Linear layers are the same PyTorch ops. The two
+// paths differ only in how BatchNorm's scale and shift meet (one multiply-add here) and in the last
+// bit of exp (both sigmoids).
 
 // The spatial gate's parameters: conv weight (Cin, kh, kw) and BatchNorm folded to a scale and shift
 template <typename acc>
@@ -1014,6 +1015,42 @@ double bn_value(const std::optional<Tensor>& t, double fallback, const char* op,
   return t->item<double>();
 }
 
+// The channel gate from the pooled (N, C) vectors, rounded to scalar_t: sigmoid(mlp(avg) +
+// mlp(max)), or with light sigmoid(mlp(0.5 * avg + 0.5 * max)); mlp(v) = w2 relu(w1 v + b1) + b2.
+// The two Linear layers are PyTorch's, on the same values as the op-by-op forward; the small steps
+// between them are loops here, rounded where PyTorch stores a tensor. (Six small ATen ops less:
+// right after pass 1 each costs 5-10 us with the interpreter's and ATen's data out of cache.)
+template <typename scalar_t>
+std::vector<acc_type<scalar_t>> eval_channel_gate(const std::vector<acc_type<scalar_t>>& avg,
+                                                  const std::vector<acc_type<scalar_t>>& mx, int64_t N, int64_t C,
+                                                  const Tensor& w1m, const std::optional<Tensor>& b1,
+                                                  const Tensor& w2m, const std::optional<Tensor>& b2, bool light) {
+  using IO = VecIO<scalar_t>;
+  using acc = typename IO::acc;
+  const int64_t R = light ? N : 2 * N;  // the MLP's input rows: avg then max, or their blend
+  Tensor in = at::empty({R, C}, w1m.options());
+  scalar_t* in_p = in.data_ptr<scalar_t>();
+  for (const auto i : c10::irange(N * C)) {
+    if (light) {
+      in_p[i] = static_cast<scalar_t>(IO::round(acc(0.5) * avg[i]) + IO::round(acc(0.5) * mx[i]));
+    } else {
+      in_p[i] = static_cast<scalar_t>(avg[i]);
+      in_p[N * C + i] = static_cast<scalar_t>(mx[i]);
+    }
+  }
+  Tensor h = at::linear(in, w1m, b1).contiguous();
+  scalar_t* h_p = h.data_ptr<scalar_t>();
+  for (const auto i : c10::irange(h.numel())) h_p[i] = h_p[i] < scalar_t(0) ? scalar_t(0) : h_p[i];  // keeps NaN
+  const Tensor out = at::linear(h, w2m, b2).contiguous();
+  const scalar_t* out_p = out.const_data_ptr<scalar_t>();
+  std::vector<acc> gate(N * C + IO::kN, 0);
+  for (const auto i : c10::irange(N * C)) {
+    const acc pre = light ? acc(out_p[i]) : IO::round(acc(out_p[i]) + acc(out_p[N * C + i]));
+    gate[i] = IO::round(acc(1) / (acc(1) + std::exp(-pre)));
+  }
+  return gate;
+}
+
 Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
                              const std::optional<Tensor>& b2, const std::optional<Tensor>& conv_w,
                              const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
@@ -1057,19 +1094,13 @@ Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optio
     using acc = acc_type<scalar_t>;
     constexpr int64_t kN = VecIO<scalar_t>::kN;
     // pass 1: the channel pool (sum and max; no argmax at inference), as channel_pool rounds them
-    Tensor avg = at::empty({d.N, d.C}, x.options()), mx = at::empty({d.N, d.C}, x.options());
-    scalar_t* avg_p = avg.data_ptr<scalar_t>();
-    scalar_t* max_p = mx.data_ptr<scalar_t>();
+    std::vector<acc> avg(d.N * d.C), mx(d.N * d.C);
     const acc len = acc(d.HW);
     channel_stats<scalar_t, false>(d, [&](int64_t nc, const MaxStats<acc>& s) {
-      avg_p[nc] = static_cast<scalar_t>(s.sum / len);
-      max_p[nc] = static_cast<scalar_t>(s.max);
+      avg[nc] = VecIO<scalar_t>::round(s.sum / len);
+      mx[nc] = VecIO<scalar_t>::round(s.max);
     });
-    // the shared MLP and its sigmoid: PyTorch's own ops, as the op-by-op forward calls them
-    const Tensor mlp_in = light ? at::add(at::mul(avg, 0.5), at::mul(mx, 0.5)) : at::cat({avg, mx});
-    const Tensor mlp_out = at::linear(at::relu(at::linear(mlp_in, w1m, b1)), w2m, b2);
-    const Tensor ch_gate = at::sigmoid(light ? mlp_out : at::add(mlp_out.slice(0, 0, d.N), mlp_out.slice(0, d.N)));
-    const auto cg = param_array<scalar_t>(ch_gate, {d.N, d.C}, op, "ch_gate");
+    const auto cg = eval_channel_gate<scalar_t>(avg, mx, d.N, d.C, w1m, b1, w2m, b2, light);
 
     scalar_t* y_p = y_out.work.data_ptr<scalar_t>();
     if (!spatial) {  // the channel gate alone
