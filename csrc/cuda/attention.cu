@@ -25,6 +25,8 @@
 
 #include <cuda_runtime.h>
 
+#include "message.cuh"
+
 #include <algorithm>
 #include <climits>
 #include <string>
@@ -745,26 +747,10 @@ attention_backward_dq_kernel(Operand<const scalar_t> grad_out, Operand<const sca
                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)              \
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
-// Error messages are assembled into one std::string without iostreams and handed to TORCH_CHECK
-// as its only message argument (c10::str passes a lone string through). On the GPU machine
-// (torch 2.11), streaming an integer into a TORCH_CHECK message from this nvcc-compiled host
-// code crashed inside libstdc++'s ostream (gdb: basic_ostream::_M_insert<long> in this library).
-std::string message_part(const char* text) { return text; }
-std::string message_part(int64_t value) { return std::to_string(value); }
-std::string message_part(int value) { return std::to_string(value); }
-std::string message_part(size_t value) { return std::to_string(value); }
-std::string message_part(at::ScalarType dtype) { return c10::toString(dtype); }
-std::string message_part(const c10::Device& device) { return device.str(); }
-std::string message_part(at::IntArrayRef sizes) {
-  std::string text = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
-  return text + "]";
-}
+// "spatial_attention (CUDA): " and the parts (message.cuh says why not TORCH_CHECK's own streaming)
 template <typename... Parts>
 std::string message(const Parts&... parts) {
-  std::string text = "spatial_attention (CUDA): ";
-  for (const std::string& part : {message_part(parts)...}) text += part;
-  return text;
+  return message_text("spatial_attention (CUDA): ", parts...);
 }
 
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {

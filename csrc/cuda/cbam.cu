@@ -23,6 +23,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "message.cuh"
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -533,14 +535,14 @@ struct CbamInput {
 
 void check_dtype_supported(const at::Tensor& x, const char* op) {
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, op,
-              ": x must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              message_text(op, ": x must be float32, float16, bfloat16 or float64, got ", dtype));
 }
 
 // Reads NCHW-contiguous and channels_last x in place; copies any other strides to NCHW.
 CbamInput prepare_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.is_cuda(), message_text(op, ": x must be a CUDA tensor, got device ", x.device()));
+  TORCH_CHECK(x.dim() == 4, message_text(op, ": x must be (N, C, H, W), got shape ", x.sizes()));
   check_dtype_supported(x, op);
   CbamInput in;
   if (x.is_contiguous()) {
@@ -562,24 +564,28 @@ CbamInput prepare_x(const at::Tensor& x, const char* op) {
 // A small operand (gate, pooled map, saved index), contiguous, after cheap checks.
 at::Tensor small_operand(const at::Tensor& t, const CbamInput& in, const char* op, const char* name,
                          int64_t numel, at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == in.x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", in.x.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == numel, op, ": ", name, " must have ", numel, " elements for x of shape ", in.x.sizes(),
-              ", got shape ", t.sizes());
+  TORCH_CHECK(t.device() == in.x.device(),
+              message_text(op, ": ", name, " is on ", t.device(), " but x is on ", in.x.device()));
+  TORCH_CHECK(t.scalar_type() == dtype,
+              message_text(op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type()));
+  TORCH_CHECK(t.numel() == numel, message_text(op, ": ", name, " must have ", numel, " elements for x of shape ",
+                                               in.x.sizes(), ", got shape ", t.sizes()));
   return t.contiguous();
 }
 
 // An x-sized operand (grad_y) in x's layout, so it is indexed like x.
 at::Tensor x_sized_operand(const at::Tensor& t, const CbamInput& in, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == in.x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", in.x.device());
-  TORCH_CHECK(t.scalar_type() == in.x.scalar_type(), op, ": ", name, " must have x's dtype ", in.x.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == in.x.sizes(), op, ": ", name, " must have x's shape ", in.x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == in.x.device(),
+              message_text(op, ": ", name, " is on ", t.device(), " but x is on ", in.x.device()));
+  TORCH_CHECK(t.scalar_type() == in.x.scalar_type(),
+              message_text(op, ": ", name, " must have x's dtype ", in.x.scalar_type(), ", got ", t.scalar_type()));
+  TORCH_CHECK(t.sizes() == in.x.sizes(),
+              message_text(op, ": ", name, " must have x's shape ", in.x.sizes(), ", got ", t.sizes()));
   return t.contiguous(in.memory_format());
 }
 
 const at::Tensor& required(const std::optional<at::Tensor>& t, const char* op, const char* name, const char* by) {
-  TORCH_CHECK(t.has_value(), op, ": ", name, " is required when ", by, " is given");
+  TORCH_CHECK(t.has_value(), message_text(op, ": ", name, " is required when ", by, " is given"));
   return *t;
 }
 
@@ -588,8 +594,8 @@ bool is_aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 =
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 unsigned int grid_size(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), what, ": the input is too large for one launch (",
-              blocks, " blocks)");
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              message_text(what, ": the input is too large for one launch (", blocks, " blocks)"));
   return static_cast<unsigned int>(std::max<int64_t>(blocks, 1));
 }
 
@@ -679,7 +685,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_pool_cuda(con
   constexpr const char* op = "channel_pool";
   const CbamInput in = prepare_x(x_arg, op);
   const c10::cuda::CUDAGuard device_guard(in.x.device());
-  TORCH_CHECK(in.HW > 0, op, ": x must have H * W > 0 to take a max, got shape ", in.x.sizes());
+  TORCH_CHECK(in.HW > 0, message_text(op, ": x must have H * W > 0 to take a max, got shape ", in.x.sizes()));
   const auto options = in.x.options();
   at::Tensor avg = at::empty({in.N, in.C}, options);
   at::Tensor max = at::empty({in.N, in.C}, options);
@@ -707,7 +713,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_spatial_pool_cuda(const at:
   constexpr const char* op = "gated_spatial_pool";
   const CbamInput in = prepare_x(x_arg, op);
   const c10::cuda::CUDAGuard device_guard(in.x.device());
-  TORCH_CHECK(in.C > 0, op, ": x must have C > 0 to take a max, got shape ", in.x.sizes());
+  TORCH_CHECK(in.C > 0, message_text(op, ": x must have C > 0 to take a max, got shape ", in.x.sizes()));
   const at::Tensor gate = small_operand(gate_arg, in, op, "gate", in.N * in.C, in.x.scalar_type());
   const auto options = in.x.options();
   at::Tensor pooled = at::empty({in.N, 2, in.H, in.W}, options);
