@@ -8,7 +8,10 @@
 // contiguous dim is a "row" reduction (one warp per row); one over the strided
 // dim is a "column" reduction (32 lanes along inner, 8 rows, the outer dim split
 // across blocks, partials merged by a second kernel in a fixed order). No float
-// atomics anywhere, so every result is bitwise repeatable on a given GPU.
+// atomics anywhere, so every result is bitwise repeatable on a given GPU model
+// for a given x: the column splits follow the SM count, and a row reduction walks
+// 16-byte vectors only when x is 16-byte aligned (a view at an odd storage
+// offset sums in another order, so its last bits may differ).
 //
 // Accumulation is in at::opmath_type<scalar_t> (float; double for double).
 // The max/tie decisions compare values rounded to x's dtype exactly as the
