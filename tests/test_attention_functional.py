@@ -96,6 +96,25 @@ def test_large_logits_stay_finite(backend):
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", compiled_backends("cpu"))
+def test_keys_of_minus_inf_logits_drop_out(backend):
+    """A key whose logits are -inf gets weight 0, as in the reference's softmax, even when every key
+    of a row's first key block is such a key (the online softmax then starts from a max of -inf);
+    a row whose logits are all -inf gives NaN, as torch.softmax does."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.rand(1, 8, 40, generator=gen) + 0.1  # positive: a key of -inf channels has -inf logits
+    k, v = torch.randn(1, 8, 700, generator=gen), torch.randn(1, 8, 700, generator=gen)
+    k[:, :, :600] = -float("inf")  # longer than any backend's key block
+    q[:, :, 5] = -q[:, :, 5]       # row 5 sees +inf there: softmax over an inf is NaN
+    out = fastattn.spatial_attention(q, k, v, backend=backend)
+    ref = reference.spatial_attention(q.double(), k.double(), v.double())
+    assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any() and not ref[..., :5].isnan().any()
+    torch.testing.assert_close(out.double().nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-5)
+    k[:, :, 600:] = -float("inf")  # now every logit of every row but row 5 is -inf
+    out = fastattn.spatial_attention(q, k, v, backend=backend)
+    assert out[..., :5].isnan().all()
+
+
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in compiled_backends("cpu") if b == "cpu"])
 def test_gradcheck_float64(backend):
     q, k, v = (t.requires_grad_() for t in _maps(1, 4, 6, 3, 2, 2, 2, torch.float64))

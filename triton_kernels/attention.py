@@ -180,8 +180,10 @@ def _spatial_attention_fwd_kernel(
             s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2((m_i - m_new) * LOG2E)  # rescales what was summed under the old max
-            p = tl.exp2((s - m_new[:, None]) * LOG2E)
+            # a max still -inf (every logit so far -inf) shifts by 0: p and alpha are 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2((m_i - m_shift) * LOG2E)  # rescales what was summed under the old max
+            p = tl.exp2((s - m_shift[:, None]) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vc,
                         mask=mask_n[:, None] & mask_dv[None, :], other=0.0)

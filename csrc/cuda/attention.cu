@@ -255,7 +255,8 @@ spatial_attention_forward_kernel(Operand<const scalar_t> q, Operand<const scalar
     }
 
     // Online softmax: rescale what was accumulated by exp2(m_old - m_new). Column k0 is a
-    // valid key, so m_new is finite (for finite inputs) and exp2(-inf - m_new) = 0 on the first tile.
+    // valid key, so m_new is finite for finite inputs and exp2(-inf - m_new) = 0 on the first tile.
+    // While every logit so far is -inf (inf inputs) the shift is 0, so p and alpha are 0, not NaN.
 #pragma unroll
     for (int a = 0; a < TI; ++a) {
       float tile_max = -INFINITY;
@@ -265,11 +266,12 @@ spatial_attention_forward_kernel(Operand<const scalar_t> q, Operand<const scalar
         tile_max = fmaxf(tile_max, s[a][b]);
       }
       const float m_new = fmaxf(row_m[a], row_max(tile_max));
-      const float alpha = exp2f(row_m[a] - m_new);
+      const float m_shift = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(row_m[a] - m_shift);
       float tile_sum = 0.f;
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
-        s[a][b] = exp2f(s[a][b] - m_new);
+        s[a][b] = exp2f(s[a][b] - m_shift);
         tile_sum += s[a][b];
       }
       row_l[a] = row_l[a] * alpha + row_sum(tile_sum);
