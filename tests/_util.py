@@ -9,6 +9,7 @@ import torch
 
 import fastattn
 from fastattn import _backend
+from fastattn.reference import ref_spatial_attention_forward
 
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Parameter gradients of whole modules sum a kernel's per-position rounding over every
@@ -110,3 +111,20 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
                 b.copy_(torch.randn(b.shape, generator=g))
             elif name.endswith("running_var"):
                 b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+
+
+def check_minus_inf_keys_drop_out(forward, device: str) -> None:
+    """forward(q, k, v, heads, scale) -> (out, lse), an attention backend's op. With q > 0 and the
+    first 600 keys -inf in every channel, those keys' logits are -inf over more than any key block,
+    so a row's online softmax starts from a max of -inf: they must weigh 0, as in the reference's
+    softmax (no NaN from -inf - -inf)."""
+    gen = torch.Generator(device=device).manual_seed(7)
+    q = torch.rand(1, 16, 40, generator=gen, device=device) + 0.1
+    k = torch.randn(1, 16, 700, generator=gen, device=device)
+    v = torch.randn(1, 16, 700, generator=gen, device=device)
+    k[:, :, :600] = -float("inf")
+    out, lse = forward(q, k, v, 1, 0.25)
+    ref_out, ref_lse = ref_spatial_attention_forward(q.double(), k.double(), v.double(), 1, 0.25)
+    assert out.isfinite().all() and lse.isfinite().all()
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)

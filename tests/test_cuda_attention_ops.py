@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _util import compiled_ops
+from _util import check_minus_inf_keys_drop_out, compiled_ops
 
 from fastattn.reference import ref_spatial_attention_forward
 
@@ -185,25 +185,8 @@ def test_scales(ops, dtype, scale):
     _run_case(ops, 2, 2, 64, 32, 196, 196, dtype, "contiguous", scale)
 
 
-def _minus_inf_key_case(device):
-    """q > 0 and the first 600 keys -inf in every channel: their logits are -inf, longer than any
-    key block, so a row's online softmax starts from a max of -inf."""
-    gen = torch.Generator(device=device).manual_seed(7)
-    q = torch.rand(1, 16, 40, generator=gen, device=device) + 0.1
-    k = torch.randn(1, 16, 700, generator=gen, device=device)
-    v = torch.randn(1, 16, 700, generator=gen, device=device)
-    k[:, :, :600] = -float("inf")
-    return q, k, v
-
-
 def test_keys_of_minus_inf_logits_drop_out(ops):
-    """Keys with -inf logits get weight 0, as in the reference's softmax (no NaN from -inf - -inf)."""
-    q, k, v = _minus_inf_key_case(DEVICE)
-    out, lse = ops.spatial_attention_forward(q, k, v, 1, 0.25)
-    ref_out, ref_lse = ref_spatial_attention_forward(q.double(), k.double(), v.double(), 1, 0.25)
-    assert out.isfinite().all() and lse.isfinite().all()
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
+    check_minus_inf_keys_drop_out(ops.spatial_attention_forward, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from _util import check_minus_inf_keys_drop_out  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn.reference import ref_spatial_attention_forward  # noqa: E402
 
@@ -220,26 +221,9 @@ def test_nan_propagates_like_reference(nan_in, device):
     assert torch.equal(out.isnan(), ref_out.isnan()) and torch.equal(lse.isnan(), ref_lse.isnan())
 
 
-def _minus_inf_key_case(device):
-    """q > 0 and the first 600 keys -inf in every channel: their logits are -inf, longer than any
-    key block, so a row's online softmax starts from a max of -inf."""
-    gen = torch.Generator(device=device).manual_seed(7)
-    q = torch.rand(1, 16, 40, generator=gen, device=device) + 0.1
-    k = torch.randn(1, 16, 700, generator=gen, device=device)
-    v = torch.randn(1, 16, 700, generator=gen, device=device)
-    k[:, :, :600] = -float("inf")
-    return q, k, v
-
-
 @pytest.mark.parametrize("device", [DEVICE])
 def test_keys_of_minus_inf_logits_drop_out(device):
-    """Keys with -inf logits get weight 0, as in the reference's softmax (no NaN from -inf - -inf)."""
-    q, k, v = _minus_inf_key_case(device)
-    out, lse = attention.spatial_attention_forward(q, k, v, 1, 0.25)
-    ref_out, ref_lse = ref_spatial_attention_forward(q.double(), k.double(), v.double(), 1, 0.25)
-    assert out.isfinite().all() and lse.isfinite().all()
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
+    check_minus_inf_keys_drop_out(attention.spatial_attention_forward, device)
 
 
 @pytest.mark.parametrize("device", [DEVICE])
