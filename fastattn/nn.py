@@ -101,36 +101,42 @@ class CBAM(nn.Module):
             self.add_module(name, child)
 
     def _parts(self):
-        """(fc1, fc2, conv, bn) whatever the flavour's layout."""
+        """(fc1, fc2, conv, bn) whatever the flavour's layout. Read from the modules' own dicts: a
+        call comes right after a large op, with the interpreter's data out of cache, and there each
+        nn.Module.__getattr__ costs ~10 us (a batch-1 call is mostly such overhead)."""
+        modules = self._modules
         if self.flavor == "official":
-            mlp = self.ChannelGate.mlp
-            spatial = None if self.no_spatial else self.SpatialGate.spatial
-            return mlp[1], mlp[3], spatial and spatial.conv, spatial and spatial.bn
-        return self.channel.fc1, self.channel.fc2, self.spatial.conv.conv, self.spatial.conv.bn
+            mlp = modules["ChannelGate"]._modules["mlp"]._modules
+            if self.no_spatial:
+                return mlp["1"], mlp["3"], None, None
+            spatial = modules["SpatialGate"]._modules["spatial"]._modules
+            return mlp["1"], mlp["3"], spatial["conv"], spatial["bn"]
+        channel, conv = modules["channel"]._modules, modules["spatial"]._modules["conv"]._modules
+        return channel["fc1"], channel["fc2"], conv["conv"], conv["bn"]
 
     def forward(self, x: Tensor) -> Tensor:
-        backend, _ = choose("cbam", x.device, x.dtype, self.backend)
-        fc1, fc2, conv, bn = self._parts()
-        if backend == "reference" or x.numel() == 0 or fc1.weight.dtype != x.dtype \
-                or torch.is_autocast_enabled(x.device.type):
+        device = x.device
+        backend, _ = choose("cbam", device, x.dtype, self.backend)
+        parts = self._parts()
+        if backend == "reference" or x.numel() == 0 or parts[0].weight.dtype != x.dtype \
+                or torch.is_autocast_enabled(device.type):
             return self._eager_cls.forward(self, x)
-        return self._fused(x, backend)
+        return self._fused(x, backend, parts)
 
-    def _fused(self, x: Tensor, backend: str) -> Tensor:
+    def _fused(self, x: Tensor, backend: str, parts: tuple | None = None) -> Tensor:
         """The fused path on `backend`'s kernels ("reference" runs the op contract in PyTorch, for tests)."""
-        fc1, fc2, conv, bn = self._parts()
+        fc1, fc2, conv, bn = parts or self._parts()
         batch_stats = True if conv is None else (bn.training or bn.running_mean is None)
         spec = CbamSpec(light=self.flavor == "timm_light", max_first=self.flavor == "official",
                         split_ties=self.flavor != "official", no_spatial=self.no_spatial,
                         padding=(0, 0) if conv is None else tuple(conv.padding),
                         bn_eps=1e-5 if conv is None else bn.eps, bn_batch_stats=batch_stats, backend=backend)
-        conv_w = None if conv is None else conv.weight
-        bn_params = (None,) * 4 if conv is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if backend == "cpu" and (conv is None or not batch_stats) \
-                and not _grad_wanted(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w, *bn_params[:2]):
-            return inference_forward(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w, *bn_params, spec)
-        y, mean, var = FusedCBAMFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
-                                               *bn_params, spec)
+        # (w1, b1, w2, b2, conv_w, bn_weight, bn_bias, bn_mean, bn_var), each read once
+        params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias) + (
+            (None,) * 5 if conv is None else (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))
+        if backend == "cpu" and (conv is None or not batch_stats) and not _grad_wanted(x, *params[:7]):
+            return inference_forward(x, *params, spec)
+        y, mean, var = FusedCBAMFunction.apply(x, *params, spec)
         if conv is not None and bn.training and bn.track_running_stats:
             _update_running_stats(bn, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
         return y
