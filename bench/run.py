@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rss", choices=RSS_CHOICES, default=None,
                         help="which fwd+bwd/train cases also get a resident-set reading on the CPU, in a process per "
                              "provider: all, main (the main shapes), none (default: main; all with --full, --quick)")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="time for all cases: behind it, cases run with fewer repeats, never fewer cases "
+                             "(default: 240 s; none with --full, --quick)")
     parser.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
     # the harness's self-test: a provider that always fails, to check failures are reported, not dropped
     parser.add_argument("--inject-failure", action="store_true", help=argparse.SUPPRESS)
@@ -253,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.for_mode(args.mode, args.compile_backend)
     settings.memory = not args.no_memory
+    if args.deadline is not None:
+        if args.deadline <= 0:
+            print(f"python -m bench: --deadline must be positive seconds, got {args.deadline}", file=sys.stderr)
+            return 2
+        settings.deadline_s = args.deadline
     if args.rss:
         settings.rss = args.rss
     rss_on = device.type == "cpu" and settings.memory and settings.rss != "none"

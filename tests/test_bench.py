@@ -222,3 +222,16 @@ def test_full_mode_cases_and_sweep_plots(tmp_path):
     assert sorted(os.path.basename(p) for p in paths) == [
         "cpu-test-1t-full-roofline.png", "cpu-test-1t-full-sweeps.png", "cpu-test-1t-full-time.png"]
     assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_deadline_hurries_cases_without_dropping_them(capsys):
+    from bench import run
+    default = run.Settings.for_mode("default", "inductor")
+    assert default.deadline_s == 240.0 and run.Settings.for_mode("full", "inductor").deadline_s is None
+    assert run.parse_args(["--deadline", "90"]).deadline == 90.0 and run.parse_args([]).deadline is None
+    on_time = default.for_case(elapsed_s=0.0, cases_left=4)  # 60 s a case: the full settings
+    assert on_time == default
+    late = default.for_case(elapsed_s=230.0, cases_left=10)  # 1 s a case: one round, no warm-up
+    assert late.hurried and late.min_repeats == 1 and late.warmup == 0 and late.budget_s == pytest.approx(0.25)
+    assert run.main(["--deadline", "0", "--only", "cbam"]) == 2
+    assert "--deadline must be positive" in capsys.readouterr().err
