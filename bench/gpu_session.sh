@@ -29,7 +29,7 @@ for step in $STEPS; do
   case $step in
     build) timeout 180 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
              || { tail -50 "$OUT/build.log"; exit 1; } ;;
-    # the tests whose ids name the GPU backends (1601 of 2913; most are skipped on a CPU-only machine)
+    # the tests whose ids name the GPU backends (1601 of 2914 today; most are skipped without a GPU)
     test)  timeout 220 $PY -m pytest -q $XDIST $PER_TEST --maxfail=50 -rfE -p no:cacheprovider tests \
              -k "cuda or triton or gpu" > "$OUT/pytest-gpu.log" 2>&1; tail -15 "$OUT/pytest-gpu.log" ;;
     bench) timeout "$BENCH_TIME" $PY -m bench --device cuda $BENCH_ARGS --out "$OUT" > "$OUT/bench.log" 2>&1
