@@ -6,6 +6,8 @@ STAMP   := $(VENV)/.deps-stamp
 BUILT   := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc triton_kernels fastattn -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null) setup.py
 export MAX_JOBS ?= 2
+# torch.compile's cache (tests and bench) inside the clone, not in /tmp, so that it goes with the clone
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/build/inductor-cache
 
 .PHONY: test bench setup build sanitize clean
 
