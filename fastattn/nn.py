@@ -127,6 +127,10 @@ class CBAM(nn.Module):
         """The fused path on `backend`'s kernels ("reference" runs the op contract in PyTorch, for tests)."""
         fc1, fc2, conv, bn = parts or self._parts()
         batch_stats = True if conv is None else (bn.training or bn.running_mean is None)
+        if conv is not None and batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            # nn.BatchNorm2d's own refusal: the variance of one value is no statistic
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{torch.Size((x.shape[0], 1, *x.shape[2:]))}")
         spec = CbamSpec(light=self.flavor == "timm_light", max_first=self.flavor == "official",
                         split_ties=self.flavor != "official", no_spatial=self.no_spatial,
                         padding=(0, 0) if conv is None else tuple(conv.padding),

@@ -100,6 +100,28 @@ def test_cbam_awkward_shapes(label, backend, shape, channels_last):
     _check_parity("official", True, backend, shape, ties=True, channels_last=channels_last, reduction=1)
 
 
+@pytest.mark.parametrize("flavor", ["timm", "timm_light", "official"])
+@pytest.mark.parametrize("label,backend", _fused_paths())
+def test_train_mode_refuses_one_value_per_channel_as_batchnorm_does(flavor, label, backend):
+    """Train-mode BatchNorm over N*H*W = 1 value: nn.BatchNorm2d raises; so must the fused module,
+    before it touches the running statistics (it used to return a number and update them)."""
+    original = _original(flavor, 8, 4).train()
+    fused = fastattn.nn.CBAM(8, 4, flavor=flavor, backend=backend if backend != "reference" else "auto").train()
+    fused.load_state_dict(original.state_dict())
+    if backend == "reference":
+        fused.forward = lambda inp: fastattn.nn.CBAM._fused(fused, inp, "reference")
+    before = copy.deepcopy(fused.state_dict())
+    x = torch.randn(1, 8, 1, 1)
+    with pytest.raises(ValueError) as theirs:
+        original(x)
+    with pytest.raises(ValueError) as ours:
+        fused(x)
+    assert str(ours.value) == str(theirs.value)
+    for name, value in fused.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert fused.eval()(x).shape == x.shape  # running statistics: one value is fine
+
+
 def test_official_checkpoint_keys_load_as_they_are():
     official = reference.OfficialCBAM(64)
     fused = fastattn.nn.CBAM(64, flavor="official")
