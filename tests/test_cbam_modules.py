@@ -122,6 +122,26 @@ def test_train_mode_refuses_one_value_per_channel_as_batchnorm_does(flavor, labe
     assert fused.eval()(x).shape == x.shape  # running statistics: one value is fine
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("label,backend", _fused_paths())
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+def test_official_mlp_without_hidden_units(label, backend, mode):
+    """The official MLP has C // reduction hidden units: none when reduction > C, and it then adds
+    its output bias alone. The cpu inference op used to refuse the empty weight."""
+    original = reference.OfficialCBAM(3, 16)
+    assert original.ChannelGate.mlp[1].out_features == 0
+    _randomize(original)
+    fused = fastattn.nn.CBAM(3, 16, flavor="official", backend=backend if backend != "reference" else "auto")
+    fused.load_state_dict(original.state_dict())
+    if backend == "reference":
+        fused.forward = lambda inp: fastattn.nn.CBAM._fused(fused, inp, "reference")
+    original.train(mode == "train")
+    fused.train(mode == "train")
+    x = torch.randn(2, 3, 5, 6)
+    with torch.set_grad_enabled(mode != "eval-no-grad"):
+        assert_error_rule("y", fused(x), copy.deepcopy(original).double()(x.double()), original(x))
+
+
 def test_official_checkpoint_keys_load_as_they_are():
     official = reference.OfficialCBAM(64)
     fused = fastattn.nn.CBAM(64, flavor="official")

@@ -1060,8 +1060,9 @@ Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optio
   const Dense d = dense_input(x, op);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(d.C > 0 && d.HW > 0, op, ": C and H*W must be positive, got shape ", x.sizes());
-  TORCH_CHECK(w1.dim() >= 2 && w1.size(0) > 0, op, ": w1 must be (hidden, C) or (hidden, C, 1, 1), got shape ",
-              w1.sizes());
+  // hidden may be 0: the official MLP has C // reduction hidden units, 0 when reduction > C, and
+  // then computes b2 alone (PyTorch's Linear takes empty weights)
+  TORCH_CHECK(w1.dim() >= 2, op, ": w1 must be (hidden, C) or (hidden, C, 1, 1), got shape ", w1.sizes());
   const int64_t hidden = w1.size(0), H = x.size(2), W = x.size(3);
   const Tensor w1m = as_matrix(w1, hidden, d.C, dtype, op, "w1");
   const Tensor w2m = as_matrix(w2, d.C, hidden, dtype, op, "w2");
