@@ -13,9 +13,13 @@ from fastattn.reference import ref_spatial_attention_forward
 
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Parameter gradients of whole modules sum a kernel's per-position rounding over every
-# position, through convs and BatchNorm, and often cancel to something small: their float32
-# atol is 1e-4 (relative to max(1, |truth|)); the op-level tests hold kernels to ATOL.
-GRAD_ATOL = 1e-4
+# position, through convs and BatchNorm, and often cancel to something small: their atol is
+# 10 x ATOL (relative to max(1, |truth|)); the op-level tests hold kernels to ATOL. In float16 and
+# bfloat16 the eager module's own error on such a sum is a matter of luck: over 1200 random
+# nn.CBAM cases (tests/test_fuzz.py) fastattn's errors had the eager module's median and 90th
+# percentile in every dtype, yet 0.4-1.4% of the reduced-precision parameter gradients
+# exceeded 2 x (a lucky eager error) + ATOL, by up to 5e-2 relative in bfloat16.
+GRAD_ATOL = {dtype: 10 * atol for dtype, atol in ATOL.items()}
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,21 +1,25 @@
 """Property tests (hypothesis): random small shapes, layouts, dtypes, heads and
 scales; every compiled backend that runs on the CPU must match backend="reference"
 under the error rule of DESIGN.md §4, forward and gradients, for
-fastattn.spatial_attention and the three CBAM primitives.
+fastattn.spatial_attention and the three CBAM primitives; and fastattn.nn.CBAM
+against the module it replaces (timm's or the official), in train and eval mode.
 
 Bounded for CI: FUZZ_EXAMPLES examples per test (FASTATTN_FUZZ_EXAMPLES overrides,
 e.g. 500 for a long run). Derandomized, so CI sees the same examples each run.
 Triton runs through its interpreter here, which is slow: it gets tiny shapes and
 half the examples."""
+import copy
 import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from timm.layers.cbam import CbamModule, LightCbamModule
 
 import fastattn
-from _util import assert_error_rule, compiled_backends
+from fastattn import reference
+from _util import GRAD_ATOL, assert_error_rule, compiled_backends, randomize
 
 FUZZ_EXAMPLES = int(os.environ.get("FASTATTN_FUZZ_EXAMPLES", "25"))
 LAYOUTS = ("contiguous", "channels_last", "transposed", "sliced", "expanded")
@@ -37,6 +41,12 @@ def _dtypes(backend):
 def _tensor(shape, layout, gen, dtype, positive=False):
     """A tensor of `shape` in the given memory layout; "expanded" repeats sample 0 across the batch."""
     base = torch.rand(shape, generator=gen) if positive else torch.randn(shape, generator=gen)
+    return _lay_out(base, layout, dtype)
+
+
+def _lay_out(base, layout, dtype):
+    """base's values in dtype and the given memory layout (see _tensor)."""
+    base, shape = base.clone(), base.shape
     if layout == "expanded":
         base[1:] = base[:1]
     base = base.to(dtype)
@@ -168,3 +178,83 @@ def test_cbam_primitives_match_reference(backend):
                [x, ch_gate, sp_gate], cot)
 
     _fuzz(backend, cbam_case, body)
+
+
+# ---------------------------------------------------------------------------
+# fastattn.nn.CBAM as a whole against the module it replaces
+# ---------------------------------------------------------------------------
+def _original_cbam(flavor, channels, reduction, kernel):
+    if flavor == "timm":
+        return CbamModule(channels, rd_ratio=1.0 / reduction, spatial_kernel_size=kernel)
+    if flavor == "timm_light":
+        return LightCbamModule(channels, rd_ratio=1.0 / reduction, spatial_kernel_size=kernel)
+    return reference.OfficialCBAM(channels, reduction, kernel_size=kernel, no_spatial=flavor == "official-no-spatial")
+
+
+@st.composite
+def cbam_module_case(draw, backend):
+    tiny = backend == "triton"
+    shape = (draw(st.integers(1, 2 if tiny else 3)), draw(st.integers(1, 5 if tiny else 40)),
+             draw(st.integers(1, 4 if tiny else 12)), draw(st.integers(1, 4 if tiny else 12)))
+    # reductions past C: timm keeps one hidden unit, the official MLP has C // reduction = 0
+    return dict(shape=shape, dtype=draw(_dtypes(backend)), layout=draw(st.sampled_from(LAYOUTS)),
+                flavor=draw(st.sampled_from(["timm", "timm_light", "official", "official-no-spatial"])),
+                reduction=draw(st.sampled_from([1, 2, 4, 16, 64])), kernel=draw(st.sampled_from([1, 3, 5, 7])),
+                mode=draw(st.sampled_from(["train", "eval", "eval-no-grad"])), ties=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _run_module(module, x, grad_y, mode):
+    """(y, {"x": dx, name: d param}, {buffer name: value}) of one call; or the exception it raised."""
+    module.train(mode == "train")
+    x = x.detach().requires_grad_(mode != "eval-no-grad")
+    try:
+        with torch.set_grad_enabled(mode != "eval-no-grad"):
+            y = module(x)
+    except (ValueError, RuntimeError) as error:
+        return error
+    grads = {}
+    if mode != "eval-no-grad":
+        y.backward(grad_y)
+        grads = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
+    buffers = {name: b.clone() for name, b in module.named_buffers() if b.is_floating_point()}
+    return y.detach(), grads, buffers
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the official MLP past C
+@pytest.mark.parametrize("backend", compiled_backends("cpu"))
+def test_cbam_module_matches_original(backend):
+    """Whole modules: every flavour, spatial kernel, reduction (also past C), layout, dtype and mode
+    (train: batch statistics and the running-stat update; eval with grad: the autograd path; eval
+    without grad: the one-op inference path on cpu). Where the original raises, so must the fused."""
+    def body(case):
+        gen = torch.Generator().manual_seed(case["seed"])
+        n, c, h, w = shape = case["shape"]
+        dtype, flavor = case["dtype"], case["flavor"]
+        original = _original_cbam(flavor, c, case["reduction"], case["kernel"])
+        randomize(original, case["seed"])
+        fused = fastattn.nn.CBAM(c, case["reduction"], flavor=flavor.removesuffix("-no-spatial"),
+                                 spatial_kernel=case["kernel"], no_spatial=flavor == "official-no-spatial",
+                                 backend=backend)
+        fused.load_state_dict(original.state_dict())
+        values = torch.randn(shape, generator=gen)
+        if case["ties"]:  # ReLU'd and rounded: exact ties in the maxima
+            values = values.relu().round(decimals=1)
+        x = _lay_out(values, case["layout"], dtype)
+        grad_y = torch.randn(shape, generator=gen).to(dtype)
+        truth = _run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), case["mode"])
+        eager = _run_module(copy.deepcopy(original).to(dtype), x, grad_y, case["mode"])
+        got = _run_module(fused.to(dtype), x, grad_y, case["mode"])
+        if isinstance(truth, Exception):
+            assert isinstance(got, type(truth)) and str(got) == str(truth), (truth, got)
+            return
+        assert not isinstance(got, Exception), got
+        assert_error_rule("y", got[0], truth[0], eager[0])
+        assert got[1].keys() == truth[1].keys()
+        for part in (1, 2):  # gradients, then buffers (running statistics)
+            for name in truth[part]:
+                parameter_grad = part == 1 and name != "x"
+                assert_error_rule(name, got[part][name], truth[part][name], eager[part][name],
+                                  atol=GRAD_ATOL[dtype] if parameter_grad else None)
+
+    _fuzz(backend, cbam_module_case, body)
