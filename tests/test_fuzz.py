@@ -258,3 +258,74 @@ def test_cbam_module_matches_original(backend):
                                   atol=GRAD_ATOL[dtype] if parameter_grad else None)
 
     _fuzz(backend, cbam_module_case, body)
+
+
+# ---------------------------------------------------------------------------
+# The spatial-attention blocks as a whole against their reference twins
+# ---------------------------------------------------------------------------
+def _attention_block(kind, draw, tiny):
+    """(channels, reference twin, fused block of `backend`) of a random configuration."""
+    if kind == "nonlocal":
+        channels, reduction = draw(st.integers(1, 8 if tiny else 24)), draw(st.sampled_from([1, 2, 4]))
+        options = dict(inter_channels=draw(st.one_of(st.none(), st.integers(1, 8))),
+                       sub_sample=draw(st.booleans()), use_scale=draw(st.booleans()))
+        if options["inter_channels"] is None and channels // reduction == 0:
+            options["inter_channels"] = 1
+        return channels, lambda cls: cls.NonLocal2d(channels, reduction, **options)
+    if kind == "sagan":
+        channels = draw(st.sampled_from([8, 16] if tiny else [8, 16, 24, 32]))
+        return channels, lambda cls: cls.SelfAttention2d(channels)
+    if kind == "unet":
+        heads, groups = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 4]))
+        channels, layout = heads * groups * draw(st.integers(1, 2 if tiny else 4)), draw(
+            st.sampled_from(["chunked", "per_head"]))
+        return channels, lambda cls: cls.AttentionBlock2d(channels, heads, groups=groups, qkv_layout=layout)
+    channels, use_scale = draw(st.integers(1, 16 if tiny else 40)), draw(st.booleans())
+    return channels, lambda cls: (cls.TimmNonLocalAttn if cls is reference else cls.NonLocalAttn)(channels, use_scale)
+
+
+@st.composite
+def attention_module_case(draw, backend):
+    tiny = backend == "triton"
+    kind = draw(st.sampled_from(["nonlocal", "sagan", "unet", "timm-nonlocal"]))
+    channels, build = _attention_block(kind, draw, tiny)
+    side = (1, 4 if tiny else 9)
+    shape = (draw(st.integers(1, 2 if tiny else 3)), channels, draw(st.integers(*side)), draw(st.integers(*side)))
+    return dict(kind=kind, build=build, shape=shape, dtype=draw(st.sampled_from([torch.float32, torch.float64]
+                                                                                   if backend == "cpu" else [torch.float32])),
+                layout=draw(st.sampled_from(LAYOUTS)), mode=draw(st.sampled_from(["train", "eval", "eval-no-grad"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@pytest.mark.parametrize("backend", compiled_backends("cpu"))
+def test_attention_modules_match_original(backend):
+    """NonLocal2d, SelfAttention2d, AttentionBlock2d and NonLocalAttn against their twins: random
+    channels, heads, groups, sub-sampling, maps down to 1x1, layouts and modes; same exceptions
+    where the twin raises (SAGAN's pooling of a one-row map). float32 and float64 only: in 16-bit
+    dtypes train-mode BatchNorm over a few positions amplifies rounding noise past the error rule
+    on either side (the op-level fuzz above holds the attention kernels to it in every dtype)."""
+    def body(case):
+        gen = torch.Generator().manual_seed(case["seed"])
+        dtype, shape = case["dtype"], case["shape"]
+        original = case["build"](reference)
+        randomize(original, case["seed"])
+        fused = case["build"](fastattn.nn)
+        fused.backend = backend
+        fused.load_state_dict(original.state_dict())
+        x = _lay_out(torch.randn(shape, generator=gen), case["layout"], dtype)
+        grad_y = torch.randn(shape, generator=gen).to(dtype)
+        truth = _run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), case["mode"])
+        eager = _run_module(copy.deepcopy(original).to(dtype), x, grad_y, case["mode"])
+        got = _run_module(fused.to(dtype), x, grad_y, case["mode"])
+        if isinstance(truth, Exception):
+            assert isinstance(got, type(truth)), (truth, got)
+            return
+        assert not isinstance(got, Exception), got
+        assert_error_rule("y", got[0], truth[0], eager[0])
+        assert got[1].keys() == truth[1].keys()
+        for part in (1, 2):
+            for name in truth[part]:
+                assert_error_rule(name, got[part][name], truth[part][name], eager[part][name],
+                                  atol=GRAD_ATOL[dtype] if part == 1 and name != "x" else None)
+
+    _fuzz(backend, attention_module_case, body)
