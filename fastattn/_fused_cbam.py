@@ -61,13 +61,14 @@ def _mlp_forward(v: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
     return F.linear(hidden, w2.flatten(1), b2), hidden
 
 
-def _batch_stats(t: Tensor) -> tuple[Tensor, Tensor]:
+def _batch_stats(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Biased variance and mean of each channel of t over (N, H, W), in two passes at float32 or
-    wider (torch.var_mean's Welford kernel takes ~150 us on an 8x1x56x56 map, this ~40 us)."""
+    wider (torch.var_mean's Welford kernel takes ~150 us on an 8x1x56x56 map, this ~40 us), in
+    `dtype`: the running statistics' (float32 under autocast, where t is 16-bit)."""
     wide = t.to(torch.promote_types(t.dtype, torch.float32))
     mean = wide.mean(dim=(0, 2, 3), keepdim=True)
     var = (wide - mean).square().mean(dim=(0, 2, 3))
-    return var.to(t.dtype), mean.flatten().to(t.dtype)
+    return var.to(dtype), mean.flatten().to(dtype)
 
 
 def _spatial_input(pooled: Tensor, spec: CbamSpec) -> Tensor:
@@ -107,7 +108,8 @@ class FusedCBAMFunction(torch.autograd.Function):
                 None if spec.bn_batch_stats else bn_var, spec.bn_batch_stats, 0.0, spec.bn_eps)
             # batch statistics for the running-statistics update (empty when BN uses its running ones;
             # tensors, not None, so that torch.compile traces one graph)
-            stat_var, stat_mean = (_batch_stats(conv_out) if spec.bn_batch_stats
+            stat_var, stat_mean = (_batch_stats(conv_out, conv_out.dtype if bn_mean is None else bn_mean.dtype)
+                                   if spec.bn_batch_stats
                                    else (conv_out.new_empty(0), conv_out.new_empty(0)))
             sp_gate = torch.sigmoid(normed).view(n, h, w)
 

@@ -72,6 +72,10 @@ class CBAM(nn.Module):
     On the cpu backend, a call that needs no gradient (torch.no_grad(), or nothing requires grad)
     with BatchNorm on its running statistics (eval mode) runs as one op, cbam_forward_eval, that
     reads x twice instead of three times (README "CBAM memory traffic").
+
+    Under torch.autocast with x in the autocast dtype the block stays fused, in the dtypes the
+    original gives there (see _autocast_forward); any other x under autocast, and parameters of
+    another dtype than x outside it, run the original forward.
     """
 
     def __init__(self, channels: int, reduction: int = 16, *, flavor: str = "timm", spatial_kernel: int = 7,
@@ -118,13 +122,30 @@ class CBAM(nn.Module):
         device = x.device
         backend, _ = choose("cbam", device, x.dtype, self.backend)
         parts = self._parts()
-        if backend == "reference" or x.numel() == 0 or parts[0].weight.dtype != x.dtype \
-                or torch.is_autocast_enabled(device.type):
+        if backend == "reference" or x.numel() == 0:
+            return self._eager_cls.forward(self, x)
+        if torch.is_autocast_enabled(device.type):
+            return self._autocast_forward(x, backend, parts)
+        if parts[0].weight.dtype != x.dtype:
             return self._eager_cls.forward(self, x)
         return self._fused(x, backend, parts)
 
-    def _fused(self, x: Tensor, backend: str, parts: tuple | None = None) -> Tensor:
-        """The fused path on `backend`'s kernels ("reference" runs the op contract in PyTorch, for tests)."""
+    def _autocast_forward(self, x: Tensor, backend: str, parts: tuple) -> Tensor:
+        """Under torch.autocast, what the original computes there: when x has the autocast dtype (the
+        output of an autocast conv, as in mixed-precision training), the MLP and the conv run in it
+        with their weights cast (their gradients come back in the weights' dtype through the cast),
+        BatchNorm takes the map in that dtype with its own float32 parameters and statistics, and
+        everything else stays in x's dtype. That is the fused path on weights cast to x's dtype.
+        Any other x (float32 or float64 under a 16-bit autocast) runs the original forward."""
+        weight_dtype = parts[0].weight.dtype
+        if x.dtype != torch.get_autocast_dtype(x.device.type) or weight_dtype not in (torch.float32, x.dtype):
+            return self._eager_cls.forward(self, x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._fused(x, backend, parts, cast_weights=True)
+
+    def _fused(self, x: Tensor, backend: str, parts: tuple | None = None, cast_weights: bool = False) -> Tensor:
+        """The fused path on `backend`'s kernels ("reference" runs the op contract in PyTorch, for tests).
+        cast_weights: the MLP's and the conv's weights cast to x's dtype (autocast); BatchNorm's stay."""
         fc1, fc2, conv, bn = parts or self._parts()
         batch_stats = True if conv is None else (bn.training or bn.running_mean is None)
         if conv is not None and batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:
@@ -138,6 +159,8 @@ class CBAM(nn.Module):
         # (w1, b1, w2, b2, conv_w, bn_weight, bn_bias, bn_mean, bn_var), each read once
         params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias) + (
             (None,) * 5 if conv is None else (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))
+        if cast_weights:
+            params = tuple(p.to(x.dtype) if p is not None and i < 5 else p for i, p in enumerate(params))
         if backend == "cpu" and (conv is None or not batch_stats) and not _grad_wanted(x, *params[:7]):
             return inference_forward(x, *params, spec)
         y, mean, var = FusedCBAMFunction.apply(x, *params, spec)

@@ -10,7 +10,7 @@ from timm.layers.cbam import CbamModule, LightCbamModule
 
 import fastattn
 from fastattn import reference
-from _util import assert_error_rule, compiled_backends, interpreted, module_forward_backward
+from _util import ATOL, GRAD_ATOL, assert_error_rule, compiled_backends, interpreted, module_forward_backward
 
 torch.manual_seed(0)
 
@@ -140,6 +140,58 @@ def test_official_mlp_without_hidden_units(label, backend, mode):
     x = torch.randn(2, 3, 5, 6)
     with torch.set_grad_enabled(mode != "eval-no-grad"):
         assert_error_rule("y", fused(x), copy.deepcopy(original).double()(x.double()), original(x))
+
+
+# ---------------------------------------------------------------------------
+# Under torch.autocast (mixed-precision training): fused, in the dtypes the original gives there
+# ---------------------------------------------------------------------------
+def _autocast_run(module, x, grad_y, mode, dtype):
+    """y, the gradients of x and of each parameter, the float buffers; under a CPU autocast of dtype
+    (None: no autocast)."""
+    module.train(mode == "train")
+    x = x.detach().requires_grad_(mode != "eval-no-grad")
+    with torch.set_grad_enabled(mode != "eval-no-grad"), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        y = module(x)
+    grads = {}
+    if mode != "eval-no-grad":
+        y.backward(grad_y.to(y.dtype))
+        grads = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
+    return y.detach(), grads, {name: b.clone() for name, b in module.named_buffers() if b.is_floating_point()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+@pytest.mark.parametrize("flavor", ["timm", "timm_light", "official"])
+@pytest.mark.parametrize("label,backend", _fused_paths())
+def test_autocast_stays_fused_and_matches_original(label, backend, flavor, mode, dtype):
+    """x in the autocast dtype (the output of an autocast conv): the block runs fastattn's ops, not its
+    original forward, and gives the original's dtypes (y and dx in x's dtype, float32 parameter
+    gradients and running statistics) and its numbers under the error rule of that dtype."""
+    if backend == "triton" and dtype == torch.bfloat16 and interpreted():
+        pytest.skip("the Triton interpreter lacks bfloat16 math")
+    original = _original(flavor, 32, 4)
+    _randomize(original)
+    fused = fastattn.nn.CBAM(32, 4, flavor=flavor, backend=backend if backend != "reference" else "auto")
+    fused.load_state_dict(original.state_dict())
+    ran_fused = []
+    if backend == "reference":  # the fused path on the op contract written in PyTorch (no fastattn ops)
+        fused._fused = lambda inp, _backend, parts, **kw: ran_fused.append(1) or fastattn.nn.CBAM._fused(
+            fused, inp, "reference", parts, **kw)
+    shape = (2, 32, 5, 7) if backend == "triton" and interpreted() else (3, 32, 9, 11)
+    x, grad_y = torch.randn(shape).to(dtype), torch.randn(shape)
+    truth = _autocast_run(copy.deepcopy(original).double(), x.double(), grad_y.double(), mode, None)
+    eager = _autocast_run(copy.deepcopy(original), x, grad_y, mode, dtype)
+    with _OpLog() as log:
+        got = _autocast_run(fused, x, grad_y, mode, dtype)
+    assert log.ops or ran_fused, "the fused block ran its original forward under autocast"
+    assert got[0].dtype == eager[0].dtype == dtype
+    assert_error_rule("y", got[0], truth[0], eager[0], atol=ATOL[dtype])
+    assert got[1].keys() == eager[1].keys()
+    for part, atol in ((1, GRAD_ATOL[dtype]), (2, ATOL[dtype])):
+        for name in eager[part]:
+            assert got[part][name].dtype == eager[part][name].dtype, name
+            assert_error_rule(name, got[part][name], truth[part][name], eager[part][name],
+                              atol=ATOL[dtype] if name == "x" else atol)
 
 
 def test_official_checkpoint_keys_load_as_they_are():
