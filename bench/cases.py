@@ -39,12 +39,18 @@ def is_main(case: Case) -> bool:
 # ---------------------------------------------------------------------------
 # CBAM: x of shape (N, C, H, W), timm CbamModule(C)
 # ---------------------------------------------------------------------------
-def _cbam(group: str, shape: tuple, dtype: str, sweep=None) -> list[Case]:
+def _cbam(group: str, shape: tuple, dtype: str, sweep=None, autocast: bool = False) -> list[Case]:
     label = "x".join(map(str, shape))
-    return [Case("cbam", group, label, p, dtype, {"shape": shape}, sweep) for p in PASSES["cbam"]]
+    params = {"shape": shape, "autocast": autocast}
+    return [Case("cbam", group, label, p, dtype, params, sweep) for p in PASSES["cbam"]]
 
 
-def cbam_cases(mode: str, dtypes: list[str]) -> list[Case]:
+# Mixed-precision training: x in the autocast dtype (as an autocast conv leaves it), the module's
+# parameters in float32, every provider called under torch.autocast of that dtype.
+AUTOCAST_DTYPE = {"cpu": "bfloat16", "cuda": "float16"}
+
+
+def cbam_cases(mode: str, dtypes: list[str], device_type: str = "cpu") -> list[Case]:
     cases = []
     for dtype in dtypes:
         if mode == "quick":
@@ -56,6 +62,11 @@ def cbam_cases(mode: str, dtypes: list[str]) -> list[Case]:
             for batch in (1, 32):
                 for c, h, w in RESNET50_STAGES:
                     cases += _cbam(f"resnet50-stages-batch{batch}", (batch, c, h, w), dtype)
+    if mode == "quick":
+        return cases + _cbam("tiny-autocast", (2, 32, 8, 8), AUTOCAST_DTYPE[device_type], autocast=True)
+    stages = RESNET50_STAGES if mode == "full" else RESNET50_STAGES[:1]
+    for c, h, w in stages:
+        cases += _cbam("resnet50-stages-autocast", (8, c, h, w), AUTOCAST_DTYPE[device_type], autocast=True)
     return cases
 
 
@@ -132,7 +143,7 @@ def model_cases(mode: str, device_type: str) -> list[Case]:
 def build(mode: str, families: list[str], dtypes: list[str], device_type: str) -> list[Case]:
     cases = []
     if "cbam" in families:
-        cases += cbam_cases(mode, dtypes)
+        cases += cbam_cases(mode, dtypes, device_type)
     if "attention" in families:
         cases += attention_cases(mode, dtypes, device_type)
     if "models" in families:

@@ -16,6 +16,7 @@ cannot run is reported as failed, with the reason, never dropped.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -88,22 +89,25 @@ def _seeded(device: torch.device) -> torch.Generator:
 def cbam_inputs(case: Case, device: torch.device) -> dict:
     from timm.layers.cbam import CbamModule
     n, c, h, w = case.params["shape"]
+    autocast = case.params.get("autocast", False)
     torch.manual_seed(0)
-    template = CbamModule(c).to(device, _dtype(case))
+    template = CbamModule(c).to(device, torch.float32 if autocast else _dtype(case))
     x = torch.randn(n, c, h, w, device=device, dtype=_dtype(case), generator=_seeded(device))
     train = case.pass_ == "fwd+bwd"
     if train:
         x.requires_grad_(True)
     grad_y = torch.randn_like(x) if train else None
-    return {"template": template, "x": x, "grad_y": grad_y, "train": train}
+    return {"template": template, "x": x, "grad_y": grad_y, "train": train, "autocast": autocast}
 
 
 def _module_runner(module: torch.nn.Module, callable_: Callable, inputs: dict) -> Prepared:
     x, grad_y, train = inputs["x"], inputs["grad_y"], inputs["train"]
+    # under autocast (the case's x dtype), as a mixed-precision training step calls the layer
+    autocast = functools.partial(torch.autocast, x.device.type, dtype=x.dtype, enabled=inputs.get("autocast", False))
     module.train(train)
     if not train:
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 return callable_(x)
         return Prepared(run)
 
@@ -113,7 +117,9 @@ def _module_runner(module: torch.nn.Module, callable_: Callable, inputs: dict) -
 
     def run():
         clear()
-        callable_(x).backward(grad_y)
+        with autocast():
+            y = callable_(x)
+        y.backward(grad_y)
     return Prepared(run, clear)
 
 
@@ -124,7 +130,7 @@ def cbam_provider(name: str, case: Case, inputs: dict, compile_backend: str) -> 
         backend = name.removeprefix("fastattn-")
         why = _check_fastattn_backend("cbam", backend, x)
         module = fastattn.nn.CBAM(template.channel.fc1.in_channels, flavor="timm", backend=backend)
-        module = module.to(x.device, x.dtype)
+        module = module.to(x.device, template.channel.fc1.weight.dtype)
         module.load_state_dict(template.state_dict())
         prepared = _module_runner(module, module, inputs)
         prepared.info["backend"] = why

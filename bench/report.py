@@ -82,6 +82,8 @@ def _has_rss(recs: list[dict]) -> bool:
 
 
 def _case_name(rec: dict) -> str:
+    if (rec.get("params") or {}).get("autocast"):  # x in that dtype, float32 parameters, under autocast
+        return f"{rec['label']} autocast {rec['dtype']}"
     return rec["label"] + ("" if rec["dtype"] == "float32" else f" {rec['dtype']}")
 
 

@@ -18,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import allocator, memory, report, timing  # noqa: E402
+from bench import allocator, cases, memory, report, timing  # noqa: E402
 from bench.providers import INJECTED_FAILURE  # noqa: E402
 
 TOP_KEYS = {"schema", "device", "mode", "families", "dtypes", "complete", "environment", "memory", "timing",
@@ -97,6 +97,17 @@ def test_every_provider_has_a_number_or_a_failure(quick_run):
             case["id"]
 
 
+def test_autocast_case(quick_run):
+    """The mixed-precision CBAM case: x in the autocast dtype, float32 parameters, every provider under
+    torch.autocast; the fused module stays fused there (tests/test_cbam_modules.py checks its numbers)."""
+    result, *_ = quick_run
+    (fwd, train) = sorted((c for c in result["cases"] if c["params"].get("autocast")), key=lambda c: c["pass"])
+    assert fwd["dtype"] == train["dtype"] == cases.AUTOCAST_DTYPE[result["environment"]["device_type"]]
+    for case in (fwd, train):
+        assert case["results"]["timm"]["status"] == "ok", case["results"]["timm"]
+        assert report._case_name(case).endswith(f"autocast {case['dtype']}")
+
+
 def test_reference_backend_and_ratios(quick_run):
     result, *_ = quick_run
     for case in result["cases"]:
@@ -145,7 +156,6 @@ def test_outputs_written(quick_run):
 def test_resident_set_failures_are_recorded():
     """A provider that fails in the measuring process, or one that outlives the time-out, gives a failure record;
     the probe starts a new server after a time-out and goes on."""
-    from bench import cases
     case = next(c for c in cases.build("quick", ["cbam"], ["float32"], "cpu") if c.pass_ == "fwd+bwd")
     with memory.RSSProbe("eager", 1) as probe:
         failed = probe.measure(case, INJECTED_FAILURE)
@@ -194,11 +204,16 @@ def test_ratios_and_roofline_arithmetic():
 
 
 def test_full_mode_cases_and_sweep_plots(tmp_path):
-    from bench import cases, plots
+    from bench import plots
     full = cases.build("full", list(cases.FAMILIES), ["float32"], "cpu")
     default = cases.build("default", list(cases.FAMILIES), ["float32"], "cpu")
     assert {c.id for c in default} < {c.id for c in full}
-    assert len([c for c in default if c.family == "cbam"]) == 8
+    assert len([c for c in default if c.family == "cbam"]) == 10
+    autocast = [c for c in default if c.params.get("autocast")]  # mixed precision: the main shape
+    assert {(c.label, c.dtype) for c in autocast} == {("8x256x56x56", "bfloat16")}
+    assert len([c for c in full if c.params.get("autocast")]) == 8
+    assert {c.dtype for c in cases.build("default", ["cbam"], ["float32"], "cuda") if c.params["autocast"]} == {
+        "float16"}
     assert len([c for c in default if c.family == "attention"]) == 10
     assert sorted(c.label for c in default if c.family == "models") == ["resnet18-cbam", "resnet26-nl"]
     sweep_l = sorted({c.sweep[1] for c in full if c.group == "sweep-L"})
