@@ -112,11 +112,15 @@ def attention_case(draw, backend):
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
+def _cbam_shape(draw, tiny):
+    return (draw(st.integers(1, 2 if tiny else 3)), draw(st.integers(1, 5 if tiny else 40)),
+            draw(st.integers(1, 4 if tiny else 12)), draw(st.integers(1, 4 if tiny else 12)))
+
+
 @st.composite
 def cbam_case(draw, backend):
     tiny = backend == "triton"
-    shape = (draw(st.integers(1, 2 if tiny else 3)), draw(st.integers(1, 5 if tiny else 40)),
-             draw(st.integers(1, 4 if tiny else 12)), draw(st.integers(1, 4 if tiny else 12)))
+    shape = _cbam_shape(draw, tiny)
     return dict(shape=shape, dtype=draw(_dtypes(backend)), layout=draw(st.sampled_from(LAYOUTS)),
                 gate_rank=draw(st.sampled_from([2, 4])),
                 gate_layout=draw(st.sampled_from(("contiguous", "transposed", "sliced", "expanded"))), sp_rank=draw(st.sampled_from([3, 4])),
@@ -194,8 +198,7 @@ def _original_cbam(flavor, channels, reduction, kernel):
 @st.composite
 def cbam_module_case(draw, backend):
     tiny = backend == "triton"
-    shape = (draw(st.integers(1, 2 if tiny else 3)), draw(st.integers(1, 5 if tiny else 40)),
-             draw(st.integers(1, 4 if tiny else 12)), draw(st.integers(1, 4 if tiny else 12)))
+    shape = _cbam_shape(draw, tiny)
     # reductions past C: timm keeps one hidden unit, the official MLP has C // reduction = 0
     return dict(shape=shape, dtype=draw(_dtypes(backend)), layout=draw(st.sampled_from(LAYOUTS)),
                 flavor=draw(st.sampled_from(["timm", "timm_light", "official", "official-no-spatial"])),
@@ -221,6 +224,26 @@ def _run_module(module, x, grad_y, mode):
     return y.detach(), grads, buffers
 
 
+def _compare_modules(original, fused, x, grad_y, mode, same_message):
+    """fused (in x's dtype) against the original in float64 (truth) and in x's dtype (eager): y, the
+    gradients (parameters at GRAD_ATOL) and the float buffers; where the original raises, the fused
+    raises the same type (and message, with same_message)."""
+    dtype = x.dtype
+    truth = _run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), mode)
+    eager = _run_module(copy.deepcopy(original).to(dtype), x, grad_y, mode)
+    got = _run_module(fused.to(dtype), x, grad_y, mode)
+    if isinstance(truth, Exception):
+        assert isinstance(got, type(truth)) and (str(got) == str(truth) or not same_message), (truth, got)
+        return
+    assert not isinstance(got, Exception), got
+    assert_error_rule("y", got[0], truth[0], eager[0])
+    assert got[1].keys() == truth[1].keys()
+    for part in (1, 2):  # gradients, then buffers (running statistics)
+        for name in truth[part]:
+            assert_error_rule(name, got[part][name], truth[part][name], eager[part][name],
+                              atol=GRAD_ATOL[dtype] if part == 1 and name != "x" else None)
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the official MLP past C
 @pytest.mark.parametrize("backend", compiled_backends("cpu"))
 def test_cbam_module_matches_original(backend):
@@ -242,20 +265,7 @@ def test_cbam_module_matches_original(backend):
             values = values.relu().round(decimals=1)
         x = _lay_out(values, case["layout"], dtype)
         grad_y = torch.randn(shape, generator=gen).to(dtype)
-        truth = _run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), case["mode"])
-        eager = _run_module(copy.deepcopy(original).to(dtype), x, grad_y, case["mode"])
-        got = _run_module(fused.to(dtype), x, grad_y, case["mode"])
-        if isinstance(truth, Exception):
-            assert isinstance(got, type(truth)) and str(got) == str(truth), (truth, got)
-            return
-        assert not isinstance(got, Exception), got
-        assert_error_rule("y", got[0], truth[0], eager[0])
-        assert got[1].keys() == truth[1].keys()
-        for part in (1, 2):  # gradients, then buffers (running statistics)
-            for name in truth[part]:
-                parameter_grad = part == 1 and name != "x"
-                assert_error_rule(name, got[part][name], truth[part][name], eager[part][name],
-                                  atol=GRAD_ATOL[dtype] if parameter_grad else None)
+        _compare_modules(original, fused, x, grad_y, case["mode"], same_message=True)
 
     _fuzz(backend, cbam_module_case, body)
 
@@ -314,18 +324,6 @@ def test_attention_modules_match_original(backend):
         fused.load_state_dict(original.state_dict())
         x = _lay_out(torch.randn(shape, generator=gen), case["layout"], dtype)
         grad_y = torch.randn(shape, generator=gen).to(dtype)
-        truth = _run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), case["mode"])
-        eager = _run_module(copy.deepcopy(original).to(dtype), x, grad_y, case["mode"])
-        got = _run_module(fused.to(dtype), x, grad_y, case["mode"])
-        if isinstance(truth, Exception):
-            assert isinstance(got, type(truth)), (truth, got)
-            return
-        assert not isinstance(got, Exception), got
-        assert_error_rule("y", got[0], truth[0], eager[0])
-        assert got[1].keys() == truth[1].keys()
-        for part in (1, 2):
-            for name in truth[part]:
-                assert_error_rule(name, got[part][name], truth[part][name], eager[part][name],
-                                  atol=GRAD_ATOL[dtype] if part == 1 and name != "x" else None)
+        _compare_modules(original, fused, x, grad_y, case["mode"], same_message=False)
 
     _fuzz(backend, attention_module_case, body)
