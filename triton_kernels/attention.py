@@ -15,7 +15,8 @@ out and the natural-log lse; the backward recomputes the probabilities from lse 
 delta = rowsum(dO * O), then one program per key block for dk/dv (looping over query blocks) and one
 program per query block for dq (looping over key blocks). No atomics, so a given tile config always
 gives the same bits; the autotuner picks the config by timing, in each process, so two processes (or
-DDP ranks) may sum in other orders. FASTATTN_TRITON_AUTOTUNE=0 pins the first config that fits.
+DDP ranks) may sum in other orders. FASTATTN_TRITON_AUTOTUNE=0 pins the preferred config that fits
+(for float32 one picked to avoid register spills, see _FLOAT32_FIRST).
 
 Numerics: dots accumulate in float32. Logits stay in natural units (dot * scale, rounded as the eager
 formula rounds them); the row max (forward) or lse (backward) is subtracted before the exponent is
@@ -64,18 +65,56 @@ def _length_bucket(length: int) -> int:
     return 16384
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference: with autotuning off
+# Autotune key for the memory layout of the inputs.
+LAYOUT_POSITIONS_CONTIGUOUS = 0  # contiguous NCHW, (N, C, L) with stride(2) == 1
+LAYOUT_CHANNELS_CONTIGUOUS = 1  # channels_last, stride(1) == 1
+LAYOUT_OTHER = 2  # neither, or inputs that disagree
+
+
+def _layout_key(*tensors: torch.Tensor) -> int:
+    """Autotune key for the layout of (N, C, L) inputs: tiles load coalesced along the contiguous axis,
+    positions for NCHW and channels for channels_last, so the fastest tile shape differs between them.
+    Positions are checked first so that a tensor with L == 1 (both strides 1) counts as NCHW."""
+    if all(t.stride(2) == 1 for t in tensors):
+        return LAYOUT_POSITIONS_CONTIGUOUS
+    if all(t.stride(1) == 1 for t in tensors):
+        return LAYOUT_CHANNELS_CONTIGUOUS
+    return LAYOUT_OTHER
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference for 16-bit inputs: with autotuning off
 # (FASTATTN_TRITON_AUTOTUNE=0) the first one that survives pruning runs. BLOCK_M is the query block,
 # BLOCK_N the key block; forward and dq keep a query block resident and stream key blocks, dk/dv the reverse.
+# The last entry of each list is there for float32 at large head dims (see _FLOAT32_FIRST).
 _CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 8, 1), (32, 16, 4, 1),
-            (16, 16, 4, 1)],
+            (16, 16, 4, 1), (16, 16, 8, 1)],
     "dq": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 8, 1), (32, 16, 4, 1),
-           (16, 16, 4, 1)],
+           (16, 16, 4, 1), (16, 16, 8, 1)],
     "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 8, 1), (16, 32, 4, 1),
-             (16, 16, 4, 1)],
+             (16, 16, 4, 1), (16, 16, 16, 1)],
 }
 _RESIDENT_BLOCK = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
+
+# The preferred config for float32, per kernel and padded head dim (max of BLOCK_DQK, BLOCK_DV). float32
+# dots (input_precision="ieee") are FMA chains on CUDA cores that keep whole tiles in registers, so the
+# 16-bit favourites spill: ptxas reports e.g. 748 bytes of spill stores for the forward at BLOCK_D 64 in
+# (128, 64, 8, 3), ~20 KB for dq at BLOCK_D 64 in (64, 64, 4, 2). Each entry is the first candidate, in
+# the order above, with tiles of at most 64 rows (so that every length bucket keeps it) that ptxas
+# compiled with 0 bytes of spill stores (Triton 3.8, sm_90a) for NCHW, channels_last and other strides,
+# lengths 4096 and 4097, head dims BLOCK_D and a smaller non-multiple of 16, and one head dim much
+# smaller than the other. At BLOCK_D 512 no candidate got there for the forward and dk/dv: these entries
+# spill least, 92 and 140 bytes for NCHW inputs whose length is not a multiple of 16 (scalar, masked
+# loads) and 8 to 48 bytes for mixed head dims such as (80, 320); the old choice spilled up to 1544 and
+# 1400. Autotuning still times every candidate.
+_FLOAT32_FIRST = {
+    "fwd": {16: (32, 16, 8, 1), 32: (32, 16, 8, 1), 64: (32, 16, 8, 1), 128: (32, 16, 8, 1),
+            256: (16, 16, 8, 1), 512: (16, 16, 8, 1)},
+    "dq": {16: (32, 16, 8, 1), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 8, 1),
+           256: (32, 16, 8, 1), 512: (16, 16, 8, 1)},
+    "dkdv": {16: (32, 64, 4, 2), 32: (32, 32, 4, 2), 64: (16, 32, 8, 1), 128: (16, 16, 4, 1),
+             256: (16, 32, 8, 1), 512: (16, 16, 16, 1)},
+}
 
 
 def _tile_limits(block_d: int, element_size: int) -> tuple[int, int]:
@@ -101,33 +140,40 @@ def _configs(kernel: str) -> list[triton.Config]:
             for m, n, w, s in _CANDIDATES[kernel]]
 
 
+def _config_tuple(config: triton.Config) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), the form of _CANDIDATES."""
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
 def _config_pruner(kernel: str):
     resident_name = _RESIDENT_BLOCK[kernel]
     streamed_name = "BLOCK_N" if resident_name == "BLOCK_M" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
-        """Keep tiles that fit the head dim and are not longer than the sequence needs."""
+        """Keep tiles that fit the head dim and are not longer than the sequence needs, preferred first."""
         args = {**named_args, **kwargs}
-        max_resident, max_streamed = _tile_limits(max(args["BLOCK_DQK"], args["BLOCK_DV"]),
-                                                  args["q_ptr"].element_size())
+        block_d = max(args["BLOCK_DQK"], args["BLOCK_DV"])
+        max_resident, max_streamed = _tile_limits(block_d, args["q_ptr"].element_size())
         max_len = max(args["LENGTH_BUCKET"], 32)
         kept = [c for c in configs
                 if c.kwargs[resident_name] <= min(max_resident, max_len)
                 and c.kwargs[streamed_name] <= min(max_streamed, max_len)]
         kept = kept or configs[-1:]
+        if args["q_ptr"].dtype == torch.float32:  # a stable sort: only the float32 favourite moves to the front
+            kept.sort(key=lambda c: _config_tuple(c) != _FLOAT32_FIRST[kernel][block_d])
         return kept if _AUTOTUNE else kept[:1]
 
     return prune
 
 
-_AUTOTUNE_KEY = ["BLOCK_DQK", "BLOCK_DV", "LENGTH_BUCKET"]
+_AUTOTUNE_KEY = ["BLOCK_DQK", "BLOCK_DV", "LENGTH_BUCKET", "LAYOUT"]
 # Values that change with every shape but do not help code generation: not specialized, so a new
 # head count reuses the compiled kernel. Lengths and head dims are specialized (Triton tells only
 # "a multiple of 16" and "1" apart, so a few variants at most): when the contiguous one of them is a
 # multiple of 16, tile loads vectorise and pipeline. sm_90 PTX of the fp16 forward at d = 128,
 # (128, 64) tiles, NCHW: 128 2-byte loads and no cp.async unspecialized; 8 16-byte loads and 24
 # cp.async with L a multiple of 16 (compiled here; no GPU to time it on).
-_NOT_SPECIALIZED = ["heads", "batch_heads", "LENGTH_BUCKET"]
+_NOT_SPECIALIZED = ["heads", "batch_heads", "LENGTH_BUCKET", "LAYOUT"]
 
 
 def _autotune(kernel: str):
@@ -156,7 +202,7 @@ def _spatial_attention_fwd_kernel(
     stride_on, stride_oc, stride_ol,
     heads, batch_heads, len_q, len_k, dim_qk, dim_v,
     scale,
-    LENGTH_BUCKET,  # autotune key only
+    LENGTH_BUCKET, LAYOUT,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -238,7 +284,7 @@ def _spatial_attention_bwd_dkdv_kernel(
     stride_dvn, stride_dvc, stride_dvl,
     heads, batch_heads, len_q, len_k, dim_qk, dim_v,
     scale,
-    LENGTH_BUCKET,  # autotune key only
+    LENGTH_BUCKET, LAYOUT,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -297,7 +343,7 @@ def _spatial_attention_bwd_dq_kernel(
     stride_dqn, stride_dqc, stride_dql,
     heads, batch_heads, len_q, len_k, dim_qk, dim_v,
     scale,
-    LENGTH_BUCKET,  # autotune key only
+    LENGTH_BUCKET, LAYOUT,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -416,7 +462,7 @@ def spatial_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             heads, batch_heads, len_q, len_k, d_qk, d_v,
-            float(scale), _length_bucket(max(len_q, len_k)),
+            float(scale), _length_bucket(max(len_q, len_k)), _layout_key(q, k, v),
             BLOCK_DQK=_block_d(d_qk), BLOCK_DV=_block_d(d_v), DOT_PRECISION=_dot_precision(q.dtype))
     return out, lse
 
@@ -444,6 +490,7 @@ def spatial_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_dqk, block_dv = _block_d(d_qk), _block_d(d_v)
     bucket = _length_bucket(max(len_q, len_k))
+    layout = _layout_key(q, k, v, grad_out)
     precision = _dot_precision(q.dtype)
     delta = torch.empty((n, heads, len_q), dtype=torch.float32, device=q.device)
     with _on_device(q):
@@ -454,11 +501,11 @@ def spatial_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
         _spatial_attention_bwd_dkdv_kernel[_grid(batch_heads, len_k, "BLOCK_N")](
             q, k, v, grad_out, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            heads, batch_heads, len_q, len_k, d_qk, d_v, float(scale), bucket,
+            heads, batch_heads, len_q, len_k, d_qk, d_v, float(scale), bucket, layout,
             BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DOT_PRECISION=precision)
         _spatial_attention_bwd_dq_kernel[_grid(batch_heads, len_q, "BLOCK_M")](
             q, k, v, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            heads, batch_heads, len_q, len_k, d_qk, d_v, float(scale), bucket,
+            heads, batch_heads, len_q, len_k, d_qk, d_v, float(scale), bucket, layout,
             BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DOT_PRECISION=precision)
     return dq, dk, dv
