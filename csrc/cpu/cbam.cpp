@@ -96,7 +96,16 @@ struct VecIO {
     if constexpr (kSame) {
       v.store(p, n);
     } else {
-      at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+      const auto packed = at::vec::convert_from_float<scalar_t>(v, v);  // v's lanes, then v's again
+#ifdef CPU_CAPABILITY_AVX2
+      // the low half holds v: one 16-byte store, where Vectorized's partial store copies through
+      // a stack buffer and memcpy (the bfloat16 inference op at 8x256x56x56: see round below)
+      if (n == kN) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(__m256i(packed)));
+        return;
+      }
+#endif
+      packed.store(p, n);
     }
   }
   // the value v takes when stored as scalar_t: products compare as eager PyTorch rounds them
@@ -104,7 +113,21 @@ struct VecIO {
     if constexpr (kSame) {
       return v;
     } else {
+#ifdef CPU_CAPABILITY_AVX2
+      if constexpr (std::is_same_v<scalar_t, at::Half>) {  // F16C, round to nearest even, as ATen converts
+        return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      } else {
+        // bfloat16 as c10 rounds it (nearest even: add 0x7FFF plus the kept lsb, drop the low 16
+        // bits), kept in float lanes; NaN stays NaN. No packing into 16-bit lanes and back.
+        const __m256i bits = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+        const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, bias), _mm256_set1_epi32(int(0xFFFF0000u)));
+        return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+#else
       return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v, v)));
+#endif
     }
   }
   static acc round(acc v) { return static_cast<acc>(static_cast<scalar_t>(v)); }
