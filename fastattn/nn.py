@@ -159,8 +159,8 @@ class CBAM(nn.Module):
         # (w1, b1, w2, b2, conv_w, bn_weight, bn_bias, bn_mean, bn_var), each read once
         params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias) + (
             (None,) * 5 if conv is None else (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))
-        if cast_weights:
-            params = tuple(p.to(x.dtype) if p is not None and i < 5 else p for i, p in enumerate(params))
+        if cast_weights:  # the Linear and conv weights and biases; BatchNorm's parameters and statistics stay
+            params = tuple(p if p is None else p.to(x.dtype) for p in params[:5]) + params[5:]
         if backend == "cpu" and (conv is None or not batch_stats) and not _grad_wanted(x, *params[:7]):
             return inference_forward(x, *params, spec)
         y, mean, var = FusedCBAMFunction.apply(x, *params, spec)

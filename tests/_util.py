@@ -93,6 +93,25 @@ def compiled_ops(op: str, dispatch_key: str):
     return torch.ops.fastattn
 
 
+def run_module(module, x, grad_y, mode, autocast_dtype=None, catch=()):
+    """One call of module in mode "train", "eval" or "eval-no-grad" (no gradient anywhere), under a CPU
+    autocast of autocast_dtype (None: none) -> (y, {"x": dx, name: d param} (empty without grad),
+    {float buffer name: value}); or the exception of a type in `catch` that the forward raised."""
+    module.train(mode == "train")
+    x = x.detach().requires_grad_(mode != "eval-no-grad")
+    try:
+        with torch.set_grad_enabled(mode != "eval-no-grad"), \
+                torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            y = module(x)
+    except catch as error:
+        return error
+    grads = {}
+    if mode != "eval-no-grad":
+        y.backward(grad_y.to(y.dtype))
+        grads = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
+    return y.detach(), grads, {name: b.clone() for name, b in module.named_buffers() if b.is_floating_point()}
+
+
 def module_forward_backward(module, x, grad_y):
     """y = module(x) and the gradients of x ("x") and of every parameter (by name) for grad_y."""
     x = x.detach().clone().requires_grad_(True)

@@ -10,7 +10,8 @@ from timm.layers.cbam import CbamModule, LightCbamModule
 
 import fastattn
 from fastattn import reference
-from _util import ATOL, GRAD_ATOL, assert_error_rule, compiled_backends, interpreted, module_forward_backward
+from _util import ATOL, GRAD_ATOL, assert_error_rule, compiled_backends, interpreted, module_forward_backward, \
+    run_module
 
 torch.manual_seed(0)
 
@@ -49,24 +50,30 @@ def _fused_paths():
     return paths
 
 
+def _fused_like(original, backend, *args, **kwargs):
+    """fastattn.nn.CBAM(*args, **kwargs) holding original's weights, on one of _fused_paths()'s backends.
+    "reference" here is the fused path on the op contract written in PyTorch (the module's own
+    backend="reference" would run the original's forward instead)."""
+    fused = fastattn.nn.CBAM(*args, **kwargs, backend="auto" if backend == "reference" else backend)
+    loaded = fused.load_state_dict(original.state_dict())
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    if backend == "reference":
+        fused.forward = lambda inp: fastattn.nn.CBAM._fused(fused, inp, "reference")
+    return fused
+
+
 def _check_parity(flavor, train, backend, shape, ties, channels_last, reduction=4):
     channels = shape[1]
     original = _original(flavor, channels, reduction)
     _randomize(original)
     original.train(train)
     truth_module = copy.deepcopy(original).double()
-    fused = fastattn.nn.CBAM(channels, reduction, flavor=flavor).train(train)
-    missing = fused.load_state_dict(original.state_dict())
-    assert not missing.missing_keys and not missing.unexpected_keys
+    fused = _fused_like(original, backend, channels, reduction, flavor=flavor).train(train)
 
     x = _inputs(shape, ties, channels_last)
     grad_y = torch.randn(shape)
     y_eager, g_eager = module_forward_backward(original, x, grad_y)
     y_truth, g_truth = module_forward_backward(truth_module, x.double(), grad_y.double())
-    if backend == "reference":  # the fused Function over the op contract written in PyTorch
-        fused.forward = lambda inp: fastattn.nn.CBAM._fused(fused, inp, "reference")
-    else:
-        fused.backend = backend
     y_fused, g_fused = module_forward_backward(fused, x, grad_y)
 
     assert_error_rule("y", y_fused, y_truth, y_eager)
@@ -106,10 +113,7 @@ def test_train_mode_refuses_one_value_per_channel_as_batchnorm_does(flavor, labe
     """Train-mode BatchNorm over N*H*W = 1 value: nn.BatchNorm2d raises; so must the fused module,
     before it touches the running statistics (it used to return a number and update them)."""
     original = _original(flavor, 8, 4).train()
-    fused = fastattn.nn.CBAM(8, 4, flavor=flavor, backend=backend if backend != "reference" else "auto").train()
-    fused.load_state_dict(original.state_dict())
-    if backend == "reference":
-        fused.forward = lambda inp: fastattn.nn.CBAM._fused(fused, inp, "reference")
+    fused = _fused_like(original, backend, 8, 4, flavor=flavor).train()
     before = copy.deepcopy(fused.state_dict())
     x = torch.randn(1, 8, 1, 1)
     with pytest.raises(ValueError) as theirs:
@@ -131,10 +135,7 @@ def test_official_mlp_without_hidden_units(label, backend, mode):
     original = reference.OfficialCBAM(3, 16)
     assert original.ChannelGate.mlp[1].out_features == 0
     _randomize(original)
-    fused = fastattn.nn.CBAM(3, 16, flavor="official", backend=backend if backend != "reference" else "auto")
-    fused.load_state_dict(original.state_dict())
-    if backend == "reference":
-        fused.forward = lambda inp: fastattn.nn.CBAM._fused(fused, inp, "reference")
+    fused = _fused_like(original, backend, 3, 16, flavor="official")
     original.train(mode == "train")
     fused.train(mode == "train")
     x = torch.randn(2, 3, 5, 6)
@@ -145,20 +146,6 @@ def test_official_mlp_without_hidden_units(label, backend, mode):
 # ---------------------------------------------------------------------------
 # Under torch.autocast (mixed-precision training): fused, in the dtypes the original gives there
 # ---------------------------------------------------------------------------
-def _autocast_run(module, x, grad_y, mode, dtype):
-    """y, the gradients of x and of each parameter, the float buffers; under a CPU autocast of dtype
-    (None: no autocast)."""
-    module.train(mode == "train")
-    x = x.detach().requires_grad_(mode != "eval-no-grad")
-    with torch.set_grad_enabled(mode != "eval-no-grad"), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        y = module(x)
-    grads = {}
-    if mode != "eval-no-grad":
-        y.backward(grad_y.to(y.dtype))
-        grads = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
-    return y.detach(), grads, {name: b.clone() for name, b in module.named_buffers() if b.is_floating_point()}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
 @pytest.mark.parametrize("flavor", ["timm", "timm_light", "official"])
@@ -171,18 +158,18 @@ def test_autocast_stays_fused_and_matches_original(label, backend, flavor, mode,
         pytest.skip("the Triton interpreter lacks bfloat16 math")
     original = _original(flavor, 32, 4)
     _randomize(original)
-    fused = fastattn.nn.CBAM(32, 4, flavor=flavor, backend=backend if backend != "reference" else "auto")
-    fused.load_state_dict(original.state_dict())
+    # the op-contract path replaces _fused, not forward: the autocast dispatch in forward is under test
+    fused = _fused_like(original, "auto" if backend == "reference" else backend, 32, 4, flavor=flavor)
     ran_fused = []
     if backend == "reference":  # the fused path on the op contract written in PyTorch (no fastattn ops)
         fused._fused = lambda inp, _backend, parts, **kw: ran_fused.append(1) or fastattn.nn.CBAM._fused(
             fused, inp, "reference", parts, **kw)
     shape = (2, 32, 5, 7) if backend == "triton" and interpreted() else (3, 32, 9, 11)
     x, grad_y = torch.randn(shape).to(dtype), torch.randn(shape)
-    truth = _autocast_run(copy.deepcopy(original).double(), x.double(), grad_y.double(), mode, None)
-    eager = _autocast_run(copy.deepcopy(original), x, grad_y, mode, dtype)
+    truth = run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), mode)
+    eager = run_module(copy.deepcopy(original), x, grad_y, mode, autocast_dtype=dtype)
     with _OpLog() as log:
-        got = _autocast_run(fused, x, grad_y, mode, dtype)
+        got = run_module(fused, x, grad_y, mode, autocast_dtype=dtype)
     assert log.ops or ran_fused, "the fused block ran its original forward under autocast"
     assert got[0].dtype == eager[0].dtype == dtype
     assert_error_rule("y", got[0], truth[0], eager[0], atol=ATOL[dtype])

@@ -19,7 +19,7 @@ from timm.layers.cbam import CbamModule, LightCbamModule
 
 import fastattn
 from fastattn import reference
-from _util import GRAD_ATOL, assert_error_rule, compiled_backends, randomize
+from _util import GRAD_ATOL, assert_error_rule, compiled_backends, randomize, run_module
 
 FUZZ_EXAMPLES = int(os.environ.get("FASTATTN_FUZZ_EXAMPLES", "25"))
 LAYOUTS = ("contiguous", "channels_last", "transposed", "sliced", "expanded")
@@ -207,31 +207,15 @@ def cbam_module_case(draw, backend):
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
-def _run_module(module, x, grad_y, mode):
-    """(y, {"x": dx, name: d param}, {buffer name: value}) of one call; or the exception it raised."""
-    module.train(mode == "train")
-    x = x.detach().requires_grad_(mode != "eval-no-grad")
-    try:
-        with torch.set_grad_enabled(mode != "eval-no-grad"):
-            y = module(x)
-    except (ValueError, RuntimeError) as error:
-        return error
-    grads = {}
-    if mode != "eval-no-grad":
-        y.backward(grad_y)
-        grads = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
-    buffers = {name: b.clone() for name, b in module.named_buffers() if b.is_floating_point()}
-    return y.detach(), grads, buffers
-
-
 def _compare_modules(original, fused, x, grad_y, mode, same_message):
     """fused (in x's dtype) against the original in float64 (truth) and in x's dtype (eager): y, the
     gradients (parameters at GRAD_ATOL) and the float buffers; where the original raises, the fused
     raises the same type (and message, with same_message)."""
     dtype = x.dtype
-    truth = _run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), mode)
-    eager = _run_module(copy.deepcopy(original).to(dtype), x, grad_y, mode)
-    got = _run_module(fused.to(dtype), x, grad_y, mode)
+    raised = (ValueError, RuntimeError)
+    truth = run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), mode, catch=raised)
+    eager = run_module(copy.deepcopy(original).to(dtype), x, grad_y, mode, catch=raised)
+    got = run_module(fused.to(dtype), x, grad_y, mode, catch=raised)
     if isinstance(truth, Exception):
         assert isinstance(got, type(truth)) and (str(got) == str(truth) or not same_message), (truth, got)
         return
