@@ -1,6 +1,7 @@
 """Backend choice. Each backend has a `can_run_<backend>` predicate that
 returns None when it can run the case and the reason when it cannot;
-backend="auto" takes the first that can, in a per-device order, and logs why.
+backend="auto" takes the first that can, in a per-device order (per op where
+_AUTO_OP_ORDER has one), and logs why.
 """
 from __future__ import annotations
 
@@ -16,13 +17,28 @@ from fastattn import _ext
 log = logging.getLogger("fastattn")
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
-# On a GPU: the CUDA C++ kernels first for CBAM (memory-bound, hand-vectorised);
-# Triton first for attention (tensor-core tiles through tl.dot).
+# On a GPU: CBAM's ops each in their own order (_AUTO_OP_ORDER; the family's order names the backend of
+# the module as a whole); Triton first for attention (tensor-core tiles through tl.dot).
 _AUTO_ORDER = {
     ("cbam", "cuda"): ("cuda", "triton", "reference"),
     ("attention", "cuda"): ("triton", "cuda", "reference"),
     ("cbam", "cpu"): ("cpu", "reference"),
     ("attention", "cpu"): ("cpu", "reference"),
+}
+# CBAM on a GPU, op by op: the backend that was faster on an H100 at 32x256x56x56 float16, NCHW and
+# channels_last times summed (bench/results/h100/cuda-cbam-ops.bench.log against
+# bench/results/h100/triton-cbam-ops.bench.log; both backends passed the GPU tests in that folder).
+# Both keep the op contract (maxima, argmax and tie counts equal the reference's), so ops mix.
+AUTO_OP_EVIDENCE = "bench/results/h100/{cuda,triton}-cbam-ops.bench.log"
+_AUTO_OP_ORDER = {
+    ("cbam", "cuda"): {
+        "channel_pool": ("cuda", "triton", "reference"),
+        "gated_spatial_pool": ("cuda", "triton", "reference"),
+        "cbam_apply": ("triton", "cuda", "reference"),
+        "cbam_apply_backward": ("triton", "cuda", "reference"),
+        "gated_spatial_pool_backward_gate": ("triton", "cuda", "reference"),
+        "cbam_grad_x": ("triton", "cuda", "reference"),
+    },
 }
 _COMPILED_OP = {"cbam": "channel_pool", "attention": "spatial_attention_forward"}
 
@@ -89,18 +105,38 @@ _PREDICATES = {"reference": can_run_reference, "cpu": can_run_cpu, "cuda": can_r
 _CHOSEN: dict[tuple, tuple[str, str]] = {}
 
 
-def choose(family: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> tuple[str, str]:
-    """Returns (backend, reason). A named backend that cannot run the case raises."""
+def choose(family: str, device: torch.device, dtype: torch.dtype, backend: str = "auto",
+           op: str | None = None) -> tuple[str, str]:
+    """Returns (backend, reason). A named backend that cannot run the case raises.
+
+    op: one op of the family (e.g. "cbam_apply"); under "auto" its own order where _AUTO_OP_ORDER has one.
+    """
     if torch.compiler.is_compiling():  # traced once; a constant of the graph
-        return _choose(family, device, dtype, backend)
-    key = (family, device.type, dtype, backend, triton_interpreted())
+        return _choose(family, device, dtype, backend, op)
+    key = (family, device.type, dtype, backend, triton_interpreted(), op)
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        chosen = _CHOSEN[key] = _choose(family, device, dtype, backend)
+        chosen = _CHOSEN[key] = _choose(family, device, dtype, backend, op)
     return chosen
 
 
-def _choose(family: str, device: torch.device, dtype: torch.dtype, backend: str) -> tuple[str, str]:
+def _auto_order(family: str, device: torch.device, dtype: torch.dtype, op: str | None) -> tuple[tuple[str, ...], str]:
+    """-> (order, what it rests on)."""
+    per_op = _AUTO_OP_ORDER.get((family, device.type), {})
+    if op in per_op:
+        return per_op[op], f"first available for {op} on {device.type} {dtype}, in the order of the H100 " \
+                           f"per-op timings ({AUTO_OP_EVIDENCE})"
+    return _AUTO_ORDER.get((family, device.type), ("reference",)), f"first available for {device.type} {dtype}"
+
+
+def op_backends(family: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, str], ...]:
+    """((op, backend), ...): auto's choice for each op that has its own order on this device; () if none."""
+    return tuple((op, choose(family, device, dtype, "auto", op)[0])
+                 for op in _AUTO_OP_ORDER.get((family, device.type), {}))
+
+
+def _choose(family: str, device: torch.device, dtype: torch.dtype, backend: str,
+            op: str | None = None) -> tuple[str, str]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -108,12 +144,12 @@ def _choose(family: str, device: torch.device, dtype: torch.dtype, backend: str)
         if reason:
             raise BackendUnavailable(f"backend={backend!r} cannot run this {family} call ({dtype} on {device}): {reason}")
         return backend, "named explicitly"
-    order = _AUTO_ORDER.get((family, device.type), ("reference",))
+    order, basis = _auto_order(family, device, dtype, op)
     refusals = []
     for name in order:
         reason = _PREDICATES[name](family, device, dtype)
         if reason is None:
-            why = f"first available for {device.type} {dtype}" + (f" ({'; '.join(refusals)})" if refusals else "")
+            why = basis + (f" ({'; '.join(refusals)})" if refusals else "")
             if not torch.compiler.is_compiling():  # a logger call would break torch.compile's graph
                 log.debug("fastattn %s: backend %s: %s", family, name, why)
             return name, why
@@ -122,6 +158,13 @@ def _choose(family: str, device: torch.device, dtype: torch.dtype, backend: str)
 
 
 def explain(family: str, tensor: torch.Tensor, backend: str = "auto") -> str:
-    """Which backend a call on `tensor` would take and why. family: "cbam" or "attention"."""
+    """Which backend a call on `tensor` would take and why. family: "cbam" or "attention".
+
+    Where auto picks op by op (CBAM on a GPU), each op's backend follows on a line of its own."""
     name, why = choose(family, tensor.device, tensor.dtype, backend)
-    return f"{family} on {tensor.device.type} {tensor.dtype}: backend {name!r}: {why}"
+    text = f"{family} on {tensor.device.type} {tensor.dtype}: backend {name!r}: {why}"
+    if backend != "auto" or name == "reference":
+        return text
+    per_op = [f"  {op}: backend {op_name!r}: {choose(family, tensor.device, tensor.dtype, 'auto', op)[1]}"
+              for op, op_name in op_backends(family, tensor.device, tensor.dtype)]
+    return "\n".join([text + ("; per op:" if per_op else "")] + per_op)

@@ -54,6 +54,12 @@ class CbamSpec:
     bn_eps: float
     bn_batch_stats: bool        # BatchNorm normalises with batch statistics (training or no running stats)
     backend: str
+    op_backends: tuple[tuple[str, str], ...] = ()  # (op, backend) where auto picks op by op (on a GPU)
+
+
+def _kernel(spec: CbamSpec, op: str):
+    """The kernel of `op`: its own backend where spec.op_backends names one, else spec.backend's."""
+    return getattr(kernels_for(dict(spec.op_backends).get(op, spec.backend)), op)
 
 
 def _mlp_forward(v: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None):
@@ -86,9 +92,8 @@ def _spatial_input_backward(d_in: Tensor, spec: CbamSpec) -> Tensor:
 class FusedCBAMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, conv_w, bn_w, bn_b, bn_mean, bn_var, spec: CbamSpec):
-        kernels = kernels_for(spec.backend)
         n, c, h, w = x.shape
-        avg, mx, ch_argmax, ch_count = kernels.channel_pool(x, spec.split_ties)
+        avg, mx, ch_argmax, ch_count = _kernel(spec, "channel_pool")(x, spec.split_ties)
         mlp_in = 0.5 * avg + 0.5 * mx if spec.light else torch.cat([avg, mx])
         mlp_out, hidden = _mlp_forward(mlp_in, w1, b1, w2, b2)
         pre = mlp_out if spec.light else mlp_out[:n] + mlp_out[n:]
@@ -99,7 +104,7 @@ class FusedCBAMFunction(torch.autograd.Function):
             pooled = sp_in = conv_out = sp_argmax = sp_count = save_mean = save_invstd = None
             stat_mean = stat_var = x.new_empty(0)
         else:
-            pooled, sp_argmax, sp_count = kernels.gated_spatial_pool(x, ch_gate, spec.split_ties)
+            pooled, sp_argmax, sp_count = _kernel(spec, "gated_spatial_pool")(x, ch_gate, spec.split_ties)
             sp_in = _spatial_input(pooled, spec)
             conv_out = _conv(sp_in, conv_w, spec.padding, spec.backend)
             # PyTorch's own BatchNorm kernels, forward and backward: the same numbers as eager
@@ -113,7 +118,7 @@ class FusedCBAMFunction(torch.autograd.Function):
                                    else (conv_out.new_empty(0), conv_out.new_empty(0)))
             sp_gate = torch.sigmoid(normed).view(n, h, w)
 
-        y = kernels.cbam_apply(x, ch_gate, sp_gate)
+        y = _kernel(spec, "cbam_apply")(x, ch_gate, sp_gate)
         ctx.spec = spec
         if spec.bn_batch_stats:  # the running statistics are updated in place after this; backward needs none
             bn_mean = bn_var = None
@@ -125,12 +130,11 @@ class FusedCBAMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _d_mean, _d_var):
         spec: CbamSpec = ctx.spec
-        kernels = kernels_for(spec.backend)
         (x, w1, b1, w2, conv_w, bn_w, bn_mean, bn_var, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
          sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, save_mean, save_invstd) = ctx.saved_tensors
         n = x.shape[0]
         dy = dy.contiguous(memory_format=_memory_format(x))
-        d_ch_gate, d_sp_gate = kernels.cbam_apply_backward(dy, x, ch_gate, sp_gate)
+        d_ch_gate, d_sp_gate = _kernel(spec, "cbam_apply_backward")(dy, x, ch_gate, sp_gate)
 
         d_conv_w = d_bn_w = d_bn_b = d_pooled = None
         if not spec.no_spatial:
@@ -144,7 +148,7 @@ class FusedCBAMFunction(torch.autograd.Function):
             if ctx.needs_input_grad[5]:
                 d_conv_w = _conv_weight_grad(d_conv, sp_in, conv_w, spec.padding, spec.backend)
             d_pooled = _spatial_input_backward(d_sp_in, spec)
-            d_ch_gate = d_ch_gate + kernels.gated_spatial_pool_backward_gate(
+            d_ch_gate = d_ch_gate + _kernel(spec, "gated_spatial_pool_backward_gate")(
                 d_pooled, x, ch_gate, pooled, sp_argmax, sp_count, spec.split_ties)
 
         # sigmoid -> shared MLP, backwards
@@ -163,7 +167,7 @@ class FusedCBAMFunction(torch.autograd.Function):
 
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = kernels.cbam_grad_x(x, dy, ch_gate, sp_gate, d_pooled, pooled, sp_argmax, sp_count,
+            dx = _kernel(spec, "cbam_grad_x")(x, dy, ch_gate, sp_gate, d_pooled, pooled, sp_argmax, sp_count,
                                      d_avg.contiguous(), d_max.contiguous(), mx, ch_argmax, ch_count,
                                      spec.split_ties)
         return (dx, d_w1, d_b1, d_w2, d_b2 if ctx.needs_input_grad[4] else None, d_conv_w,

@@ -28,8 +28,8 @@ def _split_ties(ties: str) -> bool:
     return ties == "split"
 
 
-def _cbam_backend(x: Tensor, backend: str) -> str:
-    name, _ = choose("cbam", x.device, x.dtype, backend)
+def _cbam_backend(x: Tensor, backend: str, op: str) -> str:
+    name, _ = choose("cbam", x.device, x.dtype, backend, op)
     # empty batches go through PyTorch: nothing to fuse, and every kernel is spared the edge case
     return "reference" if x.numel() == 0 else name
 
@@ -43,7 +43,7 @@ def channel_pool(x: Tensor, *, ties: str = "split", backend: str = "auto") -> tu
     """
     split = _split_ties(ties)
     check_cbam(x)
-    name = _cbam_backend(x, backend)
+    name = _cbam_backend(x, backend, "channel_pool")
     if name == "reference":
         if split:
             return reference.channel_pool(x)
@@ -60,7 +60,7 @@ def gated_spatial_pool(x: Tensor, ch_gate: Tensor, *, ties: str = "split", backe
     split = _split_ties(ties)
     x, ch_gate = _autocast.apply(_autocast.promote, x, ch_gate)
     ch_gate, _ = check_cbam(x, ch_gate)
-    name = _cbam_backend(x, backend)
+    name = _cbam_backend(x, backend, "gated_spatial_pool")
     if name == "reference":
         if split:
             return reference.gated_spatial_pool(x, ch_gate)
@@ -77,7 +77,7 @@ def cbam_apply(x: Tensor, ch_gate: Tensor, sp_gate: Tensor, *, backend: str = "a
     """
     x, ch_gate, sp_gate = _autocast.apply(_autocast.promote, x, ch_gate, sp_gate)
     ch_gate, sp_gate = check_cbam(x, ch_gate, sp_gate)
-    name = _cbam_backend(x, backend)
+    name = _cbam_backend(x, backend, "cbam_apply")
     if name == "reference":
         return reference.cbam_apply(x, ch_gate, sp_gate)
     return kernels_for(name).cbam_apply(x, ch_gate.contiguous(), sp_gate.contiguous())

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fastattn import functional as FA
 from fastattn import reference
-from fastattn._backend import BACKENDS, choose
+from fastattn._backend import BACKENDS, choose, op_backends
 from fastattn._fused_cbam import CbamSpec, FusedCBAMFunction, inference_forward
 
 FLAVORS = ("timm", "timm_light", "official")
@@ -155,7 +155,10 @@ class CBAM(nn.Module):
         spec = CbamSpec(light=self.flavor == "timm_light", max_first=self.flavor == "official",
                         split_ties=self.flavor != "official", no_spatial=self.no_spatial,
                         padding=(0, 0) if conv is None else tuple(conv.padding),
-                        bn_eps=1e-5 if conv is None else bn.eps, bn_batch_stats=batch_stats, backend=backend)
+                        bn_eps=1e-5 if conv is None else bn.eps, bn_batch_stats=batch_stats, backend=backend,
+                        # auto on a GPU picks each op's backend; a backend named (or the reference) runs every op
+                        op_backends=op_backends("cbam", x.device, x.dtype)
+                        if self.backend == "auto" and backend != "reference" else ())
         # (w1, b1, w2, b2, conv_w, bn_weight, bn_bias, bn_mean, bn_var), each read once
         params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias) + (
             (None,) * 5 if conv is None else (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))

@@ -214,3 +214,106 @@ def test_backend_choice_is_cached_per_key_and_refusals_are_not(monkeypatch):
     if _backend.triton_available() is None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert _backend.choose("cbam", cpu, torch.float32, "triton")[0] == "triton"
+
+
+# ---------------------------------------------------------------------------
+# auto's per-op choice for CBAM on a GPU (a table lookup: no GPU needed)
+# ---------------------------------------------------------------------------
+_H100 = __import__("pathlib").Path(__file__).resolve().parents[1] / "bench" / "results" / "h100"
+# the op names of bench/results/h100/triton-cbam-ops.bench.log
+_TRITON_LOG_OPS = {"gsp_backward_gate": "gated_spatial_pool_backward_gate", "cbam_grad_x": "cbam_grad_x"}
+
+
+def _h100_cbam_op_times() -> dict:
+    """{(backend, op): us at 32x256x56x56 float16, NCHW plus channels_last} from the two H100 logs."""
+    import re
+    times = {}
+    for line in (_H100 / "cuda-cbam-ops.bench.log").read_text().splitlines():
+        m = re.match(r"\s*32x256x56x56\s+float16\s+\S+\s+(\w+):\s+([\d.]+) us", line)
+        if m:
+            times[("cuda", m[1])] = times.get(("cuda", m[1]), 0.0) + float(m[2])
+    shape = None
+    for line in (_H100 / "triton-cbam-ops.bench.log").read_text().splitlines():
+        if line.startswith("("):  # a shape's header: "(32, 256, 56, 56) NCHW num_warps 4"
+            shape = line.split(")")[0] + ")"
+        m = re.match(r"\s+(\w+).*?\striton\s+([\d.]+) us", line)
+        if m and shape == "(32, 256, 56, 56)":
+            op = _TRITON_LOG_OPS.get(m[1], m[1])
+            times[("triton", op)] = times.get(("triton", op), 0.0) + float(m[2])
+    return times
+
+
+@pytest.fixture
+def gpu_predicates(monkeypatch):
+    """Every backend can run (as on a GPU machine with fastattn built), fresh choice cache."""
+    from fastattn import _backend
+    monkeypatch.setattr(_backend, "_CHOSEN", {})
+    for name in ("cuda", "triton"):
+        monkeypatch.setitem(_backend._PREDICATES, name, lambda family, device, dtype: None)
+    return _backend
+
+
+def test_auto_picks_per_cbam_op_the_backend_faster_on_the_h100(gpu_predicates):
+    """The table follows the committed H100 measurements: for every op the backend with the smaller
+    NCHW + channels_last time at 32x256x56x56 float16."""
+    times = _h100_cbam_op_times()
+    cuda = torch.device("cuda")
+    plan = dict(gpu_predicates.op_backends("cbam", cuda, torch.float16))
+    assert sorted(plan) == sorted(op for op in _ops._FAKES if _ops._TRITON_FAMILY[op] == "cbam")  # every CBAM op
+    for op, backend in plan.items():
+        faster = min(("cuda", "triton"), key=lambda b: times[(b, op)])
+        assert backend == faster, (op, times[("cuda", op)], times[("triton", op)])
+        name, why = gpu_predicates.choose("cbam", cuda, torch.float16, "auto", op)
+        assert name == backend and "h100" in why.lower()
+    assert plan["cbam_apply"] == "triton" and plan["channel_pool"] == "cuda"
+
+
+def test_per_op_choice_falls_back_and_a_named_backend_runs_every_op(gpu_predicates, monkeypatch):
+    cuda = torch.device("cuda")
+    assert gpu_predicates.choose("cbam", cuda, torch.float16, "cuda", "cbam_apply")[0] == "cuda"
+    assert gpu_predicates.op_backends("cbam", torch.device("cpu"), torch.float32) == ()
+    monkeypatch.setitem(gpu_predicates._PREDICATES, "triton", lambda family, device, dtype: "no triton here")
+    name, why = gpu_predicates.choose("cbam", cuda, torch.float16, "auto", "cbam_apply")
+    assert name == "cuda" and "triton: no triton here" in why
+    assert {b for _, b in gpu_predicates.op_backends("cbam", cuda, torch.float16)} == {"cuda"}
+
+
+def test_explain_lists_each_cbam_op_on_a_gpu(gpu_predicates):
+    from types import SimpleNamespace
+    like = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)  # what explain reads of a tensor
+    lines = fastattn.explain("cbam", like).splitlines()
+    assert lines[0].endswith("per op:")
+    assert "  cbam_apply: backend 'triton'" in "\n".join(lines)
+    assert "  channel_pool: backend 'cuda'" in "\n".join(lines)
+    assert len(lines) == 7
+    assert "per op" not in fastattn.explain("cbam", like, backend="cuda")
+
+
+def test_fused_cbam_runs_each_op_on_its_planned_backend(monkeypatch):
+    """nn.CBAM under auto takes op_backends' plan op by op, forward and backward: mixing the cpu kernels
+    with the op contract in PyTorch gives the all-cpu result."""
+    from fastattn import _fused_cbam, nn as fnn
+    if "cpu" not in compiled_backends("cpu"):
+        pytest.skip("fastattn._C is not built")
+    plan = (("channel_pool", "reference"), ("cbam_apply", "reference"), ("cbam_grad_x", "reference"))
+    monkeypatch.setattr(fnn, "op_backends", lambda family, device, dtype: plan)
+    used = []
+    kernels_for = _fused_cbam.kernels_for
+    monkeypatch.setattr(_fused_cbam, "kernels_for", lambda b: used.append(b) or kernels_for(b))
+    torch.manual_seed(0)
+    mixed = fnn.CBAM(32, 4).train()
+    named = fnn.CBAM(32, 4, backend="cpu").train()
+    named.load_state_dict(mixed.state_dict())
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
+    grad_y = torch.randn_like(x)
+    results = []
+    for module in (mixed, named):
+        used.clear()
+        xi = x.clone().requires_grad_(True)
+        module.double()(xi).backward(grad_y)
+        results.append((xi.grad, module.channel.fc1.weight.grad))
+        if module is mixed:
+            assert used == ["reference", "cpu", "reference", "cpu", "cpu", "reference"], used
+    assert used == ["cpu"] * 6
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
