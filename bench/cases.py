@@ -86,8 +86,20 @@ def _square(n, c, hw, heads=1):
     return attention_params(n, c, c, hw, hw, heads=heads)
 
 
+# The GPU targets of issue 14, in both 16-bit dtypes on a GPU whatever --dtype says: diffusion U-Net blocks,
+# non-local blocks, a VAE mid-block (N, C, H, W, heads)
+GPU_TARGETS = {"unet 8x320x32x32 h8": (8, 320, 32, 8), "unet 8x640x16x16 h8": (8, 640, 16, 8),
+               "nonlocal 4x64x56x56": (4, 64, 56, 1), "nonlocal 4x512x64x64 h8": (4, 512, 64, 8),
+               "vae-mid 1x512x64x64": (1, 512, 64, 1)}
+GPU_TARGET_DTYPES = ("float16", "bfloat16")
+
+
 def attention_cases(mode: str, dtypes: list[str], device_type: str) -> list[Case]:
     cases = []
+    if mode != "quick" and device_type == "cuda":
+        for dtype in GPU_TARGET_DTYPES:
+            for label, (n, c, hw, heads) in GPU_TARGETS.items():
+                cases += _attention("gpu-targets", label, _square(n, c, hw, heads), dtype)
     for dtype in dtypes:
         if mode == "quick":
             cases += _attention("tiny", "nonlocal 1x16x8x8", _square(1, 16, 8), dtype)
@@ -160,7 +172,7 @@ def build(mode: str, families: list[str], dtypes: list[str], device_type: str) -
 # the spatial-pool grad, grad_y and x for dx) and writes dx.
 CBAM_TRAFFIC = {"fwd": (4, "3 reads + 1 write of x"),
                 "fwd+bwd": (10, "forward 3 reads + 1 write, backward 5 reads + 1 write of x-sized tensors")}
-ATTENTION_BACKWARD_FACTOR = 2.5  # backward: 5 matmuls against the forward's 2
+ATTENTION_BACKWARD_FACTOR = 2.5  # backward: 5 matmuls against the forward's 2 (FlashAttention counts the same)
 
 
 def _itemsize(dtype: str) -> int:
@@ -168,7 +180,8 @@ def _itemsize(dtype: str) -> int:
 
 
 def attention_forward_flop(p: dict) -> int:
-    """2 * N * heads * Lq * Lk * (d_qk + d_v): the two matmuls Q^T K and P V."""
+    """2 * N * heads * Lq * Lk * (d_qk + d_v): the two matmuls Q^T K and P V; with d_qk = d_v = d the
+    4 * N * heads * L^2 * d that FlashAttention's benchmarks count."""
     lq, lk = p["hq"] * p["wq"], p["hk"] * p["wk"]
     dqk, dv = p["cq"] // p["heads"], p["cv"] // p["heads"]
     return 2 * p["n"] * p["heads"] * lq * lk * (dqk + dv)

@@ -5,18 +5,34 @@ cbam:       fastattn-<backend> (fastattn.nn.CBAM, timm flavour, weights copied
             compile (torch.compile of the timm module).
 attention:  fastattn-<backend> (fastattn.spatial_attention), eager
             (fastattn.reference.spatial_attention: bmm-softmax-bmm), sdpa
-            (F.scaled_dot_product_attention with the permutes NCHW needs),
-            compile (torch.compile of the eager formula).
+            (F.scaled_dot_product_attention as a user calls it on NCHW maps:
+            permute to (N, heads, L, d), contiguous, SDPA picking its kernel,
+            permute back), sdpa-<kernel> (the same call with one SDPA kernel
+            forced through torch.nn.attention.sdpa_kernel; on a GPU), flash-attn
+            (FlashAttention-2's flash_attn_func, where the package is installed;
+            on a GPU), compile (torch.compile of the eager formula).
+            Not run unless named in --providers: sdpa-nchw-views (SDPA on the
+            NCHW maps' strided views, no copies: PyTorch's math path) and, on
+            the CPU, sdpa-<kernel>.
 models:     timm (the original model), fastattn-<backend> (fastattn.convert; the
             compiled backends only).
 
 fastattn backends listed per device whether or not they are built: one that
-cannot run is reported as failed, with the reason, never dropped.
+cannot run is reported as failed, with the reason, never dropped; so is an SDPA
+kernel that refuses a case, and flash-attn where it is not installed.
+With --unverified, fastattn-<backend>-unverified runs the kernel variants that
+have not yet passed the GPU tests (fastattn._verified) beside the verified ones:
+FASTATTN_UNVERIFIED_KERNELS=1 is set around each of its calls, so the switch must
+be read per call on both the Python and the C++ side.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,22 +42,54 @@ import torch.nn.functional as F
 from bench.cases import Case
 
 FASTATTN_BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-OTHERS = {"cbam": ("timm", "compile"), "attention": ("eager", "sdpa", "compile"), "models": ("timm",)}
+# the kernels of F.scaled_dot_product_attention that sdpa_kernel can force: provider sdpa-<name>
+SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                "math": "MATH"}
+_FORCED_SDPA = tuple(f"sdpa-{k}" for k in SDPA_KERNELS)
+OTHERS = {
+    "cbam": {"cpu": ("timm", "compile"), "cuda": ("timm", "compile")},
+    # one fused SDPA kernel on the CPU (flash) besides math: the forced ones are run when named
+    "attention": {"cpu": ("eager", "sdpa", "compile"),
+                  "cuda": ("eager", "sdpa", *_FORCED_SDPA, "flash-attn", "compile")},
+    "models": {"cpu": ("timm",), "cuda": ("timm",)},
+}
+# run only when --providers names them
+OPTIONAL = {"cbam": (), "attention": ("sdpa-nchw-views", *_FORCED_SDPA), "models": ()}
 INJECTED_FAILURE = "injected-failure"
+UNVERIFIED_SUFFIX = "-unverified"
 
 
 def is_fastattn(name: str) -> bool:
     return name.startswith("fastattn-")
 
 
-def names(family: str, device_type: str, inject_failure: bool = False) -> list[str]:
+def unverified_backends(family: str, device_type: str) -> list[str]:
+    """The backends of `device_type` with a kernel variant of `family` not yet verified on a GPU
+    (fastattn._verified, variants named <backend>_<family>_<what>)."""
+    from fastattn import _verified
+    pending = {name.split("_")[0] for name, variant in _verified.VARIANTS.items()
+               if variant.verified is None and name.split("_")[1] == family}
+    return [b for b in FASTATTN_BACKENDS[device_type] if b in pending]
+
+
+def names(family: str, device_type: str, inject_failure: bool = False, unverified: bool = False) -> list[str]:
+    """The providers of a family on a device, in table order."""
     backends = FASTATTN_BACKENDS[device_type]
     if family == "models":
         # a converted model on the reference backend runs the original layers' own forward: seconds per step
         # spent on a copy of the `timm` column
         backends = tuple(b for b in backends if b != "reference")
-    out = [f"fastattn-{b}" for b in backends] + list(OTHERS[family])
+    out = [f"fastattn-{b}" for b in backends]
+    if unverified:
+        out += [f"fastattn-{b}{UNVERIFIED_SUFFIX}" for b in unverified_backends(family, device_type)]
+    out += list(OTHERS[family][device_type])
     return out + [INJECTED_FAILURE] if inject_failure else out
+
+
+def known(family: str, device_type: str, unverified: bool = False) -> list[str]:
+    """names() and the providers run only when named (--providers)."""
+    out = names(family, device_type, unverified=unverified)
+    return out + [n for n in OPTIONAL[family] if n not in out]
 
 
 def _noop() -> None:
@@ -59,6 +107,14 @@ class InjectedFailure(RuntimeError):
     pass
 
 
+class SdpaRefused(RuntimeError):
+    """A forced SDPA kernel cannot run the case; the message carries PyTorch's reasons."""
+
+
+class FlashAttnMissing(ImportError):
+    pass
+
+
 class NothingConverted(RuntimeError):
     """fastattn.convert found no layer to replace: timing the model would time the original."""
 
@@ -67,6 +123,27 @@ def _injected() -> Prepared:
     def run():
         raise InjectedFailure("injected failure: the bench self-test provider (--inject-failure) always fails")
     return Prepared(run)
+
+
+def fastattn_backend(name: str) -> tuple[str, bool]:
+    """'fastattn-cuda-unverified' -> ('cuda', True): the backend, and whether its unverified kernels run."""
+    backend = name.removeprefix("fastattn-")
+    return backend.removesuffix(UNVERIFIED_SUFFIX), backend.endswith(UNVERIFIED_SUFFIX)
+
+
+@contextlib.contextmanager
+def unverified_kernels():
+    """FASTATTN_UNVERIFIED_KERNELS=1 while inside: every kernel variant of fastattn._verified on."""
+    from fastattn import _verified
+    before = os.environ.get(_verified.ENV)
+    os.environ[_verified.ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_verified.ENV, None)
+        else:
+            os.environ[_verified.ENV] = before
 
 
 def _check_fastattn_backend(family: str, backend: str, like: torch.Tensor) -> str:
@@ -127,7 +204,7 @@ def cbam_provider(name: str, case: Case, inputs: dict, compile_backend: str) -> 
     template, x = inputs["template"], inputs["x"]
     if is_fastattn(name):
         import fastattn
-        backend = name.removeprefix("fastattn-")
+        backend, _ = fastattn_backend(name)
         why = _check_fastattn_backend("cbam", backend, x)
         module = fastattn.nn.CBAM(template.channel.fc1.in_channels, flavor="timm", backend=backend)
         module = module.to(x.device, template.channel.fc1.weight.dtype)
@@ -161,32 +238,121 @@ def attention_inputs(case: Case, device: torch.device) -> dict:
     return {"q": q, "k": k, "v": v, "grad_out": grad_out, "heads": p["heads"], "scale": scale, "train": train}
 
 
-def sdpa_nchw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """F.scaled_dot_product_attention on NCHW maps, with the permutes that takes.
+def _heads_last(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(N, C, H, W) -> the strided view (N, heads, L, C/heads) of the same memory."""
+    return t.reshape(t.shape[0], heads, t.shape[1] // heads, -1).transpose(-1, -2)
 
-    q: (N, Cq, Hq, Wq), k: (N, Cq, Hk, Wk), v: (N, Cv, Hk, Wk) -> (N, Cv, Hq, Wq) contiguous.
+
+def _to_nchw(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N, heads, L, d_v) -> a contiguous (N, heads * d_v, H, W) shaped like the query map."""
+    n, heads, _, dv = out.shape
+    return out.transpose(-1, -2).reshape(n, heads * dv, *like.shape[2:]).contiguous()
+
+
+def sdpa_user(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """F.scaled_dot_product_attention as a user calls it on NCHW maps: permute to (N, heads, L, d),
+    .contiguous(), SDPA choosing its kernel, permute back to a contiguous map.
+
+    q: (N, Cq, Hq, Wq), k: (N, Cq, Hk, Wk), v: (N, Cv, Hk, Wk) -> (N, Cv, Hq, Wq).
     """
-    n, cq, cv = q.shape[0], q.shape[1], v.shape[1]
-
-    def heads_last(t: torch.Tensor, c: int) -> torch.Tensor:  # (N, C, H, W) -> (N, heads, L, C/heads)
-        return t.reshape(n, heads, c // heads, -1).transpose(-1, -2)
-
-    out = F.scaled_dot_product_attention(heads_last(q, cq), heads_last(k, cq), heads_last(v, cv), scale=scale)
-    return out.transpose(-1, -2).reshape(n, cv, *q.shape[2:]).contiguous()
+    out = F.scaled_dot_product_attention(*(_heads_last(t, heads).contiguous() for t in (q, k, v)), scale=scale)
+    return _to_nchw(out, q)
 
 
-def _attention_fn(name: str, compile_backend: str, like: torch.Tensor) -> tuple[Callable, dict]:
+def sdpa_nchw_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """SDPA on the NCHW maps' strided (N, heads, L, d) views, no copies in: PyTorch takes its math path
+    for them (the fused kernels want the head dim contiguous). Provider sdpa-nchw-views, run when named."""
+    out = F.scaled_dot_product_attention(*(_heads_last(t, heads) for t in (q, k, v)), scale=scale)
+    return _to_nchw(out, q)
+
+
+def sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> str | None:
+    """The SDPA kernel that sdpa_user's call takes (PyTorch's own choice; private API, None if absent)."""
+    from torch.nn.attention import SDPBackend
+    try:
+        index = torch._fused_sdp_choice(*(_heads_last(t, heads).contiguous() for t in (q, k, v)), scale=scale)
+        return SDPBackend(index).name
+    except Exception:  # noqa: BLE001 - a private function: absent or changed in another torch
+        return None
+
+
+def _refusal(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "No available kernel" in text or "No viable backend" in text
+
+
+def _warning_text(message: Warning) -> str:
+    """One of the reasons PyTorch warns with, without its source location."""
+    return re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", " ".join(str(message).split()))
+
+
+def forced_sdpa(kernel: str) -> Callable:
+    """sdpa_user with one SDPA kernel forced (torch.nn.attention.sdpa_kernel). The first call listens to the
+    warnings in which PyTorch gives its reasons: a refusal raises SdpaRefused with them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, SDPA_KERNELS[kernel])
+    checked = []
+
+    def call(q, k, v, heads, scale):
+        with sdpa_kernel(backend):
+            return sdpa_user(q, k, v, heads, scale)
+
+    def fn(q, k, v, heads, scale):
+        if checked:
+            return call(q, k, v, heads, scale)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out = call(q, k, v, heads, scale)
+            except RuntimeError as exc:
+                if not _refusal(exc):
+                    raise
+                reasons = [_warning_text(w.message) for w in caught]
+                if not reasons and q.device.type == "cpu" and kernel in ("efficient", "cudnn"):
+                    reasons = [f"PyTorch's CPU SDPA has the flash and math kernels only, no {kernel}"]
+                raise SdpaRefused(f"SDPA kernel {kernel} refuses this case: "
+                                  + ("; ".join(reasons).replace(":;", ":") or str(exc))) from None
+        checked.append(True)
+        return out
+    return fn
+
+
+def flash_attn_fn() -> Callable:
+    """FlashAttention-2's flash_attn_func on NCHW maps, called as a user would: permute to its
+    (N, L, heads, d) layout, contiguous, and back. FlashAttnMissing where the package is absent."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as exc:
+        raise FlashAttnMissing(f"flash-attn not installed (the flash-attn package builds from CUDA source; "
+                               f"{type(exc).__name__}: {exc})") from None
+
+    def fn(q, k, v, heads, scale):
+        # (N, C, H, W) -> (N, L, heads, d)
+        q_, k_, v_ = (_heads_last(t, heads).transpose(1, 2).contiguous() for t in (q, k, v))
+        return _to_nchw(flash_attn_func(q_, k_, v_, softmax_scale=scale).transpose(1, 2), q)
+    return fn
+
+
+def _attention_fn(name: str, compile_backend: str, inputs: dict) -> tuple[Callable, dict]:
     import fastattn
     from fastattn import reference
+    q = inputs["q"]
     if is_fastattn(name):
-        backend = name.removeprefix("fastattn-")
-        why = _check_fastattn_backend("attention", backend, like)
+        backend, _ = fastattn_backend(name)
+        why = _check_fastattn_backend("attention", backend, q)
         return (lambda q, k, v, heads, scale: fastattn.spatial_attention(q, k, v, heads=heads, scale=scale,
                                                                         backend=backend)), {"backend": why}
     if name == "eager":
         return (lambda q, k, v, heads, scale: reference.spatial_attention(q, k, v, heads=heads, scale=scale)), {}
     if name == "sdpa":
-        return sdpa_nchw, {}
+        args = (inputs[key] for key in ("q", "k", "v", "heads", "scale"))
+        return sdpa_user, {"sdpa_kernel": sdpa_choice(*args)}
+    if name == "sdpa-nchw-views":
+        return sdpa_nchw_views, {}
+    if name.removeprefix("sdpa-") in SDPA_KERNELS:
+        return forced_sdpa(name.removeprefix("sdpa-")), {}
+    if name == "flash-attn":
+        return flash_attn_fn(), {}
     if name == "compile":
         compiled = torch.compile(reference.spatial_attention, backend=compile_backend)
         return (lambda q, k, v, heads, scale: compiled(q, k, v, heads=heads, scale=scale)), {}
@@ -195,7 +361,7 @@ def _attention_fn(name: str, compile_backend: str, like: torch.Tensor) -> tuple[
 
 def attention_provider(name: str, case: Case, inputs: dict, compile_backend: str) -> Prepared:
     q, k, v, heads, scale = (inputs[key] for key in ("q", "k", "v", "heads", "scale"))
-    fn, info = _attention_fn(name, compile_backend, q)
+    fn, info = _attention_fn(name, compile_backend, inputs)
     if not inputs["train"]:
         def run():
             with torch.no_grad():
@@ -230,7 +396,7 @@ def model_provider(name: str, case: Case, inputs: dict, compile_backend: str) ->
     info = {}
     if is_fastattn(name):
         import fastattn
-        backend = name.removeprefix("fastattn-")
+        backend, _ = fastattn_backend(name)
         info["backend"] = "; ".join(_check_fastattn_backend(f, backend, images) for f in ("cbam", "attention"))
         model, report = fastattn.convert(template, backend=backend, return_report=True)
         info["replaced"] = dict(report.replaced)
@@ -273,4 +439,16 @@ def make_inputs(case: Case, device: torch.device) -> dict:
 def prepare(name: str, case: Case, inputs: dict, compile_backend: str = "inductor") -> Prepared:
     if name == INJECTED_FAILURE:
         return _injected()
-    return _FAMILY[case.family][1](name, case, inputs, compile_backend)
+    if not (is_fastattn(name) and fastattn_backend(name)[1]):
+        return _FAMILY[case.family][1](name, case, inputs, compile_backend)
+    from fastattn import _verified
+    with unverified_kernels():
+        prepared = _FAMILY[case.family][1](name, case, inputs, compile_backend)
+        prepared.info["kernel_variants"] = _verified.describe()
+    run = prepared.run
+
+    def run_unverified():
+        with unverified_kernels():
+            return run()
+    prepared.run = run_unverified
+    return prepared

@@ -7,6 +7,8 @@ import os
 from bench.providers import is_fastattn
 
 RATE_UNITS = {"byte": ("GB/s", 1e9), "flop": ("GFLOP/s", 1e9), "image": ("images/s", 1.0)}
+GPU_RATE_UNITS = dict(RATE_UNITS, flop=("TFLOP/s", 1e12))
+ROOFLINE_SCALE = 1e9  # the measured rooflines are in GB/s and GFLOP/s
 FAMILY_TITLES = {"cbam": "CBAM", "attention": "Spatial attention", "models": "Models"}
 
 
@@ -20,6 +22,14 @@ def roofline_value(roofline: dict, key: str | None) -> float | None:
     return entry["gflops"] if entry else None
 
 
+def peak_tflops(roofline: dict, rec: dict) -> float | None:
+    """The device's dense peak for an attention case's dtype (bench.roofline.DENSE_PEAK_TFLOPS), else None."""
+    peak = roofline.get("peak")
+    if not peak or rec["work"]["unit"] != "flop":
+        return None
+    return peak["tflops"].get(rec["dtype"])
+
+
 def ok(res: dict) -> bool:
     return res.get("status") == "ok" and res.get("median_ms") is not None
 
@@ -28,16 +38,24 @@ def annotate(result: dict) -> None:
     """Add rate, % of roofline and the ratios to every case of `result`, in place.
 
     speedup of fastattn provider f over provider p = median time of p / median time of f (> 1: f is faster).
+    On a GPU, attention rates are in TFLOP/s, with pct_peak: % of the device's dense peak for the dtype.
     """
+    gpu = (result.get("environment") or {}).get("device_type") == "cuda"
     for rec in result["cases"]:
-        unit, scale = RATE_UNITS[rec["work"]["unit"]]
+        unit, scale = (GPU_RATE_UNITS if gpu else RATE_UNITS)[rec["work"]["unit"]]
         roof = roofline_value(result["roofline"], rec["work"]["roofline"])
+        peak = peak_tflops(result["roofline"], rec)
         rec["rate_unit"] = unit
         rec["roofline_value"] = roof
+        if peak is not None:
+            rec["peak_tflops"] = peak
         for res in rec["results"].values():
             if ok(res):
-                res["rate"] = rec["work"]["amount"] / (res["median_ms"] / 1e3) / scale
-                res["pct_roofline"] = None if roof is None else 100.0 * res["rate"] / roof
+                per_s = rec["work"]["amount"] / (res["median_ms"] / 1e3)
+                res["rate"] = per_s / scale
+                res["pct_roofline"] = None if roof is None else 100.0 * per_s / (roof * ROOFLINE_SCALE)
+                if peak is not None:
+                    res["pct_peak"] = 100.0 * per_s / (peak * 1e12)
         timed = {name: res["median_ms"] for name, res in rec["results"].items() if ok(res)}
         others = {name: t for name, t in timed.items() if not is_fastattn(name)}
         best = min(others, key=others.get) if others else None
@@ -133,6 +151,8 @@ def header(result: dict) -> list[str]:
             f"fastattn compiled library: {'yes' if env['fastattn']['compiled_library'] else 'no'}",
             f"allocator: {env['allocator']['mode']} ({env['allocator']['detail']})",
             f"roofline: copy {_num(roof['copy']['gbs'])} GB/s; matmul GFLOP/s: {mm}"
+            + (f"; dense peak of the {roof['peak']['device']} (TFLOP/s): "
+               + ", ".join(f"{d} {_num(t)}" for d, t in roof["peak"]["tflops"].items()) if roof.get("peak") else "")
             + (f"; load average (1 min) at start {load[0]:.1f}" if load else "")
             + (f", at end {load_end[0]:.1f}" if load_end else ""),
             *(_busy_warning(env)),
@@ -149,9 +169,11 @@ def table(result: dict) -> str:
             continue
         cold = any("cold_median_ms" in res for r in recs for res in r["results"].values())
         rss = _has_rss(recs)
+        peak = any("peak_tflops" in r for r in recs)
         unit = recs[0]["rate_unit"]
         cols = ["case", "pass", "provider", "median ms"] + (["cold ms"] if cold else []) + \
-            [unit, "% roof", "peak MiB"] + (["RSS MiB"] if rss else []) + ["fastattn vs best other"]
+            [unit, "% roof"] + (["% peak"] if peak else []) + ["peak MiB"] + (["RSS MiB"] if rss else []) + \
+            ["fastattn vs best other"]
         rows = [cols]
         for rec in recs:
             first = True
@@ -166,7 +188,8 @@ def table(result: dict) -> str:
                 vs = "" if not ratio or ratio["vs_best_other"] is None else \
                     f"{ratio['vs_best_other']:.2f}x vs {ratio['best_other']}"
                 rows.append(lead + [_num(res["median_ms"])] + ([_num(res.get("cold_median_ms"))] if cold else []) +
-                            [_num(res.get("rate")), _num(res.get("pct_roofline")), _memory(res, "peak_mem")] +
+                            [_num(res.get("rate")), _num(res.get("pct_roofline"))] +
+                            ([_num(res.get("pct_peak"))] if peak else []) + [_memory(res, "peak_mem")] +
                             ([_memory(res, "peak_rss")] if rss else []) + [vs])
         right = set(range(3, len(cols) - 1))
         lines += ["", f"== {FAMILY_TITLES[family]} =="] + _render(rows, right)
@@ -213,6 +236,15 @@ def markdown(result: dict, plots: list[str]) -> str:
                 row.append("-" if not ok(res) else _num(res["rate"]) + (f" ({_num(pct)}%)" if pct is not None else ""))
             rows.append(row)
         lines += _md_table(rows) + [""]
+        peaked = [r for r in recs if "peak_tflops" in r]
+        if peaked:
+            lines += [f"{unit} and % of the device's dense peak for the dtype, every provider:", ""]
+            rows = [["case", "pass"] + names]
+            for rec in peaked:
+                rows.append([_case_name(rec), rec["pass"]] + [
+                    ("" if res is None else f"{_num(res['rate'])} ({_num(res['pct_peak'])}%)" if ok(res) else "failed")
+                    for res in (rec["results"].get(n) for n in names)])
+            lines += _md_table(rows) + [""]
         mem = [r for r in recs if any(ok(x) and x.get("peak_mem_mib") is not None for x in r["results"].values())]
         if mem:
             rss = _has_rss(mem)

@@ -4,11 +4,15 @@
   cache; bytes = read + written = 2 * nbytes; GB/s = 1e9 bytes/s.
 * matmul throughput: `a @ b` of square n x n matrices per dtype;
   flop = 2 n^3; GFLOP/s = 1e9 flop/s.
-Each is the best of repeated runs after a warm-up: the machine's capability,
+* the device's dense peak (GPU): from its name, in DENSE_PEAK_TFLOPS; no
+  figure for a device not in the table.
+Each measured figure is the best of repeated runs after a warm-up: the machine's capability,
 which a disturbed run (a shared machine) under-states; the kernels' figures
 are medians, so their % of roofline is, if anything, low.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -69,11 +73,31 @@ def matmul_dtypes(device: torch.device) -> list[torch.dtype]:
     return [torch.float32]
 
 
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by dtype of the inputs: "float32" is the
+# FFMA peak, "tf32" the tensor-core float32 peak. (pattern on the device's name, left out if in it, label)
+DENSE_PEAK_TFLOPS = (
+    (r"\bH100\b.*\b(HBM3|SXM)", "NVL", "H100 SXM",
+     {"float16": 989.0, "bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),
+    (r"\bH200\b", "NVL", "H200", {"float16": 989.0, "bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),
+    (r"\bA100\b", None, "A100", {"float16": 312.0, "bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}),
+)
+
+
+def dense_peak(device_name: str | None) -> dict | None:
+    """{"device", "tflops": {dtype: TFLOP/s}, "source"} for a GPU in DENSE_PEAK_TFLOPS, else None."""
+    for pattern, unless, label, tflops in DENSE_PEAK_TFLOPS:
+        if device_name and re.search(pattern, device_name) and not (unless and unless in device_name):
+            return {"device": label, "tflops": dict(tflops),
+                    "source": f"NVIDIA data sheet, dense, read from the device name {device_name!r}"}
+    return None
+
+
 def measure(device: torch.device, clock: Clock, quick: bool) -> dict:
     repeats = 3 if quick else 7
     out = {"copy": copy_bandwidth(device, clock, quick, repeats), "matmul": {}}
     for dtype in matmul_dtypes(device):
         out["matmul"][str(dtype).replace("torch.", "")] = matmul_throughput(device, dtype, clock, quick, repeats)
+    out["peak"] = dense_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if device.type == "cuda":
         out["matmul_note"] = f"float32 with TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
     return out

@@ -78,7 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cbam, attention or models; repeatable or a comma list")
     parser.add_argument("--dtype", action="append", metavar="DTYPE",
                         help="dtypes of the cbam and attention cases (default float32; on cuda float32,bfloat16)")
-    parser.add_argument("--providers", help="comma list: run only these providers (names as in the table)")
+    parser.add_argument("--providers", help="comma list: run only these providers (names as in the table, or one "
+                                            "run only when named: sdpa-nchw-views, sdpa-<kernel> on the CPU)")
+    parser.add_argument("--cases", help="comma list: run only the cases whose id contains one of these "
+                                        "(ids: family/group/label/pass/dtype, e.g. gpu-targets or 8x256x56x56)")
+    parser.add_argument("--unverified", action="store_true",
+                        help="also fastattn-<backend>-unverified: the GPU kernel variants not yet verified on a GPU, "
+                             "under FASTATTN_UNVERIFIED_KERNELS=1, beside the verified ones")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/results)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -275,11 +281,19 @@ def main(argv: list[str] | None = None) -> int:
         stem += "-only-" + "+".join(args.families)
 
     cases = cases_mod.build(args.mode, args.families, dtypes, device.type)
+    if args.cases:
+        picked = [p.strip() for p in args.cases.split(",") if p.strip()]
+        cases = [c for c in cases if any(p in c.id for p in picked)]
+        if not cases:
+            print(f"python -m bench: no case id contains any of {', '.join(picked)}", file=sys.stderr)
+            return 2
     wanted = set(args.providers.split(",")) if args.providers else None
 
     def provider_names(family: str) -> list[str]:
-        names = providers.names(family, device.type, args.inject_failure)
-        return [n for n in names if wanted is None or n in wanted or n == providers.INJECTED_FAILURE]
+        if wanted is None:
+            return providers.names(family, device.type, args.inject_failure, args.unverified)
+        injected = [providers.INJECTED_FAILURE] if args.inject_failure else []
+        return [n for n in providers.known(family, device.type, args.unverified) if n in wanted] + injected
 
     started = time.perf_counter()
     result = {

@@ -250,3 +250,224 @@ def test_deadline_hurries_cases_without_dropping_them(capsys):
     assert late.hurried and late.min_repeats == 1 and late.warmup == 0 and late.budget_s == pytest.approx(0.25)
     assert run.main(["--deadline", "0", "--only", "cbam"]) == 2
     assert "--deadline must be positive" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# GPU baselines: providers, FLOP and peak arithmetic (no GPU needed)
+# ---------------------------------------------------------------------------
+def test_provider_sets_per_device(monkeypatch):
+    from bench import providers
+    from fastattn import _verified
+    sdpa_forced = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
+    gpu = providers.names("attention", "cuda")
+    assert gpu == ["fastattn-cuda", "fastattn-triton", "fastattn-reference", "eager", "sdpa", *sdpa_forced,
+                   "flash-attn", "compile"]
+    # the CPU run keeps its providers (and its time); sdpa is the user's call there too
+    assert providers.names("attention", "cpu") == ["fastattn-cpu", "fastattn-reference", "eager", "sdpa", "compile"]
+    assert set(providers.known("attention", "cpu")) - set(providers.names("attention", "cpu")) == {
+        "sdpa-nchw-views", *sdpa_forced}
+    assert providers.names("cbam", "cuda") == ["fastattn-cuda", "fastattn-triton", "fastattn-reference", "timm",
+                                               "compile"]
+    # --unverified: a provider per backend with a variant that has not passed on a GPU, none once it has
+    monkeypatch.setattr(_verified, "VARIANTS", {
+        "cuda_attention_mma": _verified.Variant("new"), "triton_attention_v2": _verified.Variant("new"),
+        "triton_cbam_wide": _verified.Variant("new", verified="bench/results/some.log")})
+    with_new = providers.names("attention", "cuda", unverified=True)
+    assert with_new[:5] == ["fastattn-cuda", "fastattn-triton", "fastattn-reference", "fastattn-cuda-unverified",
+                            "fastattn-triton-unverified"]
+    assert providers.names("cbam", "cuda", unverified=True) == providers.names("cbam", "cuda")
+    assert providers.names("attention", "cpu", unverified=True) == providers.names("attention", "cpu")
+    assert providers.fastattn_backend("fastattn-triton-unverified") == ("triton", True)
+    assert providers.fastattn_backend("fastattn-cuda") == ("cuda", False)
+
+
+def test_gpu_target_cases():
+    gpu = cases.build("default", ["attention"], ["float32", "bfloat16"], "cuda")
+    targets = {(c.label, c.dtype) for c in gpu if c.group == "gpu-targets"}
+    assert targets == {(label, d) for label in cases.GPU_TARGETS for d in ("float16", "bfloat16")}
+    p = next(c for c in gpu if c.label == "nonlocal 4x512x64x64 h8").params
+    assert (p["n"], p["cq"], p["cv"], p["hq"] * p["wq"], p["heads"]) == (4, 512, 512, 4096, 8)
+    assert not [c for c in cases.build("default", ["attention"], ["float32"], "cpu") if c.group == "gpu-targets"]
+
+
+def test_attention_flop_and_percent_of_peak():
+    from bench import roofline
+    # 4 * N * heads * L^2 * d (d_qk = d_v): U-Net 8x320x32x32, 8 heads of 40
+    unet = next(c for c in cases.build("default", ["attention"], ["float16"], "cuda")
+                if c.label == "unet 8x320x32x32 h8" and c.dtype == "float16")
+    assert cases.work(unet)["amount"] == 4 * 8 * 8 * 1024 ** 2 * 40
+    train = cases.Case("attention", "g", "l", "fwd+bwd", "float16", unet.params)
+    assert cases.work(train)["amount"] == 3.5 * cases.work(unet)["amount"]  # backward = 2.5 x forward
+
+    assert roofline.dense_peak("NVIDIA H100 80GB HBM3")["tflops"] == {
+        "float16": 989.0, "bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}
+    assert roofline.dense_peak("NVIDIA H200")["device"] == "H200"
+    assert roofline.dense_peak("NVIDIA A100-SXM4-80GB")["tflops"]["bfloat16"] == 312.0
+    for unknown in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "Tesla V100-SXM2-16GB", "", None):
+        assert roofline.dense_peak(unknown) is None, unknown
+
+    def run(peak):
+        # 98.9 TFLOP in 100 ms: 989 TFLOP/s, 100% of an H100's fp16 peak; 80 GB moved in 40 ms: 2000 GB/s
+        return {"environment": {"device_type": "cuda"},
+                "roofline": {"copy": {"gbs": 2500.0}, "matmul": {"float16": {"gflops": 700e3}}, "peak": peak},
+                "cases": [{"dtype": "float16", "work": {"unit": "flop", "amount": 98.9e12, "roofline": "matmul/float16"},
+                           "results": {"sdpa": {"status": "ok", "median_ms": 100.0}}},
+                          {"dtype": "float16", "work": {"unit": "byte", "amount": 80e9, "roofline": "copy"},
+                           "results": {"timm": {"status": "ok", "median_ms": 40.0}}}]}
+    result = run(roofline.dense_peak("NVIDIA H100 80GB HBM3"))
+    report.annotate(result)
+    attn, cbam = result["cases"]
+    sdpa = attn["results"]["sdpa"]
+    assert attn["rate_unit"] == "TFLOP/s" and attn["peak_tflops"] == 989.0
+    assert sdpa["rate"] == pytest.approx(989.0) and sdpa["pct_peak"] == pytest.approx(100.0)
+    assert sdpa["pct_roofline"] == pytest.approx(100.0 * 989 / 700)  # of the measured fp16 matmul
+    assert cbam["rate_unit"] == "GB/s" and cbam["results"]["timm"]["pct_roofline"] == pytest.approx(80.0)
+    assert "pct_peak" not in cbam["results"]["timm"]
+    unknown = run(None)
+    report.annotate(unknown)
+    assert "pct_peak" not in unknown["cases"][0]["results"]["sdpa"] and "peak_tflops" not in unknown["cases"][0]
+
+
+def _attention_case(label: str, pass_: str = "fwd"):
+    return next(c for c in cases.build("quick", ["attention"], ["float32"], "cpu")
+                if c.label == label and c.pass_ == pass_)
+
+
+@pytest.mark.parametrize("label", ["heads2 2x32x8x8", "sagan 2x16 8x8/4x4"])
+def test_sdpa_as_a_user_calls_it_equals_the_reference(label):
+    """sdpa: permute to (N, heads, L, d), contiguous, SDPA, permute back; values and gradients as the
+    reference's, on maps with several heads and with d_v != d_qk."""
+    import torch
+    from bench import providers
+    from fastattn import reference
+    train = _attention_case(label, "fwd+bwd")
+    inputs = providers.make_inputs(train, torch.device("cpu"))
+    q, k, v, heads, scale = (inputs[key] for key in ("q", "k", "v", "heads", "scale"))
+    got = providers.sdpa_user(q, k, v, heads, scale)
+    want = reference.spatial_attention(q, k, v, heads=heads, scale=scale)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    grads = [torch.autograd.grad(out, (q, k, v), inputs["grad_out"]) for out in (got, want)]
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, atol=2e-6, rtol=1e-5)
+    assert providers.sdpa_choice(q, k, v, heads, scale) in ("FLASH_ATTENTION", "MATH", None)
+
+
+def test_a_refusing_sdpa_kernel_is_a_failure_with_its_reason():
+    """A forced SDPA kernel that cannot run the case, and flash-attn where it is not installed, are failure
+    records with the reason; the providers that can run still give numbers."""
+    import importlib.util
+    import torch
+    from bench import run
+    settings = run.Settings.for_mode("quick", "eager")
+    settings.memory = False
+    names = ["sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-math", "flash-attn"]
+    record = run.run_case(_attention_case("sagan 2x16 8x8/4x4"), names, torch.device("cpu"),
+                          timing.Clock(torch.device("cpu")), settings)
+    res = record["results"]
+    assert [n for n in names if res[n]["status"] == "ok"] == ["sdpa", "sdpa-math"]
+    assert res["sdpa-flash"]["stage"] == "setup" and res["sdpa-flash"]["error"].startswith("SdpaRefused")
+    assert "same last dimension" in res["sdpa-flash"]["error"]  # PyTorch's reason: d_v != d_qk
+    assert "flash and math kernels only" in res["sdpa-cudnn"]["error"]
+    if importlib.util.find_spec("flash_attn") is None:
+        assert "flash-attn not installed" in res["flash-attn"]["error"]
+    assert res["sdpa"]["info"]["sdpa_kernel"] in ("MATH", None)
+
+
+def test_unverified_provider_runs_under_the_switch(monkeypatch):
+    """fastattn-<backend>-unverified: FASTATTN_UNVERIFIED_KERNELS=1 during its set-up and each call, as before
+    afterwards; the variants' state is recorded."""
+    import torch
+    import fastattn
+    from bench import providers
+    from fastattn import _verified
+    monkeypatch.delenv(_verified.ENV, raising=False)
+    seen = []
+    original = fastattn.spatial_attention
+    monkeypatch.setattr(fastattn, "spatial_attention",
+                        lambda *a, **kw: seen.append(os.environ.get(_verified.ENV)) or original(*a, **kw))
+    case = _attention_case("heads2 2x32x8x8")
+    inputs = providers.make_inputs(case, torch.device("cpu"))
+    prepared = providers.prepare("fastattn-reference-unverified", case, inputs)
+    prepared.run()
+    prepared.run()
+    assert seen == ["1", "1"] and _verified.ENV not in os.environ
+    assert all(": on, unverified" in line for line in prepared.info["kernel_variants"].splitlines())
+    providers.prepare("fastattn-reference", case, inputs).run()
+    assert seen[-1] is None
+
+
+# ---------------------------------------------------------------------------
+# bench/gpu_session.sh: the plan, and its steps run with a stand-in python (no GPU here)
+# ---------------------------------------------------------------------------
+SESSION = os.path.join(ROOT, "bench", "gpu_session.sh")
+SESSION_STEPS = ["build", "test", "test-unverified", "sanitize", "bench"]
+
+
+def _session(tmp_path, **env):
+    return subprocess.run(["bash", SESSION], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, OUT=str(tmp_path / "out"), **env))
+
+
+def test_session_script_plan_fits_one_device_call(tmp_path):
+    sanitizer = tmp_path / "gpu_sanitize.sh"
+    for present in (False, True):
+        if present:
+            sanitizer.write_text("true\n")
+        proc = _session(tmp_path, DRY_RUN="1", SANITIZER=str(sanitizer))
+        assert proc.returncode == 0, proc.stderr
+        steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+        assert [line.split(":")[0].removeprefix("step ") for line in steps] == SESSION_STEPS
+        seconds = [int(line.split(": ")[1].split(" s")[0]) for line in steps]
+        total = int(proc.stdout.split("TOTAL ")[1].split(" s")[0])
+        # every step's time-out fits TOTAL as planned; the script cuts a step to what is left of TOTAL, so
+        # the call ends by TOTAL + the last step's 5 s of SIGKILL grace: inside one 600 s device call
+        assert sum(seconds) <= total and total + 5 <= 590
+        plan = dict(zip(SESSION_STEPS, steps))
+        assert "FASTATTN_UNVERIFIED_KERNELS=1" in plan["test-unverified"]
+        assert "FASTATTN_UNVERIFIED_KERNELS" not in plan["test"]
+        assert "--unverified" in plan["bench"] and "sdpa-flash" in plan["bench"] and "gpu-targets" in plan["bench"]
+        assert (f"bash {sanitizer}" in plan["sanitize"]) == present and ("absent" in plan["sanitize"]) != present
+        assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+_STAND_IN = """#!/usr/bin/env bash
+echo "unverified=${FASTATTN_UNVERIFIED_KERNELS:-} $*" >> "$CALLS"
+[ "$1" = -c ] && exit 1               # 'import xdist' and friends: absent
+[ "$2" = pip ] && exit "${BUILD_RC:-0}"
+exit 0
+"""
+
+
+def _steps_run(calls) -> list[str]:
+    """The stand-in's calls, less the probes (python -c ...)."""
+    return [line for line in calls.read_text().splitlines() if line.split(" ", 1)[1].split()[0] != "-c"]
+
+
+def test_session_script_runs_each_step_with_its_settings(tmp_path):
+    calls, stand_in, sanitizer = tmp_path / "calls", tmp_path / "python", tmp_path / "gpu_sanitize.sh"
+    stand_in.write_text(_STAND_IN)
+    stand_in.chmod(0o755)
+    sanitizer.write_text('echo "sanitizer OUT=$OUT" >> "$CALLS"\n')
+    env = {"PY": str(stand_in), "CALLS": str(calls), "SANITIZER": str(sanitizer), "PATH": os.environ["PATH"]}
+    proc = _session(tmp_path, **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ran = _steps_run(calls)
+    assert len(ran) == 5, ran
+    assert ran[0] == "unverified= -m pip install -q --no-build-isolation --no-deps -e ."
+    assert ran[1].startswith("unverified= -m pytest") and " tests -k cuda or triton or gpu" in ran[1]
+    assert ran[2].startswith("unverified=1 -m pytest") and "test_cuda_attention_ops.py" in ran[2]
+    assert ran[3] == f"sanitizer OUT={tmp_path / 'out'}"
+    assert ran[4].startswith("unverified= -m bench --device cuda") and "--unverified" in ran[4]
+    out = tmp_path / "out"
+    info = (out / "gpu.txt").read_text()
+    assert all(f"step {s}: rc 0" in info for s in SESSION_STEPS), info
+    assert len(list(out.iterdir())) <= 10
+
+    # a failed build ends the session; a session out of time skips what does not fit
+    calls.unlink()
+    proc = _session(tmp_path, BUILD_RC="1", **env)
+    assert proc.returncode == 1 and [r.split()[2] for r in _steps_run(calls)] == ["pip"]
+    calls.unlink()
+    proc = _session(tmp_path, TOTAL="0", **env)
+    assert proc.returncode == 0 and proc.stdout.count("skipped, 0 s left of 0") == 5 and _steps_run(calls) == []
