@@ -250,6 +250,8 @@ def test_deadline_hurries_cases_without_dropping_them(capsys):
     assert late.hurried and late.min_repeats == 1 and late.warmup == 0 and late.budget_s == pytest.approx(0.25)
     assert run.main(["--deadline", "0", "--only", "cbam"]) == 2
     assert "--deadline must be positive" in capsys.readouterr().err
+    assert run.main(["--cases", "no-such-case,nor-this"]) == 2
+    assert "no case id contains any of no-such-case, nor-this" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------
