@@ -2,7 +2,6 @@
 process), determinism, inputs left untouched, thread safety, no leaks over 1 000
 calls, edge sizes, NaN/Inf propagation and float16 range. What the parity files
 already cover (large-logit forward, CBAM empty batch, one position) is not repeated."""
-import json
 import os
 import re
 import subprocess
@@ -14,7 +13,7 @@ import torch
 
 import fastattn
 from fastattn import reference
-from _util import assert_error_rule, compiled_backends, interpreted
+from _util import assert_error_rule, compiled_backends, interpreted, run_case_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = compiled_backends("cpu")
@@ -26,13 +25,7 @@ SHAPE = re.compile(r"\(\d+(, \d+)*,?\)")
 @pytest.fixture(scope="module")
 def bad_input_results():
     """Runs tests/_bad_inputs.py once; a crash (segfault, abort) of that process fails every test."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_bad_inputs.py")], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ))
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines and lines[-1].get("done"), (
-        f"the bad-input process died (rc {proc.returncode}) after {len(lines)} cases; "
-        f"last: {lines[-1] if lines else None}\nstderr:\n{proc.stderr[-3000:]}")
-    return lines[:-1]
+    return run_case_script(os.path.join(HERE, "_bad_inputs.py"))
 
 
 def _case_names():
