@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import torch
 
@@ -99,6 +100,29 @@ def run_case_script(script: str, timeout: float = 300) -> list[dict]:
         f"{os.path.basename(script)} died (rc {proc.returncode}) after {len(lines)} cases; "
         f"last: {lines[-1] if lines else None}\nstderr:\n{proc.stderr[-3000:]}")
     return lines[:-1]
+
+
+def run_in_threads(work, args, timeout: float = 120) -> list:
+    """work(arg) in one thread per arg, all started together at a barrier -> their results in the
+    order of args. A thread that raises or is still running after `timeout` s fails the caller."""
+    start = threading.Barrier(len(args))
+    results, errors = [None] * len(args), []
+
+    def run(i, arg):
+        try:
+            start.wait(timeout=60)
+            results[i] = work(arg)
+        except Exception as exc:  # noqa: BLE001  (reported by the calling thread)
+            errors.append(f"thread {i}: {exc!r}")
+
+    threads = [threading.Thread(target=run, args=(i, arg)) for i, arg in enumerate(args)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+    return results
 
 
 def print_case_results(cases) -> None:

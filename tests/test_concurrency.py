@@ -16,13 +16,12 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
 import fastattn
-from _util import compiled_backends, randomize
+from _util import compiled_backends, randomize, run_in_threads
 
 BACKENDS = ["reference"] + [b for b in ("cpu",) if b in compiled_backends("cpu")]
 THREADS = 4
@@ -121,24 +120,8 @@ def test_repeated_calls_are_bitwise_equal(setup, backend):
 def test_threads_at_once_get_single_thread_results(setup, backend):
     data, modules = setup[backend]
     expected = workload(backend, data, modules)
-    start = threading.Barrier(THREADS)
-    got, errors = {}, []
-
-    def run(i):
-        try:
-            start.wait(timeout=60)
-            got[i] = [workload(backend, data, modules) for _ in range(2)]
-        except Exception as exc:  # noqa: BLE001  (reported by the main thread)
-            errors.append(f"thread {i}: {exc!r}")
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
-    for i, runs in got.items():
+    got = run_in_threads(lambda _: [workload(backend, data, modules) for _ in range(2)], range(THREADS))
+    for i, runs in enumerate(got):
         for j, results in enumerate(runs):
             assert_bitwise_equal(results, expected, f"thread {i}, call {j}")
 

@@ -6,14 +6,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
 import fastattn
 from fastattn import reference
-from _util import assert_error_rule, compiled_backends, interpreted, run_case_script
+from _util import assert_error_rule, compiled_backends, interpreted, run_case_script, run_in_threads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = compiled_backends("cpu")
@@ -138,23 +137,13 @@ def test_two_threads_get_correct_results():
 
     cases = {seed: work(seed) for seed in (0, 1)}
     expected = {seed: results(*cases[seed], "reference") for seed in cases}
-    errors = []
 
     def loop(seed):
-        try:
-            for _ in range(200):
-                for got, want in zip(results(*cases[seed], "cpu"), expected[seed]):
-                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        except Exception as exc:  # noqa: BLE001  (reported by the main thread)
-            errors.append(f"thread {seed}: {exc!r}")
+        for _ in range(200):
+            for got, want in zip(results(*cases[seed], "cpu"), expected[seed]):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
-    threads = [threading.Thread(target=loop, args=(seed,)) for seed in cases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
+    run_in_threads(loop, list(cases))
 
 
 # --- no leaks -------------------------------------------------------------------------------------
