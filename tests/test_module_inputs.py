@@ -131,21 +131,18 @@ def test_module_input(results, case, channels, row):
     assert got in message, f"{case}: the message must say what it got ({got}): {message}"
 
 
-@pytest.mark.parametrize("flavor", ["timm", "official"])
-def test_checked_modules_compile_fullgraph(flavor):
-    """Without a graph break; a bad input still gets the module's own error (the ValueError where
-    Dynamo can give it back; under fullgraph, Dynamo's error quotes it)."""
+def test_checked_modules_compile_fullgraph():
+    """One graph, no break (the modules convert builds: test_convert's fullgraph tests). A bad input
+    still gets the module's own error: the ValueError where Dynamo can fall back to eager; under
+    fullgraph, Dynamo's error, which quotes it."""
     torch._dynamo.reset()
     x = torch.randn(2, C, 6, 6)
-    for module in (fastattn.nn.CBAM(C, 4, flavor=flavor).eval(), fastattn.nn.ChannelGate(C, 4, flavor=flavor),
-                   fastattn.nn.SpatialGate(flavor=flavor)):
-        name = type(module).__name__
+    for module in (fastattn.nn.CBAM(C, 4, flavor="official").eval(), fastattn.nn.ChannelGate(C, 4),
+                   fastattn.nn.SpatialGate()):
         explained = torch._dynamo.explain(module)(x)
-        assert explained.graph_break_count == 0 and explained.graph_count == 1, (name, explained.break_reasons)
-        with torch.no_grad():
-            torch.testing.assert_close(torch.compile(module, fullgraph=True, backend="eager")(x), module(x))
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, (module, explained.break_reasons)
     bad = torch.randn(2, C, 6)
-    with pytest.raises(ValueError, match=rf"SpatialGate expects x of shape \(N, C, H, W\), got x of shape \(2, 16, 6\)"):
+    with pytest.raises(ValueError, match=r"SpatialGate expects x of shape \(N, C, H, W\), got x of shape \(2, 16, 6\)"):
         torch.compile(module, backend="eager")(bad)
     with pytest.raises(Exception, match=r"SpatialGate expects x of shape"):
         torch.compile(module, fullgraph=True, backend="eager")(bad)
