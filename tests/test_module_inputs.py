@@ -11,7 +11,6 @@ checks; the modules convert never builds (ChannelGate, SpatialGate, the official
 below.
 """
 import os
-import sys
 
 import pytest
 import torch
@@ -148,7 +147,6 @@ def test_checked_modules_compile_fullgraph():
         torch.compile(module, fullgraph=True, backend="eager")(bad)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the subprocess of the results fixture (tests/ is on sys.path as the script's folder)
     from _util import print_case_results
-    sys.path.insert(0, os.path.dirname(__file__))
     print_case_results(cases())
