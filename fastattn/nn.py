@@ -3,7 +3,9 @@
 Each fused module holds exactly the submodules of the layer it stands for
 (timm's or the official implementation's), so `state_dict` keys and values are
 the same and checkpoints load both ways. `fastattn.convert` builds them from
-existing layers with `from_module`.
+existing layers with `from_module`. Every module checks its input at the top of
+forward (rank, channels, floating dtype, device: fastattn._validate.check_module_input),
+so that a wrong x gets an error naming the module rather than one from deep inside.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from fastattn import functional as FA
 from fastattn import reference
 from fastattn._backend import BACKENDS, choose, op_backends
 from fastattn._fused_cbam import CbamSpec, FusedCBAMFunction, inference_forward
+from fastattn._validate import check_module_input
 
 FLAVORS = ("timm", "timm_light", "official")
 
@@ -119,14 +122,15 @@ class CBAM(nn.Module):
         return channel["fc1"], channel["fc2"], conv["conv"], conv["bn"]
 
     def forward(self, x: Tensor) -> Tensor:
-        device = x.device
-        backend, _ = choose("cbam", device, x.dtype, self.backend)
         parts = self._parts()
+        fc1_weight = parts[0]._parameters["weight"]  # (hidden, C) or (hidden, C, 1, 1)
+        device = check_module_input(self, x, fc1_weight.shape[1], fc1_weight)
+        backend, _ = choose("cbam", device, x.dtype, self.backend)
         if backend == "reference" or x.numel() == 0:
             return self._eager_cls.forward(self, x)
         if torch.is_autocast_enabled(device.type):
             return self._autocast_forward(x, backend, parts)
-        if parts[0].weight.dtype != x.dtype:
+        if fc1_weight.dtype != x.dtype:
             return self._eager_cls.forward(self, x)
         return self._fused(x, backend, parts)
 
@@ -197,6 +201,8 @@ class ChannelGate(nn.Module):
         return self.fc2(self.act(self.fc1(v[:, :, None, None]))).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
+        fc1_weight = (self.mlp[1] if self.flavor == "official" else self.fc1).weight
+        check_module_input(self, x, fc1_weight.shape[1], fc1_weight)
         ties = "first" if self.flavor == "official" else "split"
         avg, mx = FA.channel_pool(x, ties=ties, backend=self.backend)
         pre = self._mlp(0.5 * avg + 0.5 * mx) if self.flavor == "timm_light" else self._mlp(avg) + self._mlp(mx)
@@ -224,6 +230,8 @@ class SpatialGate(nn.Module):
             self.conv = reference.TimmSpatialAttn(kernel_size, light=flavor == "timm_light").conv
 
     def forward(self, x: Tensor) -> Tensor:
+        conv = self.spatial.conv if self.flavor == "official" else self.conv.conv
+        check_module_input(self, x, None, conv.weight)  # the gate pools over channels: any C
         n, c, h, w = x.shape
         ties = "first" if self.flavor == "official" else "split"
         pooled = FA.gated_spatial_pool(x, x.new_ones(n, c), ties=ties, backend=self.backend)
@@ -248,6 +256,8 @@ class _FusedAttentionBlock(nn.Module):
     forward as the eager path, and their own `_fused` otherwise. Only the
     softmax(QK)V core changes; the convs and norms are the layer's own."""
 
+    _input_conv: str  # the 1x1 conv that reads x: its weight gives the channels and device x must have
+
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "auto"):
         """A fused block holding `module`'s own submodules and parameters (shared, not copied)."""
@@ -268,7 +278,9 @@ class _FusedAttentionBlock(nn.Module):
             self.add_module(name, child)
 
     def forward(self, x: Tensor) -> Tensor:
-        backend, _ = choose("attention", x.device, x.dtype, self.backend)
+        conv = self._modules[self._input_conv]
+        device = check_module_input(self, x, conv.in_channels, conv._parameters["weight"])
+        backend, _ = choose("attention", device, x.dtype, self.backend)
         if backend == "reference":
             return self._eager_cls.forward(self, x)
         return self._fused(x, backend)
@@ -289,6 +301,8 @@ class NonLocal2d(_FusedAttentionBlock):
     channels // reduction = Ci unless inter_channels is given; scale = Ci ** -0.5 with
     use_scale, else 1.0. out_norm (BatchNorm2d) starts at zero: a new block is the identity.
     """
+
+    _input_conv = "theta"
 
     def __init__(self, channels: int, reduction: int = 2, *, inter_channels: int | None = None,
                  sub_sample: bool = False, use_scale: bool = True, backend: str = "auto"):
@@ -317,6 +331,8 @@ class SelfAttention2d(_FusedAttentionBlock):
     phi (N, C/8, H/2, W/2) and g (N, C/2, H/2, W/2), 2x2 max-pooled. gamma starts at 0.
     """
 
+    _input_conv = "theta"
+
     def __init__(self, channels: int, *, backend: str = "auto"):
         super().__init__()
         self._adopt(reference.SelfAttention2d(channels), backend)
@@ -341,6 +357,8 @@ class AttentionBlock2d(_FusedAttentionBlock):
     H*W positions, a 1x1 conv C -> C that starts at zero. qkv_layout "chunked" ([q | k | v])
     reads q, k, v in place from the qkv map; "per_head" ([q_h k_h v_h] per head) copies them.
     """
+
+    _input_conv = "qkv"
 
     def __init__(self, channels: int, heads: int = 1, *, groups: int = 32, eps: float = 1e-5,
                  qkv_layout: str = "chunked", backend: str = "auto"):
@@ -372,6 +390,8 @@ class NonLocalAttn(_FusedAttentionBlock):
     over the H*W positions; t, p, g: (N, Cr, H, W). Note timm's scale is C ** -0.5, the
     block's input channels, not Cr ** -0.5 (1.0 with use_scale=False).
     """
+
+    _input_conv = "t"
 
     def __init__(self, in_channels: int, use_scale: bool = True, rd_ratio: float = 1 / 8,
                  rd_channels: int | None = None, rd_divisor: int = 8, *, backend: str = "auto"):

@@ -2,7 +2,6 @@
 JSON line per case: {"case", "op", "type", "message", "expect"}. Run as a script, in a
 subprocess, so that a case that crashes the interpreter fails the test instead of
 taking pytest down with it."""
-import json
 import os
 import sys
 
@@ -122,14 +121,8 @@ def all_cases():
 
 
 def main():
-    for case, op, arg, call in all_cases():
-        try:
-            result = call()
-            kind, message = "no error", repr(getattr(result, "shape", result))
-        except Exception as exc:  # noqa: BLE001  (the test judges every type)
-            kind, message = type(exc).__name__, str(exc)
-        print(json.dumps(dict(case=case, op=op, arg=arg, type=kind, message=message)), flush=True)
-    print(json.dumps(dict(done=True)), flush=True)
+    from _util import print_case_results
+    print_case_results((dict(case=case, op=op, arg=arg), call) for case, op, arg, call in all_cases())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+import threading
 
 import torch
 
@@ -83,6 +87,55 @@ def fastattn_devices() -> list[str]:
 
 __all__ = ["GRAD_ATOL", "fastattn", "assert_error_rule", "attention_backends", "compiled_backends", "interpreted", "max_err",
            "run_fused_on_reference_ops"]
+
+
+def run_case_script(script: str, timeout: float = 300) -> list[dict]:
+    """Runs `script` (a file of tests/ that prints one JSON line per case, then {"done": true}) in a
+    fresh interpreter and returns the cases' lines. A crash of that process (segfault, abort) fails
+    the caller with how far it got, instead of taking pytest down with it."""
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ))
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines and lines[-1].get("done"), (
+        f"{os.path.basename(script)} died (rc {proc.returncode}) after {len(lines)} cases; "
+        f"last: {lines[-1] if lines else None}\nstderr:\n{proc.stderr[-3000:]}")
+    return lines[:-1]
+
+
+def run_in_threads(work, args, timeout: float = 120) -> list:
+    """work(arg) in one thread per arg, all started together at a barrier -> their results in the
+    order of args. A thread that raises or is still running after `timeout` s fails the caller."""
+    start = threading.Barrier(len(args))
+    results, errors = [None] * len(args), []
+
+    def run(i, arg):
+        try:
+            start.wait(timeout=60)
+            results[i] = work(arg)
+        except Exception as exc:  # noqa: BLE001  (reported by the calling thread)
+            errors.append(f"thread {i}: {exc!r}")
+
+    threads = [threading.Thread(target=run, args=(i, arg)) for i, arg in enumerate(args)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+    return results
+
+
+def print_case_results(cases) -> None:
+    """The script side of run_case_script: cases are (fields, call); prints fields plus the type and
+    message of what call() raised ("no error" and the result's shape when it raised nothing)."""
+    for fields, call in cases:
+        try:
+            result = call()
+            kind, message = "no error", repr(getattr(result, "shape", result))
+        except Exception as exc:  # noqa: BLE001  (the test judges every type)
+            kind, message = type(exc).__name__, str(exc)
+        print(json.dumps(dict(fields, type=kind, message=message)), flush=True)
+    print(json.dumps(dict(done=True)), flush=True)
 
 
 def compiled_ops(op: str, dispatch_key: str):

@@ -2,19 +2,17 @@
 process), determinism, inputs left untouched, thread safety, no leaks over 1 000
 calls, edge sizes, NaN/Inf propagation and float16 range. What the parity files
 already cover (large-logit forward, CBAM empty batch, one position) is not repeated."""
-import json
 import os
 import re
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
 import fastattn
 from fastattn import reference
-from _util import assert_error_rule, compiled_backends, interpreted
+from _util import assert_error_rule, compiled_backends, interpreted, run_case_script, run_in_threads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = compiled_backends("cpu")
@@ -26,13 +24,7 @@ SHAPE = re.compile(r"\(\d+(, \d+)*,?\)")
 @pytest.fixture(scope="module")
 def bad_input_results():
     """Runs tests/_bad_inputs.py once; a crash (segfault, abort) of that process fails every test."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_bad_inputs.py")], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ))
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines and lines[-1].get("done"), (
-        f"the bad-input process died (rc {proc.returncode}) after {len(lines)} cases; "
-        f"last: {lines[-1] if lines else None}\nstderr:\n{proc.stderr[-3000:]}")
-    return lines[:-1]
+    return run_case_script(os.path.join(HERE, "_bad_inputs.py"))
 
 
 def _case_names():
@@ -145,23 +137,13 @@ def test_two_threads_get_correct_results():
 
     cases = {seed: work(seed) for seed in (0, 1)}
     expected = {seed: results(*cases[seed], "reference") for seed in cases}
-    errors = []
 
     def loop(seed):
-        try:
-            for _ in range(200):
-                for got, want in zip(results(*cases[seed], "cpu"), expected[seed]):
-                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        except Exception as exc:  # noqa: BLE001  (reported by the main thread)
-            errors.append(f"thread {seed}: {exc!r}")
+        for _ in range(200):
+            for got, want in zip(results(*cases[seed], "cpu"), expected[seed]):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
-    threads = [threading.Thread(target=loop, args=(seed,)) for seed in cases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
+    run_in_threads(loop, list(cases))
 
 
 # --- no leaks -------------------------------------------------------------------------------------
