@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -408,7 +409,7 @@ SESSION_STEPS = ["build", "test", "test-unverified", "sanitize", "bench"]
 
 def _session(tmp_path, **env):
     return subprocess.run(["bash", SESSION], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, OUT=str(tmp_path / "out"), **env))
+                          env=dict(os.environ, OUT=str(tmp_path / "out"), LOGDIR=str(tmp_path / "logs"), **env))
 
 
 def test_session_script_plan_fits_one_device_call(tmp_path):
@@ -430,7 +431,7 @@ def test_session_script_plan_fits_one_device_call(tmp_path):
         assert "FASTATTN_UNVERIFIED_KERNELS" not in plan["test"]
         assert "--unverified" in plan["bench"] and "sdpa-flash" in plan["bench"] and "gpu-targets" in plan["bench"]
         assert (f"bash {sanitizer}" in plan["sanitize"]) == present and ("absent" in plan["sanitize"]) != present
-        assert not (tmp_path / "out").exists()  # a dry run writes nothing
+        assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()  # a dry run writes nothing
 
 
 _STAND_IN = """#!/usr/bin/env bash
@@ -450,7 +451,7 @@ def test_session_script_runs_each_step_with_its_settings(tmp_path):
     calls, stand_in, sanitizer = tmp_path / "calls", tmp_path / "python", tmp_path / "gpu_sanitize.sh"
     stand_in.write_text(_STAND_IN)
     stand_in.chmod(0o755)
-    sanitizer.write_text('echo "sanitizer OUT=$OUT" >> "$CALLS"\n')
+    sanitizer.write_text('echo "sanitizer OUT=$OUT SANITIZE_TIME=$SANITIZE_TIME" >> "$CALLS"\n')
     env = {"PY": str(stand_in), "CALLS": str(calls), "SANITIZER": str(sanitizer), "PATH": os.environ["PATH"]}
     proc = _session(tmp_path, **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -459,12 +460,17 @@ def test_session_script_runs_each_step_with_its_settings(tmp_path):
     assert ran[0] == "unverified= -m pip install -q --no-build-isolation --no-deps -e ."
     assert ran[1].startswith("unverified= -m pytest") and " tests -k cuda or triton or gpu" in ran[1]
     assert ran[2].startswith("unverified=1 -m pytest") and "test_cuda_attention_ops.py" in ran[2]
-    assert ran[3] == f"sanitizer OUT={tmp_path / 'out'}"
+    out_of, time_of = ran[3].split(" ", 2)[1:]
+    assert out_of == f"OUT={tmp_path / 'logs'}" and 0 < int(time_of.split("=")[1]) < 110, ran[3]
     assert ran[4].startswith("unverified= -m bench --device cuda") and "--unverified" in ran[4]
+    # the device tool brings back at most 8 files from $OUT: the logs travel as one archive
     out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-session.tar.gz", "gpu.txt"]
     info = (out / "gpu.txt").read_text()
     assert all(f"step {s}: rc 0" in info for s in SESSION_STEPS), info
-    assert len(list(out.iterdir())) <= 10
+    with tarfile.open(out / "gpu-session.tar.gz") as archive:
+        packed = {os.path.basename(name) for name in archive.getnames()}
+    assert {"gpu.txt", "build.log", "pytest-gpu.log", "pytest-gpu-unverified.log", "bench.log"} <= packed, packed
 
     # a failed build ends the session; a session out of time skips what does not fit
     calls.unlink()
