@@ -28,6 +28,12 @@ FMA chain per output, whose rounding grows like sqrt(d_qk) units, so the float32
 sqrt(d_qk) units of atol (measured on an H100: up to ~4.5x cuBLAS's float32 error at d_qk = 512,
 ~1e-6 relative).
 
+Variant triton_attention_v2 (fastattn._verified; 16-bit inputs, off until it passes on a GPU): kernels
+with the head dims and the divisibility of the lengths as compile-time facts, unmasked full tiles,
+16-byte loads at every layout (inputs whose strides allow none are copied to a padded pitch), the scale
+folded into the exponent's FMA and 64-row tiles up to d = 512; docs/gpu-static-contract.md has the
+compiled code before and after. The static contract (tests/test_gpu_static_contract.py) compiles both.
+
 Grid: axis 0 counts query (or key) blocks, so lengths past 65 535 work; batch*heads goes on axis 1 and
 folds onto axis 2 past the 65 535 limit of those axes. Offsets are int64 before they meet a stride.
 """
