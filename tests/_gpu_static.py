@@ -98,6 +98,13 @@ def parse_sass(text: str) -> dict[str, SassStats]:
     return stats
 
 
+def _scratch() -> Path:
+    """build/ of the checkout, for temporary files (not /tmp)."""
+    path = ROOT / "build"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def sass_of(binary: Path) -> dict[str, SassStats]:
     out = subprocess.run([str(nvidia_bin() / "cuobjdump"), "-sass", "-res-usage", str(binary)],
                          capture_output=True, text=True, check=True).stdout
@@ -105,7 +112,7 @@ def sass_of(binary: Path) -> dict[str, SassStats]:
 
 
 def sass_of_cubin(cubin: bytes) -> SassStats:
-    with tempfile.TemporaryDirectory(dir=ROOT / "build") as tmp:
+    with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         (stats,) = sass_of(path).values()
@@ -310,7 +317,7 @@ def cuda_attention_kernels(library: Path) -> dict[str, dict[int, SassStats]]:
     listing = subprocess.run([cuobjdump, "-lelf", str(library)], capture_output=True, text=True).stdout
     cubins = re.findall(r"ELF file\s+\d+: (attention\.sm_(\d+)\.cubin)", listing)
     kernels: dict[str, dict[int, SassStats]] = {}
-    with tempfile.TemporaryDirectory(dir=ROOT / "build") as tmp:
+    with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         for cubin, arch in cubins:
             subprocess.run([cuobjdump, "-xelf", cubin, str(library)], cwd=tmp, capture_output=True, check=True)
             found = sass_of(Path(tmp) / cubin)

@@ -60,12 +60,13 @@ LARGE_CASES = [
 
 
 # Variant triton_attention_v2 (fastattn._verified) changes the 16-bit kernels only. Beside the small cases
-# it gets lengths that are multiples of the interpreter's 16-row tiles (its unmasked full-tile path) and
-# head dims 16, 40, 80 with d_v != d_qk.
+# it gets lengths that are multiples of the interpreter's 16-row tiles (its unmasked full-tile path),
+# head dims 16, 40, 80 with d_v != d_qk, and d_v = 300.
 V2_CASES = [
     (1, 2, 16, 16, 32, 48, None),
     (1, 1, 80, 40, 33, 16, None),
     (2, 1, 40, 16, 16, 7, 1.0),
+    (1, 1, 24, 300, 5, 9, None),  # d_v padded to 512: the forward splits it over two programs
 ]
 V2_LARGE_CASES = [(1, 8, 40, 40, 1024, 1024, None), (1, 1, 512, 512, 196, 196, None), (1, 2, 320, 320, 49, 49, None)]
 VARIANTS = ["v1", "v2"]
