@@ -59,15 +59,43 @@ LARGE_CASES = [
 ]
 
 
+# Variant triton_attention_v2 (fastattn._verified) changes the 16-bit kernels only. Beside the small cases
+# it gets lengths that are multiples of the interpreter's 16-row tiles (its unmasked full-tile path),
+# head dims 16, 40, 80 with d_v != d_qk, and d_v = 300.
+V2_CASES = [
+    (1, 2, 16, 16, 32, 48, None),
+    (1, 1, 80, 40, 33, 16, None),
+    (2, 1, 40, 16, 16, 7, 1.0),
+    (1, 1, 24, 300, 5, 9, None),  # d_v padded to 512: the forward splits it over two programs
+]
+V2_LARGE_CASES = [(1, 8, 40, 40, 1024, 1024, None), (1, 1, 512, 512, 196, 196, None), (1, 2, 320, 320, 49, 49, None)]
+VARIANTS = ["v1", "v2"]
+
+
 def _case_id(case):
     n, heads, d_qk, d_v, len_q, len_k, scale = case
     return f"n{n}h{heads}-d{d_qk}x{d_v}-L{len_q}x{len_k}-s{'inv_sqrt_d' if scale is None else scale}"
 
 
 # every layout for the small cases; the large ones (GPU only) skip the strided view to keep compiles few
-CASE_PARAMS = [pytest.param(case, dtype, layout, id=f"{_case_id(case)}-{str(dtype)[6:]}-{layout}")
-               for cases, layouts in ((SMALL_CASES, LAYOUTS), ([] if INTERPRET else LARGE_CASES, LAYOUTS[:2]))
-               for case in cases for dtype in DTYPES for layout in layouts]
+CASE_PARAMS = [pytest.param(case, dtype, layout, variant, id=f"{_case_id(case)}-{str(dtype)[6:]}-{layout}-{variant}")
+               for cases, layouts, variants in (
+                   (SMALL_CASES, LAYOUTS, VARIANTS), (V2_CASES, LAYOUTS, ["v2"]),
+                   ([] if INTERPRET else LARGE_CASES, LAYOUTS[:2], VARIANTS),
+                   ([] if INTERPRET else V2_LARGE_CASES, LAYOUTS[:2], ["v2"]))
+               for case in cases for dtype in DTYPES for layout in layouts for variant in variants
+               if variant == "v1" or dtype != torch.float32]  # float32 runs v1's kernels under either
+
+
+@pytest.fixture
+def kernels(request, monkeypatch):
+    """Run the launchers with (v2) or without (v1) variant triton_attention_v2 switched on."""
+    from fastattn import _verified
+
+    variant = request.node.callspec.params.get("variant", "v1")
+    monkeypatch.setenv(_verified.ENV, "triton_attention_v2" if variant == "v2" else "")
+    assert _verified.enabled("triton_attention_v2") == (variant == "v2")
+    return variant
 
 
 def _randn(n, c, length, dtype, layout, gen, std=1.0):
@@ -124,8 +152,8 @@ def _assert_rule(name, got, truth, eager, magnitude=None, units=1.0):
 
 
 @pytest.mark.parametrize("device", [DEVICE])
-@pytest.mark.parametrize("case,dtype,layout", CASE_PARAMS)
-def test_forward_matches_reference(case, dtype, layout, device):
+@pytest.mark.parametrize("case,dtype,layout,variant", CASE_PARAMS)
+def test_forward_matches_reference(case, dtype, layout, variant, device, kernels):
     q, k, v, heads, scale = _inputs(case, dtype, layout)
     out, lse = attention.spatial_attention_forward(q, k, v, heads, scale)
     truth_out, truth_lse = ref_spatial_attention_forward(q.double(), k.double(), v.double(), heads, scale)
@@ -173,8 +201,8 @@ def _assert_grads_rule(grads, truth, eager, inputs, d_qk):
 
 
 @pytest.mark.parametrize("device", [DEVICE])
-@pytest.mark.parametrize("case,dtype,layout", CASE_PARAMS)
-def test_backward_matches_reference(case, dtype, layout, device):
+@pytest.mark.parametrize("case,dtype,layout,variant", CASE_PARAMS)
+def test_backward_matches_reference(case, dtype, layout, variant, device, kernels):
     _assert_grads_rule(*_gradients(case, dtype, layout), d_qk=case[2])
 
 
@@ -270,7 +298,7 @@ def test_every_head_dim_and_length_keeps_a_config():
             block_d = attention._block_d(d)
             kept = prune(configs, {"q_ptr": q}, BLOCK_DQK=block_d, BLOCK_DV=16,
                          LENGTH_BUCKET=attention._length_bucket(length))
-            max_resident, max_streamed = attention._tile_limits(block_d, q.element_size())
+            max_resident, max_streamed = attention._tile_limits_v2(kernel, block_d, q.element_size())
             assert kept, (kernel, dtype, d, length)
             for c in kept:
                 assert c.kwargs[resident_name] <= max_resident and c.kwargs[streamed_name] <= max_streamed, (
@@ -300,3 +328,36 @@ def test_batch_heads_past_grid_limit_gpu():
     truth_out, truth_lse = ref_spatial_attention_forward(q.double(), k.double(), v.double(), heads, scale)
     _assert_rule("out", out, truth_out, reference.spatial_attention(q, k, v, heads=heads, scale=scale))
     _assert_grads_rule(*_gradients(case, torch.float16, "contiguous"), d_qk=case[2])
+
+
+@pytest.mark.parametrize("dtype,variant,expect_v2", [(torch.float16, "v2", True), (torch.float32, "v2", False),
+                                                     (torch.float16, "v1", False)])
+def test_variant_switch_picks_the_kernels(dtype, variant, expect_v2, kernels):
+    """The launchers take the v2 kernels only with triton_attention_v2 on, and only for 16-bit inputs."""
+    q, k, v, heads, scale = _inputs((1, 2, 40, 40, 49, 49, None), dtype, "contiguous")
+    out, lse = torch.empty_like(q), torch.empty(1, heads, 49, device=q.device)
+    plan = attention._forward_launches(q, k, v, out, lse, heads, 40, 40, scale, attention._v2(dtype))
+    assert (plan[0][0] is attention._spatial_attention_fwd_kernel_v2) == expect_v2
+    assert (plan[0][0] is attention._spatial_attention_fwd_kernel) != expect_v2
+
+
+@pytest.mark.parametrize("layout,length,copied", [("contiguous", 32, False), ("contiguous", 49, True),
+                                                  ("channel_last", 49, False), ("strided", 48, True)])
+def test_v2_inputs_are_16_byte_aligned(layout, length, copied):
+    """_vector_aligned: the input itself where its strides allow 16-byte tile loads, else an equal copy
+    whose pitch is a multiple of 16 and whose NCHW padding is zero (tiles read up to L rounded to 16)."""
+    gen = torch.Generator().manual_seed(0)
+    if layout == "strided":  # a view of half-precision memory (a converted view would come out dense)
+        t = torch.randn(2, 65, length + 5, generator=gen).half()[:, 1::2, 3:3 + length]
+    else:
+        t = _randn(2, 32, length, torch.float16, layout, gen)
+    (aligned,), channels_last = attention._v2_inputs(t)
+    assert channels_last == (layout == "channel_last")
+    assert (aligned.data_ptr() != t.data_ptr()) == copied and torch.equal(aligned, t)
+    unit, pitch = (1, 2) if channels_last else (2, 1)
+    assert aligned.stride(unit) == 1 and aligned.stride(pitch) % 16 == 0 and aligned.stride(0) % 16 == 0
+    if not channels_last:
+        load_len = attention._load_len(length, channels_last)
+        assert load_len % 16 == 0
+        padded = torch.as_strided(aligned, (2, 32, load_len), aligned.stride())
+        assert not padded[:, :, length:].any()
