@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_cuda_attention_ops import DEVICE, _load_ops, _make, _run_case
+from test_cuda_attention_ops import DEVICE, _case_id, _load_ops, _make, _run_case, check_deterministic, run_listed_case
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
@@ -54,17 +54,11 @@ CASES = [
 ]
 
 
-def _case_id(case):
-    n, heads, dqk, dv, lq, lk, scale = case
-    return f"n{n}h{heads}dqk{dqk}dv{dv}lq{lq}lk{lk}s{'d' if scale is None else scale}"
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_forward_backward_parity(ops, case, dtype, layout):
-    n, heads, dqk, dv, lq, lk, scale = case
-    _run_case(ops, n, heads, dqk, dv, lq, lk, dtype, layout, dqk ** -0.5 if scale is None else scale)
+    run_listed_case(ops, case, dtype, layout)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -115,11 +109,4 @@ def test_tensor_core_kernels_stay_off_without_switch(ops, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deterministic(ops, dtype):
-    gen = torch.Generator(device=DEVICE).manual_seed(3)
-    q, k, v = (_make(2, 128, 784, dtype, "channel_last", gen) for _ in range(3))
-    grad_out = _make(2, 128, 784, dtype, "channel_last", gen)
-    first = ops.spatial_attention_forward(q, k, v, 2, 0.125)
-    second = ops.spatial_attention_forward(q, k, v, 2, 0.125)
-    assert all(torch.equal(a, b) for a, b in zip(first, second)), "forward differs between two identical calls"
-    grads = [ops.spatial_attention_backward(grad_out, q, k, v, *first, 2, 0.125) for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*grads)), "backward differs between two identical calls"
+    check_deterministic(ops, dtype)

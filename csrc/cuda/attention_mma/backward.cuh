@@ -44,21 +44,19 @@ attention_mma_backward_dkdv_kernel(const BackwardParams params) {
   float* delta_s = lse_s + kStages * kQueries;                                // [kStages][kQueries]
 
   const Shape& shape = params.shape;
-  const int64_t bh = cta_batch_head();
-  if (bh >= shape.batch_heads) return;
-  const int64_t n = bh / shape.heads;
-  const int h = static_cast<int>(bh % shape.heads);
+  const CtaHead head(shape);
+  if (head.bh >= shape.batch_heads) return;
   const int dqk = shape.dqk, dv = shape.dv, lq = shape.lq, lk = shape.lk;
   const int k0 = blockIdx.x * kKeys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int warp_row0 = 16 * warp;
 
-  const T* q_slab = params.q.slab<const T>(n, static_cast<int64_t>(h) * dqk);
-  const T* k_slab = params.k.slab<const T>(n, static_cast<int64_t>(h) * dqk);
-  const T* v_slab = params.v.slab<const T>(n, static_cast<int64_t>(h) * dv);
-  const T* do_slab = params.grad_out.slab<const T>(n, static_cast<int64_t>(h) * dv);
-  const float* lse_row = params.lse + bh * lq;
-  const float* delta_row = params.delta + bh * lq;
+  const T* q_slab = head.slab<const T>(params.q, dqk);
+  const T* k_slab = head.slab<const T>(params.k, dqk);
+  const T* v_slab = head.slab<const T>(params.v, dv);
+  const T* do_slab = head.slab<const T>(params.grad_out, dv);
+  const float* lse_row = params.lse + head.bh * lq;
+  const float* delta_row = params.delta + head.bh * lq;
 
   // Q, dO, lse and delta of query tile `tile` into stage `stage` (lse and delta by plain loads).
   auto load_query_tile = [&](int tile, int stage) {
@@ -126,8 +124,8 @@ attention_mma_backward_dkdv_kernel(const BackwardParams params) {
   accumulators_to_tile<KTile>(k_s, acc_dk, warp_row0, dk_factor);
   accumulators_to_tile<KTile>(v_s, acc_dv, warp_row0, dv_factor);
   __syncthreads();
-  store_tile<KTile, kThreads>(params.grad_k.slab<T>(n, static_cast<int64_t>(h) * dqk), params.grad_k, k_s, k0, lk, dqk);
-  store_tile<KTile, kThreads>(params.grad_v.slab<T>(n, static_cast<int64_t>(h) * dv), params.grad_v, v_s, k0, lk, dv);
+  store_tile<KTile, kThreads>(head.slab<T>(params.grad_k, dqk), params.grad_k, k_s, k0, lk, dqk);
+  store_tile<KTile, kThreads>(head.slab<T>(params.grad_v, dv), params.grad_v, v_s, k0, lk, dv);
 #endif
 }
 
@@ -147,19 +145,17 @@ attention_mma_backward_dq_kernel(const BackwardParams params) {
   T* v_s = k_s + kStages * KTile::kElems;   // [kStages] V tiles
 
   const Shape& shape = params.shape;
-  const int64_t bh = cta_batch_head();
-  if (bh >= shape.batch_heads) return;
-  const int64_t n = bh / shape.heads;
-  const int h = static_cast<int>(bh % shape.heads);
+  const CtaHead head(shape);
+  if (head.bh >= shape.batch_heads) return;
   const int dqk = shape.dqk, dv = shape.dv, lq = shape.lq, lk = shape.lk;
   const int q0 = blockIdx.x * kQueries;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int warp_row0 = 16 * warp;
 
-  const T* q_slab = params.q.slab<const T>(n, static_cast<int64_t>(h) * dqk);
-  const T* k_slab = params.k.slab<const T>(n, static_cast<int64_t>(h) * dqk);
-  const T* v_slab = params.v.slab<const T>(n, static_cast<int64_t>(h) * dv);
-  const T* do_slab = params.grad_out.slab<const T>(n, static_cast<int64_t>(h) * dv);
+  const T* q_slab = head.slab<const T>(params.q, dqk);
+  const T* k_slab = head.slab<const T>(params.k, dqk);
+  const T* v_slab = head.slab<const T>(params.v, dv);
+  const T* do_slab = head.slab<const T>(params.grad_out, dv);
 
   load_tile<QTile, kThreads>(q_s, q_slab, params.q, q0, lq, dqk);
   load_tile<QTile, kThreads>(do_s, do_slab, params.grad_out, q0, lq, dv);
@@ -171,8 +167,8 @@ attention_mma_backward_dq_kernel(const BackwardParams params) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = q0 + warp_row0 + lane / 4 + 8 * r;
-    lse_log2[r] = i < lq ? params.lse[bh * lq + i] * kLog2e : 0.f;
-    row_delta[r] = i < lq ? params.delta[bh * lq + i] : 0.f;
+    lse_log2[r] = i < lq ? params.lse[head.bh * lq + i] * kLog2e : 0.f;
+    row_delta[r] = i < lq ? params.delta[head.bh * lq + i] : 0.f;
   }
   float acc[D / 8][4];  // dq / scale: rows queries, columns channels
   zero(acc);
@@ -215,7 +211,7 @@ attention_mma_backward_dq_kernel(const BackwardParams params) {
   const float factor[2] = {params.scale, params.scale};
   accumulators_to_tile<QTile>(q_s, acc, warp_row0, factor);
   __syncthreads();
-  store_tile<QTile, kThreads>(params.grad_q.slab<T>(n, static_cast<int64_t>(h) * dqk), params.grad_q, q_s, q0, lq, dqk);
+  store_tile<QTile, kThreads>(head.slab<T>(params.grad_q, dqk), params.grad_q, q_s, q0, lq, dqk);
 #endif
 }
 

@@ -39,18 +39,16 @@ attention_mma_forward_kernel(const ForwardParams params) {
   T* v_s = k_s + Traits::kStages * KVTile::kElems;     // [kStages] V tiles
 
   const Shape& shape = params.shape;
-  const int64_t bh = cta_batch_head();
-  if (bh >= shape.batch_heads) return;
-  const int64_t n = bh / shape.heads;
-  const int h = static_cast<int>(bh % shape.heads);
+  const CtaHead head(shape);
+  if (head.bh >= shape.batch_heads) return;
   const int dqk = shape.dqk, dv = shape.dv, lq = shape.lq, lk = shape.lk;
   const int q0 = blockIdx.x * kBlockM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int warp_row0 = 16 * warp;
 
-  const T* q_slab = params.q.slab<const T>(n, static_cast<int64_t>(h) * dqk);
-  const T* k_slab = params.k.slab<const T>(n, static_cast<int64_t>(h) * dqk);
-  const T* v_slab = params.v.slab<const T>(n, static_cast<int64_t>(h) * dv);
+  const T* q_slab = head.slab<const T>(params.q, dqk);
+  const T* k_slab = head.slab<const T>(params.k, dqk);
+  const T* v_slab = head.slab<const T>(params.v, dv);
 
   load_tile<QTile, kThreads>(q_s, q_slab, params.q, q0, lq, dqk);
   load_tile<KVTile, kThreads>(k_s, k_slab, params.k, 0, lk, dqk);
@@ -128,12 +126,12 @@ attention_mma_forward_kernel(const ForwardParams params) {
     const float total = group_sum(row_sum[r]);
     inv_sum[r] = 1.f / total;
     const int i = q0 + warp_row0 + lane / 4 + 8 * r;
-    if (t == 0 && i < lq) params.lse[bh * lq + i] = (row_max[r] + log2f(total)) * kLn2;
+    if (t == 0 && i < lq) params.lse[head.bh * lq + i] = (row_max[r] + log2f(total)) * kLn2;
   }
   __syncthreads();  // every warp is done reading q_s: it becomes the output tile
   accumulators_to_tile<QTile>(q_s, acc, warp_row0, inv_sum);
   __syncthreads();
-  T* out_slab = params.out.slab<T>(n, static_cast<int64_t>(h) * dv);
+  T* out_slab = head.slab<T>(params.out, dv);
   store_tile<QTile, kThreads>(out_slab, params.out, q_s, q0, lq, dv);
 #endif
 }

@@ -10,12 +10,25 @@
 
 #include "kernel_traits.cuh"
 #include "mma_utils.cuh"
+#include "params.cuh"
 
 namespace fastattn {
 namespace attention_mma {
 
-// (n * heads + h) of this CTA; the grid's y is folded into y and z to stay under 65535 per axis.
-__device__ __forceinline__ int64_t cta_batch_head() { return blockIdx.y + static_cast<int64_t>(blockIdx.z) * gridDim.y; }
+// This CTA's (n, head); the grid's y is folded into y and z to stay under 65535 per axis.
+struct CtaHead {
+  int64_t bh, n;  // bh = n * heads + h
+  int h;
+  __device__ explicit CtaHead(const Shape& shape)
+      : bh(blockIdx.y + static_cast<int64_t>(blockIdx.z) * gridDim.y),
+        n(bh / shape.heads),
+        h(static_cast<int>(bh % shape.heads)) {}
+  // The start of this head's channel slab in an operand of head_dim channels per head.
+  template <typename T>
+  __device__ T* slab(const Operand& op, int head_dim) const {
+    return op.slab<T>(n, static_cast<int64_t>(h) * head_dim);
+  }
+};
 
 // Writes a warp's 16 x (8 * kBlocks) float accumulators (rows row0.., channels 0..), times the
 // per-row factor, into a tile as T. Lane holds rows row0 + g and row0 + g + 8, columns 8 nb + 2t, +1.
