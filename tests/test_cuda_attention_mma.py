@@ -100,11 +100,21 @@ def test_tensor_core_kernels_run_when_switched_on(ops, dtype, layout):
         assert any(kernel in name for name in names), f"{kernel} did not run; kernels: {sorted(names)}"
 
 
-def test_tensor_core_kernels_stay_off_without_switch(ops, monkeypatch):
-    monkeypatch.delenv(SWITCH)
+@pytest.mark.parametrize("value, on", [
+    (None, False), ("", False), ("0", False), ("triton_attention_v2", False), ("cuda_attention", False),
+    ("1", True), ("all", True), (" triton_attention_v2 , cuda_attention_mma ", True),
+])
+def test_switch_values(ops, monkeypatch, value, on):
+    """The C++ side reads FASTATTN_UNVERIFIED_KERNELS as fastattn/_verified.py does."""
+    if value is None:
+        monkeypatch.delenv(SWITCH)
+    else:
+        monkeypatch.setenv(SWITCH, value)
     names = _kernels_run(ops, torch.float16, "contiguous")
-    assert not any("attention_mma_" in name for name in names), f"unverified kernels ran: {sorted(names)}"
-    assert any("spatial_attention_forward_kernel" in name for name in names), sorted(names)
+    ran = any("attention_mma_" in name for name in names)
+    assert ran == on, f"{SWITCH}={value!r}: tensor-core kernels {'ran' if ran else 'did not run'}; {sorted(names)}"
+    if not on:
+        assert any("spatial_attention_forward_kernel" in name for name in names), sorted(names)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
