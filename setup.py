@@ -54,7 +54,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 here = os.path.dirname(os.path.abspath(__file__))
 cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+cu_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*/*.cu"))
 
 want_cuda = _env_flag("FASTATTN_FORCE_CUDA") or (
     not _env_flag("FASTATTN_SKIP_CUDA") and cuda_home is not None and torch.version.cuda is not None)

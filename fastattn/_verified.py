@@ -12,7 +12,9 @@ bench/gpu_session.sh runs the GPU tests with it set. The C++ side reads the
 same variable for the variants it selects (csrc/cuda/variants.cuh).
 
 To promote a variant once it has passed: set its `verified` to the log that
-shows it, and flip the default on the C++ side where it has one.
+shows it, and flip the default on the C++ side where it has one
+(csrc/cuda/variants.cuh: kCudaAttentionMmaVerified; tests/test_build.py checks
+that the two agree).
 """
 from __future__ import annotations
 

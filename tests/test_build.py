@@ -53,3 +53,22 @@ def test_import_without_compiled_library_says_how_to_build(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "make build" in out.stdout, out.stdout
+
+
+def test_cuda_variant_flags_mirror_verified_py():
+    """csrc/cuda/variants.cuh records, per CUDA kernel variant, whether it passed on a GPU; it must say
+    what fastattn/_verified.py says (the C++ side decides what runs, the Python side reports it)."""
+    import re
+    from pathlib import Path
+
+    from fastattn import _verified
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "variants.cuh").read_text()
+    flags = {"cuda_attention_mma": "kCudaAttentionMmaVerified"}
+    for name, constant in flags.items():
+        match = re.search(rf"constexpr bool {constant} = (true|false);", header)
+        assert match, f"variants.cuh declares no constexpr bool {constant}"
+        assert (match.group(1) == "true") == (_verified.VARIANTS[name].verified is not None), (
+            f"{constant} = {match.group(1)} in variants.cuh, but _verified.py has verified="
+            f"{_verified.VARIANTS[name].verified!r} for {name}")
+        assert f'"{name}"' in header, f"variants.cuh never reads the switch for {name}"

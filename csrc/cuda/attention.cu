@@ -25,6 +25,7 @@
 
 #include <cuda_runtime.h>
 
+#include "attention_mma/api.cuh"
 #include "message.cuh"
 
 #include <algorithm>
@@ -61,10 +62,7 @@ Operand<scalar_t> operand(const at::Tensor& t) {
   return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-struct AttnShape {
-  int64_t batch_heads;  // N * heads
-  int heads, dqk, dv, lq, lk;
-};
+using AttnShape = attention_mma::Shape;  // N * heads, heads, d_qk, d_v, Lq, Lk
 
 __host__ __device__ constexpr int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 __host__ __device__ constexpr int round_up(int a, int b) { return (a + b - 1) / b * b; }
@@ -825,6 +823,10 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_forward_cuda(const at::Tens
     return {out, lse};
   }
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
+  if (attention_mma::forward_applies(q, shape)) {  // tensor cores, when switched on (variants.cuh)
+    attention_mma::forward(q, k, v, out, lse, shape, scale_log2);
+    return {out, lse};
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FASTATTN_DISPATCH_FLOAT_HALF_BFLOAT16(q.scalar_type(), "spatial_attention_forward_cuda", [&] {
     with_tile_rows(std::max(shape.dqk, shape.dv), [&](auto tile) {
@@ -888,6 +890,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_backward_cuda(
             grad_out_op, operand<const scalar_t>(out), delta.data_ptr<float>(), shape);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+    // Tensor cores when switched on (variants.cuh). Either forward's lse fits either backward:
+    // both are the natural-log log-sum-exp of the float32 logits.
+    if (attention_mma::backward_applies(q, shape)) {
+      attention_mma::backward(grad_out, q, k, v, lse_c, delta, grad_q, grad_k, grad_v, shape, scale_f, scale_log2);
+      return;
+    }
     with_tile_rows(max_dim, [&](auto tile) {
       constexpr int TILE = decltype(tile)::value;
       const size_t smem = backward_smem_bytes<TILE>(shape.dqk, shape.dv);

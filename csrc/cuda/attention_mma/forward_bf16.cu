@@ -1,0 +1,8 @@
+// Tensor-core attention forward, __nv_bfloat16 (one dtype per file so the build parallelises).
+#include "launch.cuh"
+
+namespace fastattn {
+namespace attention_mma {
+template void run_forward<__nv_bfloat16>(const ForwardParams&, bool, int, cudaStream_t);
+}  // namespace attention_mma
+}  // namespace fastattn
