@@ -29,7 +29,7 @@ out here so the block stays a single traceable Function (torch.compile
 fullgraph) with one x-sized gradient pass. The one exception is the conv on the
 cpu backend: fastattn's direct kernel (cbam_spatial_conv and its weight
 gradient), because oneDNN's set-up for a 1- or 2-channel map costs more than
-its few MFLOP (fwd+bwd 1.6 ms -> 0.35 ms at 8x2x56x56 on a 2-core Xeon).
+its few MFLOP (measured in docs/benchmarks.md, "Measurements behind design choices").
 """
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ def _mlp_forward(v: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
 
 def _batch_stats(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Biased variance and mean of each channel of t over (N, H, W), in two passes at float32 or
-    wider (torch.var_mean's Welford kernel takes ~150 us on an 8x1x56x56 map, this ~40 us), in
-    `dtype`: the running statistics' (float32 under autocast, where t is 16-bit)."""
+    wider (on these one-channel maps faster than torch.var_mean's Welford kernel), in `dtype`: the
+    running statistics' (float32 under autocast, where t is 16-bit)."""
     wide = t.to(torch.promote_types(t.dtype, torch.float32))
     mean = wide.mean(dim=(0, 2, 3), keepdim=True)
     var = (wide - mean).square().mean(dim=(0, 2, 3))
@@ -204,7 +204,7 @@ def _conv_weight_grad(d_out: Tensor, x: Tensor, weight: Tensor, padding: tuple[i
 
 def _conv_input_grad(d_out: Tensor, weight: Tensor, padding: tuple[int, int], backend: str) -> Tensor:
     """Input gradient of a stride-1 conv as a conv with the flipped, transposed kernel: on the CPU
-    the transposed-conv path PyTorch takes for one output channel is ~8x slower at 8x2x56x56."""
+    the transposed-conv path PyTorch takes for one output channel is several times slower."""
     kh, kw = weight.shape[2:]
     pad = (kh - 1 - padding[0], kw - 1 - padding[1])
     if min(pad) < 0:

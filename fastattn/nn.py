@@ -106,8 +106,8 @@ class CBAM(nn.Module):
 
     def _parts(self):
         """(fc1, fc2, conv, bn) whatever the flavour's layout. Read from the modules' own dicts: a
-        call comes right after a large op, with the interpreter's data out of cache, and there each
-        nn.Module.__getattr__ costs ~10 us (a batch-1 call is mostly such overhead)."""
+        call comes right after a large op, with the interpreter's data out of cache, where each
+        nn.Module.__getattr__ is costly (a batch-1 call is mostly such overhead)."""
         modules = self._modules
         if self.flavor == "official":
             mlp = modules["ChannelGate"]._modules["mlp"]._modules
