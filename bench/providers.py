@@ -4,7 +4,7 @@ cbam:       fastattn-<backend> (fastattn.nn.CBAM, timm flavour, weights copied
             from the timm module), timm (timm.layers.cbam.CbamModule, eager),
             compile (torch.compile of the timm module).
 attention:  fastattn-<backend> (fastattn.spatial_attention), eager
-            (fastattn.reference.spatial_attention: bmm-softmax-bmm), sdpa
+            (fastattn.eager.spatial_attention: bmm-softmax-bmm), sdpa
             (F.scaled_dot_product_attention with the permutes NCHW needs),
             compile (torch.compile of the eager formula).
 models:     timm (the original model), fastattn-<backend> (fastattn.convert; the
@@ -177,18 +177,18 @@ def sdpa_nchw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
 
 def _attention_fn(name: str, compile_backend: str, like: torch.Tensor) -> tuple[Callable, dict]:
     import fastattn
-    from fastattn import reference
+    from fastattn import eager
     if is_fastattn(name):
         backend = name.removeprefix("fastattn-")
         why = _check_fastattn_backend("attention", backend, like)
         return (lambda q, k, v, heads, scale: fastattn.spatial_attention(q, k, v, heads=heads, scale=scale,
                                                                         backend=backend)), {"backend": why}
     if name == "eager":
-        return (lambda q, k, v, heads, scale: reference.spatial_attention(q, k, v, heads=heads, scale=scale)), {}
+        return (lambda q, k, v, heads, scale: eager.spatial_attention(q, k, v, heads=heads, scale=scale)), {}
     if name == "sdpa":
         return sdpa_nchw, {}
     if name == "compile":
-        compiled = torch.compile(reference.spatial_attention, backend=compile_backend)
+        compiled = torch.compile(eager.spatial_attention, backend=compile_backend)
         return (lambda q, k, v, heads, scale: compiled(q, k, v, heads=heads, scale=scale)), {}
     raise ValueError(f"unknown attention provider {name!r}")
 

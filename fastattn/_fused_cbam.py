@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn._ops import kernels_for
-from fastattn.reference import _memory_format
+from fastattn._layout import memory_format
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class FusedCBAMFunction(torch.autograd.Function):
         (x, w1, b1, w2, conv_w, bn_w, bn_mean, bn_var, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
          sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, save_mean, save_invstd) = ctx.saved_tensors
         n = x.shape[0]
-        dy = dy.contiguous(memory_format=_memory_format(x))
+        dy = dy.contiguous(memory_format=memory_format(x))
         d_ch_gate, d_sp_gate = kernels.cbam_apply_backward(dy, x, ch_gate, sp_gate)
 
         d_conv_w = d_bn_w = d_bn_b = d_pooled = None

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _autocast, _ext
-from fastattn import reference as _ref
+from fastattn._layout import channel_last_3d
 
 
 class KernelSet:
@@ -33,8 +33,13 @@ class KernelSet:
 
 COMPILED = KernelSet("compiled", lambda op: getattr(torch.ops.fastattn, op))
 TRITON = KernelSet("triton", lambda op: getattr(torch.ops.fastattn, "triton_" + op))
-# The op contract in plain PyTorch: lets tests drive the fused-module code path without kernels.
-REFERENCE = KernelSet("reference", lambda op: getattr(_ref, "ref_" + op))
+def _oracle_op(op: str):
+    from fastattn import reference  # the tests' oracle, imported only when asked for (a plain import traces)
+    return getattr(reference, "ref_" + op)
+
+
+# The op contract in plain PyTorch: lets tests drive the fused modules' code path without kernels.
+REFERENCE = KernelSet("reference", _oracle_op)
 
 
 def kernels_for(backend: str) -> KernelSet:
@@ -82,7 +87,7 @@ def _fake_cbam_grad_x(x, *args):
 def _fake_spatial_attention_forward(q, k, v, heads, scale):
     n, _, lq = q.shape
     cv = v.shape[1]
-    if _ref.channel_last_3d(q):
+    if channel_last_3d(q):
         out = q.new_empty(n, lq, cv).transpose(1, 2)
     else:
         out = q.new_empty(n, cv, lq)

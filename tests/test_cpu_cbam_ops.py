@@ -10,7 +10,8 @@ import pytest
 import torch
 from _util import assert_error_rule, compiled_ops
 
-from fastattn.reference import (ref_cbam_apply, ref_cbam_apply_backward, ref_cbam_grad_x, ref_channel_pool,
+from fastattn.reference import (ref_cbam_apply, ref_cbam_apply_backward, ref_cbam_forward_eval, ref_cbam_grad_x,
+                                ref_cbam_spatial_conv, ref_cbam_spatial_conv_weight_grad, ref_channel_pool,
                                 ref_gated_spatial_pool, ref_gated_spatial_pool_backward_gate)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -387,24 +388,19 @@ def _conv_id(case):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
 def test_cbam_spatial_conv(ops, case, dtype):
-    """Forward and weight gradient against F.conv2d / aten.convolution_backward (float64 truth, eager
-    same-dtype error for the rule)."""
+    """Forward and weight gradient against the oracle (F.conv2d / aten.convolution_backward accumulated in
+    float32, rounded once): float64 truth, same-dtype oracle error for the rule."""
     xs, ws, pad = case
     g = torch.Generator().manual_seed(11)
     x64, w64 = torch.randn(xs, generator=g, dtype=torch.float64), torch.randn(ws, generator=g, dtype=torch.float64)
     x, w = x64.to(dtype), w64.to(dtype)
     out = ops.cbam_spatial_conv(x, w, list(pad))
-    truth = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, pad)
-    eager = torch.nn.functional.conv2d(x.float(), w.float(), None, 1, pad).to(dtype)  # 16-bit: CPU conv rounds once
-    _check("cbam_spatial_conv", out, eager, truth, dtype)
+    truth = ref_cbam_spatial_conv(x.double(), w.double(), pad)
+    _check("cbam_spatial_conv", out, ref_cbam_spatial_conv(x, w, pad), truth, dtype)
     grad = torch.randn(truth.shape, generator=g, dtype=torch.float64).to(dtype)
     gw = ops.cbam_spatial_conv_weight_grad(grad, x, ws[2], ws[3], list(pad))
-
-    def weight_grad(*args):
-        return torch.ops.aten.convolution_backward(*args, None, [1, 1], list(pad), [1, 1], False, [0, 0], 1,
-                                                   [False, True, False])[1]
-    _check("cbam_spatial_conv_weight_grad", gw, weight_grad(grad.float(), x.float(), w.float()).to(dtype),
-           weight_grad(grad.double(), x.double(), w.double()), dtype)
+    _check("cbam_spatial_conv_weight_grad", gw, ref_cbam_spatial_conv_weight_grad(grad, x, ws[2], ws[3], pad),
+           ref_cbam_spatial_conv_weight_grad(grad.double(), x.double(), ws[2], ws[3], pad), dtype)
 
 
 def test_cbam_spatial_conv_opcheck(ops):
@@ -449,6 +445,20 @@ def _eval_args(c=8, hidden=2, light=False, spatial=True, **override):
             "bn_eps": 1e-5, "padding": [3, 3], "light": light, "max_first": False}
     args.update(override)
     return tuple(args.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["timm", "light", "no-spatial", "max-first", "no-hidden", "channels-last"])
+def test_cbam_forward_eval_matches_oracle(ops, kind, dtype):
+    """The op against ref_cbam_forward_eval: float64 truth, same-dtype oracle error for the rule."""
+    args = _eval_args(hidden=0 if kind == "no-hidden" else 2, light=kind == "light", spatial=kind != "no-spatial",
+                      max_first=kind == "max-first")
+    if kind == "channels-last":
+        args = (args[0].contiguous(memory_format=torch.channels_last),) + args[1:]
+    args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args)
+    y = ops.cbam_forward_eval(*args)
+    assert y.is_contiguous(memory_format=_expected_format(args[0]))
+    _check("cbam_forward_eval", y, ref_cbam_forward_eval(*args), ref_cbam_forward_eval(*_f64(*args)), dtype)
 
 
 @pytest.mark.parametrize("kind", ["timm", "light", "no-spatial", "channels-last"])
