@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastattn._ops import kernels_for
+from fastattn._ops import ChannelMaxTerm, OutputTerm, SpatialPoolTerm, cbam_grad_x, kernels_for
 from fastattn._layout import memory_format
 
 
@@ -163,9 +163,12 @@ class FusedCBAMFunction(torch.autograd.Function):
 
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = kernels.cbam_grad_x(x, dy, ch_gate, sp_gate, d_pooled, pooled, sp_argmax, sp_count,
-                                     d_avg.contiguous(), d_max.contiguous(), mx, ch_argmax, ch_count,
-                                     spec.split_ties)
+            dx = cbam_grad_x(kernels.cbam_grad_x, x, output=OutputTerm(dy, ch_gate, sp_gate),
+                             spatial_pool=None if spec.no_spatial else SpatialPoolTerm(d_pooled, ch_gate, pooled,
+                                                                                       sp_argmax, sp_count),
+                             grad_avg=d_avg.contiguous(),
+                             channel_max=ChannelMaxTerm(d_max.contiguous(), mx, ch_argmax, ch_count),
+                             split_ties=spec.split_ties)
         return (dx, d_w1, d_b1, d_w2, d_b2 if ctx.needs_input_grad[4] else None, d_conv_w,
                 d_bn_w, d_bn_b, None, None, None)
 

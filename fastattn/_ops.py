@@ -9,6 +9,7 @@ both go through one fake kernel and one autograd formula per op.
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +41,58 @@ def _oracle_op(op: str):
 
 # The op contract in plain PyTorch: lets tests drive the fused modules' code path without kernels.
 REFERENCE = KernelSet("reference", _oracle_op)
+
+
+# ---------------------------------------------------------------------------
+# cbam_grad_x's terms, named (the C++ kernels group them the same way, in GradXTerms)
+# ---------------------------------------------------------------------------
+class OutputTerm(NamedTuple):
+    """dx += grad_y * ch_gate * sp_gate: the gradient through y = cbam_apply(x, ch_gate, sp_gate)."""
+    grad_y: Tensor
+    ch_gate: Tensor
+    sp_gate: Tensor
+
+
+class SpatialPoolTerm(NamedTuple):
+    """dx += ch_gate * (grad_pooled[:, 0] / C + w * grad_pooled[:, 1]): the gradient through
+    gated_spatial_pool(x, ch_gate), w the spatial max's tie weight; pooled, argmax, count are that
+    op's outputs."""
+    grad_pooled: Tensor
+    ch_gate: Tensor
+    pooled: Tensor
+    argmax: Tensor
+    count: Tensor
+
+
+class ChannelMaxTerm(NamedTuple):
+    """dx += w * grad_max: the gradient through channel_pool's max, w its tie weight; max, argmax,
+    count are that op's outputs."""
+    grad_max: Tensor
+    max: Tensor
+    argmax: Tensor
+    count: Tensor
+
+
+def grad_x_args(x: Tensor, *, output: OutputTerm | None = None, spatial_pool: SpatialPoolTerm | None = None,
+                grad_avg: Tensor | None = None, channel_max: ChannelMaxTerm | None = None,
+                split_ties: bool) -> tuple:
+    """The positional arguments of the cbam_grad_x op (schema order) for the terms given; grad_avg is
+    the term grad_avg / (H * W) through channel_pool's mean. The output and spatial-pool terms share
+    the op's one ch_gate."""
+    if output is not None and spatial_pool is not None and output.ch_gate is not spatial_pool.ch_gate:
+        raise ValueError("the output and spatial_pool terms of cbam_grad_x must share one ch_gate tensor")
+    ch_gate = output.ch_gate if output is not None else spatial_pool.ch_gate if spatial_pool is not None else None
+    grad_y, _, sp_gate = output if output is not None else (None,) * 3
+    grad_pooled, _, pooled, sp_argmax, sp_count = spatial_pool if spatial_pool is not None else (None,) * 5
+    grad_max, ch_max, ch_argmax, ch_count = channel_max if channel_max is not None else (None,) * 4
+    return (x, grad_y, ch_gate, sp_gate, grad_pooled, pooled, sp_argmax, sp_count, grad_avg, grad_max, ch_max,
+            ch_argmax, ch_count, split_ties)
+
+
+def cbam_grad_x(op, x: Tensor, **terms) -> Tensor:
+    """op (a cbam_grad_x kernel: `kernels.cbam_grad_x`, a launcher, the oracle) called on the named
+    terms of grad_x_args: dx, the x-sized gradient of the CBAM graph, the sum of the terms given."""
+    return op(*grad_x_args(x, **terms))
 
 
 def kernels_for(backend: str) -> KernelSet:
@@ -150,8 +203,8 @@ def _autograd_for(kernels: KernelSet) -> dict:
 
     def channel_pool_backward(ctx, grad_avg, grad_max, _ga, _gc):
         x, mx, argmax, count = ctx.saved_tensors
-        dx = kernels.cbam_grad_x(x, None, None, None, None, None, None, None,
-                                 grad_avg, grad_max, mx, argmax, count, ctx.split_ties)
+        dx = cbam_grad_x(kernels.cbam_grad_x, x, grad_avg=grad_avg,
+                         channel_max=ChannelMaxTerm(grad_max, mx, argmax, count), split_ties=ctx.split_ties)
         return dx, None
 
     def gated_spatial_pool_setup(ctx, inputs, output):
@@ -165,8 +218,9 @@ def _autograd_for(kernels: KernelSet) -> dict:
         grad_pooled = grad_pooled.contiguous()
         dx = dgate = None
         if ctx.needs_input_grad[0]:
-            dx = kernels.cbam_grad_x(x, None, gate, None, grad_pooled, pooled, argmax, count,
-                                     None, None, None, None, None, ctx.split_ties)
+            dx = cbam_grad_x(kernels.cbam_grad_x, x, spatial_pool=SpatialPoolTerm(grad_pooled, gate, pooled, argmax,
+                                                                                  count),
+                             split_ties=ctx.split_ties)
         if ctx.needs_input_grad[1]:
             dgate = kernels.gated_spatial_pool_backward_gate(grad_pooled, x, gate, pooled, argmax, count,
                                                              ctx.split_ties)
@@ -179,8 +233,7 @@ def _autograd_for(kernels: KernelSet) -> dict:
         x, ch_gate, sp_gate = ctx.saved_tensors
         dx = dch = dsp = None
         if ctx.needs_input_grad[0]:
-            dx = kernels.cbam_grad_x(x, grad_y, ch_gate, sp_gate, None, None, None, None,
-                                     None, None, None, None, None, False)
+            dx = cbam_grad_x(kernels.cbam_grad_x, x, output=OutputTerm(grad_y, ch_gate, sp_gate), split_ties=False)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dch, dsp = kernels.cbam_apply_backward(grad_y, x, ch_gate, sp_gate)
         return dx, dch, dsp

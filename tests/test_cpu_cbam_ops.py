@@ -10,6 +10,7 @@ import pytest
 import torch
 from _util import assert_error_rule, compiled_ops
 
+from fastattn._ops import ChannelMaxTerm, OutputTerm, SpatialPoolTerm, grad_x_args
 from fastattn.reference import (ref_cbam_apply, ref_cbam_apply_backward, ref_cbam_forward_eval, ref_cbam_grad_x,
                                 ref_cbam_spatial_conv, ref_cbam_spatial_conv_weight_grad, ref_channel_pool,
                                 ref_gated_spatial_pool, ref_gated_spatial_pool_backward_gate)
@@ -225,19 +226,12 @@ def _check_grad_x(ops, shape, dtype, layout, kind, split_ties, terms):
     pooled, sp_arg, sp_cnt = ref_gated_spatial_pool(x, ch)
     _, ch_max, ch_arg, ch_cnt = ref_channel_pool(x)
     use = TERMS[terms]
-    args = [x,
-            grad_y if "grad_y" in use else None,
-            ch, sp if "grad_y" in use else None,
-            grad_pooled if "grad_pooled" in use else None,
-            pooled if "grad_pooled" in use else None,
-            sp_arg if "grad_pooled" in use else None,
-            sp_cnt if "grad_pooled" in use else None,
-            grad_avg if "grad_avg" in use else None,
-            grad_max if "grad_max" in use else None,
-            ch_max if "grad_max" in use else None,
-            ch_arg if "grad_max" in use else None,
-            ch_cnt if "grad_max" in use else None,
-            split_ties]
+    args = grad_x_args(x, output=OutputTerm(grad_y, ch, sp) if "grad_y" in use else None,
+                       spatial_pool=SpatialPoolTerm(grad_pooled, ch, pooled, sp_arg, sp_cnt) if "grad_pooled" in use
+                       else None,
+                       grad_avg=grad_avg if "grad_avg" in use else None,
+                       channel_max=ChannelMaxTerm(grad_max, ch_max, ch_arg, ch_cnt) if "grad_max" in use else None,
+                       split_ties=split_ties)
     out = ops.cbam_grad_x(*args)
     ref = ref_cbam_grad_x(*args)
     # truth: float64 arithmetic with the same-dtype forward's tie masks (the x == max tests use x as given)

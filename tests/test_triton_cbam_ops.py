@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fastattn._ops import ChannelMaxTerm, OutputTerm, SpatialPoolTerm, grad_x_args  # noqa: E402
 from fastattn.reference import (  # noqa: E402
     _memory_format,
     ref_cbam_apply,
@@ -187,7 +188,7 @@ def test_gated_spatial_pool_ties_made_by_rounding(layout, dtype, device):
     args = (gp, x, gate, pooled, arg, cnt)
     eager = ref_gated_spatial_pool_backward_gate(*args, True)
     _assert_close("grad_gate", tc.gated_spatial_pool_backward_gate(*args, True), eager, eager)
-    dx_args = (x, None, gate, None, gp, pooled, arg, cnt, None, None, None, None, None, True)
+    dx_args = grad_x_args(x, spatial_pool=SpatialPoolTerm(gp, gate, pooled, arg, cnt), split_ties=True)
     eager = ref_cbam_grad_x(*dx_args)
     _assert_close("cbam_grad_x", tc.cbam_grad_x(*dx_args), eager, eager)
 
@@ -270,12 +271,13 @@ GRAD_X_TERMS = [("grad_y", "grad_pooled", "grad_avg", "grad_max"), ("grad_y",), 
 
 def _grad_x_args(x, gate, pooled, sp_arg, sp_cnt, ch_max, ch_arg, ch_cnt, grads, terms, split_ties, sp):
     has = set(terms)
-    return (x, grads["grad_y"] if "grad_y" in has else None,
-            gate if has & {"grad_y", "grad_pooled"} else None, sp if "grad_y" in has else None,
-            *((grads["grad_pooled"], pooled, sp_arg, sp_cnt) if "grad_pooled" in has else (None,) * 4),
-            grads["grad_avg"] if "grad_avg" in has else None,
-            *((grads["grad_max"], ch_max, ch_arg, ch_cnt) if "grad_max" in has else (None,) * 4),
-            split_ties)
+    return grad_x_args(
+        x, output=OutputTerm(grads["grad_y"], gate, sp) if "grad_y" in has else None,
+        spatial_pool=SpatialPoolTerm(grads["grad_pooled"], gate, pooled, sp_arg, sp_cnt) if "grad_pooled" in has
+        else None,
+        grad_avg=grads["grad_avg"] if "grad_avg" in has else None,
+        channel_max=ChannelMaxTerm(grads["grad_max"], ch_max, ch_arg, ch_cnt) if "grad_max" in has else None,
+        split_ties=split_ties)
 
 
 @pytest.mark.parametrize("device", DEVICES)
