@@ -1,4 +1,4 @@
-"""Shared test helpers: the error rule of DESIGN.md §4 and backend lists."""
+"""Shared test helpers: the error rule of docs/DESIGN.md §4 and backend lists."""
 from __future__ import annotations
 
 import functools

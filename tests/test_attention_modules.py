@@ -1,7 +1,7 @@
 """The attention modules of fastattn.nn against their reference twins (and timm's
 NonLocalAttn): keys, outputs, input and parameter gradients, BatchNorm running
 statistics, in train and eval mode, on every attention path available here
-(DESIGN.md §4 error rule); gradcheck in float64; the autocast rules of the ops."""
+(docs/DESIGN.md §4 error rule); gradcheck in float64; the autocast rules of the ops."""
 import copy
 
 import pytest

@@ -1,6 +1,6 @@
 """Op-level parity of the C++ CPU CBAM kernels (csrc/cpu/cbam.cpp) with fastattn.reference.ref_*.
 
-Error rule (DESIGN.md §4): against the float64 reference, a kernel's error may be at most
+Error rule (docs/DESIGN.md §4): against the float64 reference, a kernel's error may be at most
 2x the error of the same-dtype eager reference plus a small atol. Max values, argmax and tie
 counts must match the same-dtype reference exactly, NaN positions included.
 """

@@ -1,6 +1,6 @@
 """CUDA kernels of the CBAM ops (csrc/cuda/cbam.cu) against the op contract, fastattn.reference.
 
-Values (means, sums, gradients) follow DESIGN.md §4: the kernel's error against a
+Values (means, sums, gradients) follow docs/DESIGN.md §4: the kernel's error against a
 float64 ground truth is at most 2x the same-dtype reference's error plus a small
 atol. Maxima, argmax and tie counts must equal the same-dtype reference exactly,
 NaN and inf in the same places.
@@ -58,7 +58,7 @@ SHAPES = [(n, c, h, w) for c, (h, w), n in itertools.product(CHANNELS, SPATIAL, 
 LAYOUTS = ["contiguous", "channels_last"]
 KINDS = ["ties", "nan"]  # relu'd and rounded (many ties); random with NaN and +-inf sprinkled in
 
-# atol of the DESIGN.md rule, relative to the largest magnitude of the ground truth
+# atol of the docs/DESIGN.md §4 rule, relative to the largest magnitude of the ground truth
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -118,7 +118,7 @@ def _randn(shape, dtype, gen):
 # Checks
 # --------------------------------------------------------------------------
 def _check_values(name: str, out: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor) -> None:
-    """DESIGN.md §4 on the finite entries; NaN and inf exactly where the same-dtype reference has them."""
+    """docs/DESIGN.md §4 on the finite entries; NaN and inf exactly where the same-dtype reference has them."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
     assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, reference {ref.dtype}"
     out64, ref64, truth64 = out.double(), ref.double(), truth.double()

@@ -84,3 +84,35 @@ def test_readme_support_table_is_the_registry():
         readme = f.read()
     for row in _registry.support_table():
         assert row in readme, f"README's support table lacks the registry's row:\n{row}"
+
+
+# ---------------------------------------------------------------------------
+# The repository documents itself: every DESIGN.md reference resolves to a section of docs/DESIGN.md
+# ---------------------------------------------------------------------------
+def _repo_text_files():
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if rel.endswith((".py", ".cpp", ".cu", ".cuh", ".h", ".md", ".sh", ".toml", ".txt")) or rel == "Makefile":
+            path = os.path.join(ROOT, rel)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    yield rel, f.read()
+
+
+def test_design_references_resolve():
+    with open(os.path.join(ROOT, "docs", "DESIGN.md")) as f:
+        design = f.read()
+    numbered = set(re.findall(r"^## (\d+)\. ", design, re.M))
+    headings = set(re.findall(r"^#+ (.+?)\s*$", design, re.M))
+    bad = []
+    for rel, text in _repo_text_files():
+        if re.search(r"\.\./shared/|/work/" + "shared", text):
+            bad.append(f"{rel}: refers to a file outside the repository")
+        for number in re.findall(r"DESIGN\.md (?:§|section )(\d+)", text):
+            if number not in numbered:
+                bad.append(f"{rel}: DESIGN.md §{number} does not exist")
+        for title in re.findall(r"DESIGN\.md \"([^\"]+)\"", text):
+            if title not in headings:
+                bad.append(f"{rel}: DESIGN.md \"{title}\" is no heading")
+    assert not bad, "\n".join(bad)

@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (device "cpu"); with one they
 are compiled and run on CUDA tensors (device "cuda"). Index outputs (argmax, tie counts) and maxima
-must equal the same-dtype reference exactly; sums follow DESIGN.md §4: error against the float64
+must equal the same-dtype reference exactly; sums follow docs/DESIGN.md §4: error against the float64
 reference at most 2x the same-dtype eager reference's error plus a small atol.
 """
 import importlib
@@ -88,7 +88,7 @@ def _atol(dtype, truth):
 
 
 def _assert_close(name, out, eager, truth):
-    """DESIGN.md §4: |out - truth| <= 2 |eager - truth| + atol where eager is finite; elsewhere
+    """docs/DESIGN.md §4: |out - truth| <= 2 |eager - truth| + atol where eager is finite; elsewhere
     (NaN, +-inf) out must equal eager."""
     assert out.shape == eager.shape and out.dtype == eager.dtype, (name, out.shape, out.dtype, eager.shape, eager.dtype)
     finite = eager.isfinite()
