@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from _util import assert_error_rule, compiled_ops
+from _util import assert_equal_values, assert_error_rule, compiled_ops
 
 from fastattn._ops import ChannelMaxTerm, OutputTerm, SpatialPoolTerm, grad_x_args
 from fastattn.reference import (ref_cbam_apply, ref_cbam_apply_backward, ref_cbam_forward_eval, ref_cbam_grad_x,
@@ -61,17 +61,6 @@ def _check(name, out, ref_same, ref64, dtype):
     assert_error_rule(name, out, ref64.to(torch.float64), ref_same)
 
 
-def _exact(name, out, ref):
-    assert out.dtype == ref.dtype and out.shape == ref.shape, (name, out.dtype, ref.dtype)
-    if out.is_floating_point():
-        same = (out == ref) | (out.isnan() & ref.isnan())
-    else:
-        same = out == ref
-    if not same.all():
-        idx = (~same).nonzero()[0].tolist()
-        pytest.fail(f"{name}: {int((~same).sum())} mismatches, first at {idx}: {out[tuple(idx)]} vs {ref[tuple(idx)]}")
-
-
 def _f64(*ts):
     return [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts]
 
@@ -121,9 +110,9 @@ def _check_pools(ops, shape, dtype, layout, kind):
     avg, mx, arg, cnt = ops.channel_pool(x, True)
     r_avg, r_mx, r_arg, r_cnt = ref_channel_pool(x)
     _check(f"channel_pool avg ({kind})", avg, r_avg, ref_channel_pool(x.double())[0], dtype)
-    _exact("channel_pool max", mx, r_mx)
-    _exact("channel_pool argmax", arg, r_arg)
-    _exact("channel_pool count", cnt, r_cnt)
+    assert_equal_values("channel_pool max", mx, r_mx)
+    assert_equal_values("channel_pool argmax", arg, r_arg)
+    assert_equal_values("channel_pool count", cnt, r_cnt)
 
     pooled, arg, cnt = ops.gated_spatial_pool(x, gate, True)
     r_pooled, r_arg, r_cnt = ref_gated_spatial_pool(x, gate)
@@ -132,9 +121,9 @@ def _check_pools(ops, shape, dtype, layout, kind):
     z = x * gate[:, :, None, None]
     r64_mean = z.double().mean(1)
     _check("gated_spatial_pool mean", pooled[:, 0], r_pooled[:, 0], r64_mean, dtype)
-    _exact("gated_spatial_pool max", pooled[:, 1], r_pooled[:, 1])
-    _exact("gated_spatial_pool argmax", arg, r_arg)
-    _exact("gated_spatial_pool count", cnt, r_cnt)
+    assert_equal_values("gated_spatial_pool max", pooled[:, 1], r_pooled[:, 1])
+    assert_equal_values("gated_spatial_pool argmax", arg, r_arg)
+    assert_equal_values("gated_spatial_pool count", cnt, r_cnt)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
@@ -146,7 +135,7 @@ def test_cbam_apply(ops, case):
     ref = ref_cbam_apply(x, ch, sp)
     _check("cbam_apply", y, ref, ref_cbam_apply(*_f64(x, ch, sp)), dtype)
     if dtype in (torch.float32, torch.float64):  # same products in the same order
-        _exact("cbam_apply (bitwise)", y, ref)
+        assert_equal_values("cbam_apply (bitwise)", y, ref)
     _check_layout(y, x)
 
 
@@ -312,9 +301,9 @@ def test_argmax_first_nan_and_all_ties(ops):
         assert mx[0, 1].isnan() and mx[0, 2] == float("-inf")
         pooled, arg, cnt = ops.gated_spatial_pool(xl, torch.ones(1, 20), True)
         r_pooled, r_arg, r_cnt = ref_gated_spatial_pool(xl, torch.ones(1, 20))
-        _exact("pooled", pooled, r_pooled)
-        _exact("argmax", arg, r_arg)
-        _exact("count", cnt, r_cnt)
+        assert_equal_values("pooled", pooled, r_pooled)
+        assert_equal_values("argmax", arg, r_arg)
+        assert_equal_values("count", cnt, r_cnt)
 
 
 def test_long_rows_and_many_tiles(ops):
@@ -327,15 +316,15 @@ def test_long_rows_and_many_tiles(ops):
     for layout in ["contiguous", "channels_last"]:
         xl = _layout(x, layout)
         for o, r in zip(ops.channel_pool(xl, False), ref_channel_pool(xl)):
-            _exact("channel_pool", o, r)
+            assert_equal_values("channel_pool", o, r)
     xc = torch.randn(1, 1300, 5, 5).relu().round()
     for layout in ["contiguous", "channels_last"]:
         xl = _layout(xc, layout)
         gate = torch.ones(1, 1300)
         for o, r in zip(ops.gated_spatial_pool(xl, gate, False), ref_gated_spatial_pool(xl, gate)):
-            _exact("gated_spatial_pool", o, r)
+            assert_equal_values("gated_spatial_pool", o, r)
         for o, r in zip(ops.channel_pool(xl, True), ref_channel_pool(xl)):
-            _exact("channel_pool", o, r)
+            assert_equal_values("channel_pool", o, r)
     # more positions than one lane tile of the elementwise and gradient kernels
     for layout in ["contiguous", "channels_last"]:
         for kind in ["ties", "nan"]:
