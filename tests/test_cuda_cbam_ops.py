@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _util import compiled_ops
+from _util import assert_equal_values, compiled_ops
 
 from fastattn.reference import (
     _max_weight,
@@ -143,20 +143,6 @@ def _check_values(name: str, out: torch.Tensor, ref: torch.Tensor, truth: torch.
         f"reference {ref64.flatten()[worst].item()!r}, truth {truth64.flatten()[worst].item()!r}")
 
 
-def _check_exact(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Bitwise-equal values (NaN where the reference has NaN; -0 == +0)."""
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
-    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, reference {ref.dtype}"
-    if out.is_floating_point():
-        same = (out == ref) | (out.isnan() & ref.isnan())
-    else:
-        same = out == ref
-    bad = (~same).nonzero()
-    assert bad.numel() == 0, (
-        f"{name}: {bad.shape[0]} of {out.numel()} entries differ, first at {bad[0].tolist()}: "
-        f"kernel {out[tuple(bad[0])].item()!r}, reference {ref[tuple(bad[0])].item()!r}")
-
-
 def _check_layout(name: str, out: torch.Tensor, x: torch.Tensor) -> None:
     fmt = _memory_format(x)
     assert out.is_contiguous(memory_format=fmt), f"{name}: expected {fmt} like x (strides {x.stride()}), got strides {out.stride()}"
@@ -228,9 +214,9 @@ def test_channel_pool(ops, shape, dtype, layout, kind):
     avg, mx, argmax, count = ops.channel_pool(x, True)
     ref_avg, ref_mx, ref_argmax, ref_count = ref_channel_pool(x)
     _check_values("avg", avg, ref_avg, ref_channel_pool(x.double())[0])
-    _check_exact("max", mx, ref_mx)
-    _check_exact("argmax", argmax, ref_argmax)
-    _check_exact("count", count, ref_count)
+    assert_equal_values("max", mx, ref_mx)
+    assert_equal_values("argmax", argmax, ref_argmax)
+    assert_equal_values("count", count, ref_count)
 
 
 @cases
@@ -243,9 +229,9 @@ def test_gated_spatial_pool(ops, shape, dtype, layout, kind):
     assert pooled.is_contiguous(), f"pooled must be contiguous, got strides {pooled.stride()}"
     truth_pooled = ref_gated_spatial_pool(x.double(), gate.double())[0]
     _check_values("mean", pooled[:, 0], ref_pooled[:, 0], truth_pooled[:, 0])
-    _check_exact("max", pooled[:, 1], ref_pooled[:, 1])
-    _check_exact("argmax", argmax, ref_argmax)
-    _check_exact("count", count, ref_count)
+    assert_equal_values("max", pooled[:, 1], ref_pooled[:, 1])
+    assert_equal_values("argmax", argmax, ref_argmax)
+    assert_equal_values("count", count, ref_count)
 
 
 @cases
@@ -362,7 +348,7 @@ def test_other_strides(ops, shape, dtype, x_layout):
                 torch.testing.assert_close(o, r, atol=ATOL[dtype] * max(1.0, r.abs().max().item()), rtol=0,
                                            equal_nan=True, msg=lambda m: f"{name}[{i}]: {m}")
             else:
-                _check_exact(f"{name}[{i}]", o, r)
+                assert_equal_values(f"{name}[{i}]", o, r)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -376,7 +362,7 @@ def test_float64(ops, shape, layout):
             if o.is_floating_point():
                 _check_values(f"{name}[{i}]", o, r, r)
             else:
-                _check_exact(f"{name}[{i}]", o, r)
+                assert_equal_values(f"{name}[{i}]", o, r)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
