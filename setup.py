@@ -62,11 +62,10 @@ if _env_flag("FASTATTN_FORCE_CUDA") and (cuda_home is None or torch.version.cuda
     sys.exit("FASTATTN_FORCE_CUDA=1 but no nvcc or no CUDA build of torch was found")
 
 opt = ["-O3"]
-cxx_flags = opt + ["-fopenmp", "-DFASTATTN_CPU_ONLY" if not want_cuda else "-DFASTATTN_WITH_CUDA"]
+cxx_flags = opt + ["-fopenmp"]
 link_flags = ["-fopenmp"]
 if _env_flag("FASTATTN_SANITIZE"):
-    cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fopenmp",
-                 "-DFASTATTN_CPU_ONLY"]
+    cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fopenmp"]
     link_flags += ["-fsanitize=address,undefined"]
     want_cuda = False
 if not _env_flag("FASTATTN_SANITIZE"):
@@ -84,8 +83,7 @@ if want_cuda:
         cpp_sources + cu_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags,
-                            "nvcc": opt + ["--use_fast_math", "-lineinfo", "-DFASTATTN_WITH_CUDA",
-                                           "--expt-relaxed-constexpr"]},
+                            "nvcc": opt + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]},
         extra_link_args=link_flags,
     )
 else:

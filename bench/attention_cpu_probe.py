@@ -5,7 +5,7 @@ Times, interleaved in one process, on (N, Cq, Cv, Lq, Lk, heads) cases in float3
   sdpa          F.scaled_dot_product_attention on the NCHW views (q.view(N, h, d, L).transpose(-1, -2)),
                 output permuted back and made contiguous
   sdpa_contig   the same with the permuted q, k, v made contiguous first (SDPA's fast path)
-  eager         bmm-softmax-bmm (fastattn.reference.spatial_attention)
+  eager         bmm-softmax-bmm (fastattn.eager.spatial_attention)
 and prints medians and the ratios fastattn / competitor (< 1 means fastattn is faster).
 
     PYTHONPATH=. python bench/attention_cpu_probe.py [--threads 2] [--reps 5] [--bwd]
@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastattn.reference import spatial_attention as eager_attention
+from fastattn.eager import spatial_attention as eager_attention
 
 CASES = {  # name: (N, Cq, Cv, Lq, Lk, heads, scale or None)
     "28x28 C64": (4, 64, 64, 28 * 28, 28 * 28, 1, None),

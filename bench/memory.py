@@ -13,15 +13,15 @@ during the call.
 Resident set (``peak_rss_mib``, CPU only): what the OS had to hand the process,
 whoever asked for it. In the bench's own process this reading is worthless:
 glibc keeps freed heap chunks resident, so whether a call's temporaries show up
-depends on the heap's history (two providers running identical code read 1094
-and 1606 MiB). So each provider gets a process of its own, with the heap's
-behaviour fixed:
+depends on the heap's history (two providers running identical code can read
+hundreds of MiB apart). So each provider gets a process of its own, with the
+heap's behaviour fixed:
 
 * the process: forked, per provider and case, from a server
   (``python -m bench.memory --serve``, started once per run) that imported
   torch, timm and fastattn and ran nothing; every reading starts from the same
-  heap. (A fresh interpreter per reading costs 3-4 s of imports on this
-  machine, times 45 readings in the default case list.)
+  heap. (A fresh interpreter per reading would pay the imports once per
+  reading.)
 * in it: build the case's inputs and the provider as the bench does
   (bench.providers), one warm-up call (compiles, loads kernels, starts the
   thread pool, creates optimizer state), drop the grads it left, read VmRSS;
@@ -33,15 +33,12 @@ behaviour fixed:
   top is given back past 128 KiB; fixed values switch off glibc's dynamic mmap
   threshold. A tensor then leaves the resident set when it is freed, so the
   high-water mark sees the call's live memory and not what earlier calls left.
-  At glibc's defaults in the same forked processes, the warm-up's freed blocks
-  stay in the heap and the readings drift from the tensor peak both ways: timm
-  CBAM (8,256,56,56) fwd+bwd read 196 MiB (trace: 129), fastattn-cpu U-Net
-  attention read 60 MiB (trace: 91). With the settings above they read 129 and
-  91, and providers running identical code read alike: fastattn-reference and
-  eager attention 787.79 and 787.75 MiB (U-Net), 29.63 and 29.63 (non-local
-  4x64x28x28); one provider measured twice, within 0.3 MiB.
-* cost: every block over 128 KiB is faulted in afresh in both calls (a
-  resnet26-nl training step: 25 s a provider), so the default run takes these
+  At glibc's defaults the warm-up's freed blocks stay in the heap and the
+  readings drift from the tensor peak both ways; the readings that show it, and
+  that identical code reads alike with these settings, are in bench/README.md
+  ("Peak memory").
+* cost: every block over 128 KiB is faulted in afresh in both calls (slow on a
+  model's training step), so the default run takes these
   readings on the main shapes only (bench.cases.MAIN_SHAPES); --full and
   --quick on every fwd+bwd and train case.
 * resolution: pages, and blocks under 128 KiB come from a heap the warm-up

@@ -4,7 +4,7 @@ cbam:       fastattn-<backend> (fastattn.nn.CBAM, timm flavour, weights copied
             from the timm module), timm (timm.layers.cbam.CbamModule, eager),
             compile (torch.compile of the timm module).
 attention:  fastattn-<backend> (fastattn.spatial_attention), eager
-            (fastattn.reference.spatial_attention: bmm-softmax-bmm), sdpa
+            (fastattn.eager.spatial_attention: bmm-softmax-bmm), sdpa
             (F.scaled_dot_product_attention as a user calls it on NCHW maps:
             permute to (N, heads, L, d), contiguous, SDPA picking its kernel,
             permute back), sdpa-<kernel> (the same call with one SDPA kernel
@@ -335,7 +335,7 @@ def flash_attn_fn() -> Callable:
 
 def _attention_fn(name: str, compile_backend: str, inputs: dict) -> tuple[Callable, dict]:
     import fastattn
-    from fastattn import reference
+    from fastattn import eager
     q = inputs["q"]
     if is_fastattn(name):
         backend, _ = fastattn_backend(name)
@@ -343,7 +343,7 @@ def _attention_fn(name: str, compile_backend: str, inputs: dict) -> tuple[Callab
         return (lambda q, k, v, heads, scale: fastattn.spatial_attention(q, k, v, heads=heads, scale=scale,
                                                                         backend=backend)), {"backend": why}
     if name == "eager":
-        return (lambda q, k, v, heads, scale: reference.spatial_attention(q, k, v, heads=heads, scale=scale)), {}
+        return (lambda q, k, v, heads, scale: eager.spatial_attention(q, k, v, heads=heads, scale=scale)), {}
     if name == "sdpa":
         args = (inputs[key] for key in ("q", "k", "v", "heads", "scale"))
         return sdpa_user, {"sdpa_kernel": sdpa_choice(*args)}
@@ -354,7 +354,7 @@ def _attention_fn(name: str, compile_backend: str, inputs: dict) -> tuple[Callab
     if name == "flash-attn":
         return flash_attn_fn(), {}
     if name == "compile":
-        compiled = torch.compile(reference.spatial_attention, backend=compile_backend)
+        compiled = torch.compile(eager.spatial_attention, backend=compile_backend)
         return (lambda q, k, v, heads, scale: compiled(q, k, v, heads=heads, scale=scale)), {}
     raise ValueError(f"unknown attention provider {name!r}")
 

@@ -37,7 +37,7 @@ class Settings:
         if mode == "full":
             return cls(2, 5, 30, 6.0, 7, True, "all", compile_backend)
         # make bench: under 5 minutes on 2 cores, start-up and plots included; a resident-set reading takes two
-        # calls with every page faulted in afresh (a resnet26-nl step: 25 s), so only the main shapes get one
+        # calls with every page faulted in afresh (slow on a model step), so only the main shapes get one
         return cls(1, 3, 15, 2.5, 5, True, "main", compile_backend, deadline_s=240.0)
 
     def for_case(self, elapsed_s: float, cases_left: int) -> "Settings":

@@ -100,8 +100,7 @@ _PREDICATES = {"reference": can_run_reference, "cpu": can_run_cpu, "cuda": can_r
 
 
 # choose()'s answers: what can run depends only on the key (the compiled library and Triton are
-# loaded once), and a module call should not pay for the predicates again (~50 us in total when
-# the interpreter's data has just been evicted by the previous op)
+# loaded once), so a module call does not pay for the predicates again
 _CHOSEN: dict[tuple, tuple[str, str]] = {}
 
 

@@ -29,7 +29,7 @@ out here so the block stays a single traceable Function (torch.compile
 fullgraph) with one x-sized gradient pass. The one exception is the conv on the
 cpu backend: fastattn's direct kernel (cbam_spatial_conv and its weight
 gradient), because oneDNN's set-up for a 1- or 2-channel map costs more than
-its few MFLOP (fwd+bwd 1.6 ms -> 0.35 ms at 8x2x56x56 on a 2-core Xeon).
+its few MFLOP (measured in docs/benchmarks.md, "Measurements behind design choices").
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastattn._ops import kernels_for
-from fastattn.reference import _memory_format
+from fastattn._ops import ChannelMaxTerm, OutputTerm, SpatialPoolTerm, cbam_grad_x, kernels_for
+from fastattn._layout import memory_format
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,8 @@ def _mlp_forward(v: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tenso
 
 def _batch_stats(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Biased variance and mean of each channel of t over (N, H, W), in two passes at float32 or
-    wider (torch.var_mean's Welford kernel takes ~150 us on an 8x1x56x56 map, this ~40 us), in
-    `dtype`: the running statistics' (float32 under autocast, where t is 16-bit)."""
+    wider (on these one-channel maps faster than torch.var_mean's Welford kernel), in `dtype`: the
+    running statistics' (float32 under autocast, where t is 16-bit)."""
     wide = t.to(torch.promote_types(t.dtype, torch.float32))
     mean = wide.mean(dim=(0, 2, 3), keepdim=True)
     var = (wide - mean).square().mean(dim=(0, 2, 3))
@@ -133,7 +133,7 @@ class FusedCBAMFunction(torch.autograd.Function):
         (x, w1, b1, w2, conv_w, bn_w, bn_mean, bn_var, mlp_in, hidden, ch_gate, mx, ch_argmax, ch_count,
          sp_gate, pooled, sp_argmax, sp_count, sp_in, conv_out, save_mean, save_invstd) = ctx.saved_tensors
         n = x.shape[0]
-        dy = dy.contiguous(memory_format=_memory_format(x))
+        dy = dy.contiguous(memory_format=memory_format(x))
         d_ch_gate, d_sp_gate = _kernel(spec, "cbam_apply_backward")(dy, x, ch_gate, sp_gate)
 
         d_conv_w = d_bn_w = d_bn_b = d_pooled = None
@@ -167,9 +167,12 @@ class FusedCBAMFunction(torch.autograd.Function):
 
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _kernel(spec, "cbam_grad_x")(x, dy, ch_gate, sp_gate, d_pooled, pooled, sp_argmax, sp_count,
-                                     d_avg.contiguous(), d_max.contiguous(), mx, ch_argmax, ch_count,
-                                     spec.split_ties)
+            dx = cbam_grad_x(_kernel(spec, "cbam_grad_x"), x, output=OutputTerm(dy, ch_gate, sp_gate),
+                             spatial_pool=None if spec.no_spatial else SpatialPoolTerm(d_pooled, ch_gate, pooled,
+                                                                                       sp_argmax, sp_count),
+                             grad_avg=d_avg.contiguous(),
+                             channel_max=ChannelMaxTerm(d_max.contiguous(), mx, ch_argmax, ch_count),
+                             split_ties=spec.split_ties)
         return (dx, d_w1, d_b1, d_w2, d_b2 if ctx.needs_input_grad[4] else None, d_conv_w,
                 d_bn_w, d_bn_b, None, None, None)
 
@@ -208,7 +211,7 @@ def _conv_weight_grad(d_out: Tensor, x: Tensor, weight: Tensor, padding: tuple[i
 
 def _conv_input_grad(d_out: Tensor, weight: Tensor, padding: tuple[int, int], backend: str) -> Tensor:
     """Input gradient of a stride-1 conv as a conv with the flipped, transposed kernel: on the CPU
-    the transposed-conv path PyTorch takes for one output channel is ~8x slower at 8x2x56x56."""
+    the transposed-conv path PyTorch takes for one output channel is several times slower."""
     kh, kw = weight.shape[2:]
     pad = (kh - 1 - padding[0], kw - 1 - padding[1])
     if min(pad) < 0:

@@ -1,5 +1,5 @@
-"""Op registration on the Python side: fake (meta) kernels, autograd formulas,
-and the Triton ops.
+"""Op registration on the Python side, derived from the op registry (fastattn._registry): fake
+(meta) kernels, autograd formulas, autocast kernels, and the Triton ops.
 
 The compiled ops (`torch.ops.fastattn.<op>`, schemas in csrc/ops.cpp) dispatch
 by device to the CPU or CUDA kernels. The Triton kernels are registered as
@@ -9,12 +9,12 @@ both go through one fake kernel and one autograd formula per op.
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fastattn import _autocast, _ext
-from fastattn import reference as _ref
+from fastattn import _autocast, _ext, _registry
 
 
 class KernelSet:
@@ -33,8 +33,65 @@ class KernelSet:
 
 COMPILED = KernelSet("compiled", lambda op: getattr(torch.ops.fastattn, op))
 TRITON = KernelSet("triton", lambda op: getattr(torch.ops.fastattn, "triton_" + op))
-# The op contract in plain PyTorch: lets tests drive the fused-module code path without kernels.
-REFERENCE = KernelSet("reference", lambda op: getattr(_ref, "ref_" + op))
+def _oracle_op(op: str):
+    from fastattn import reference  # the tests' oracle, imported only when asked for (a plain import traces)
+    return getattr(reference, "ref_" + op)
+
+
+# The op contract in plain PyTorch: lets tests drive the fused modules' code path without kernels.
+REFERENCE = KernelSet("reference", _oracle_op)
+
+
+# ---------------------------------------------------------------------------
+# cbam_grad_x's terms, named (the C++ kernels group them the same way, in GradXTerms)
+# ---------------------------------------------------------------------------
+class OutputTerm(NamedTuple):
+    """dx += grad_y * ch_gate * sp_gate: the gradient through y = cbam_apply(x, ch_gate, sp_gate)."""
+    grad_y: Tensor
+    ch_gate: Tensor
+    sp_gate: Tensor
+
+
+class SpatialPoolTerm(NamedTuple):
+    """dx += ch_gate * (grad_pooled[:, 0] / C + w * grad_pooled[:, 1]): the gradient through
+    gated_spatial_pool(x, ch_gate), w the spatial max's tie weight; pooled, argmax, count are that
+    op's outputs."""
+    grad_pooled: Tensor
+    ch_gate: Tensor
+    pooled: Tensor
+    argmax: Tensor
+    count: Tensor
+
+
+class ChannelMaxTerm(NamedTuple):
+    """dx += w * grad_max: the gradient through channel_pool's max, w its tie weight; max, argmax,
+    count are that op's outputs."""
+    grad_max: Tensor
+    max: Tensor
+    argmax: Tensor
+    count: Tensor
+
+
+def grad_x_args(x: Tensor, *, output: OutputTerm | None = None, spatial_pool: SpatialPoolTerm | None = None,
+                grad_avg: Tensor | None = None, channel_max: ChannelMaxTerm | None = None,
+                split_ties: bool) -> tuple:
+    """The positional arguments of the cbam_grad_x op (schema order) for the terms given; grad_avg is
+    the term grad_avg / (H * W) through channel_pool's mean. The output and spatial-pool terms share
+    the op's one ch_gate."""
+    if output is not None and spatial_pool is not None and output.ch_gate is not spatial_pool.ch_gate:
+        raise ValueError("the output and spatial_pool terms of cbam_grad_x must share one ch_gate tensor")
+    ch_gate = output.ch_gate if output is not None else spatial_pool.ch_gate if spatial_pool is not None else None
+    grad_y, _, sp_gate = output if output is not None else (None,) * 3
+    grad_pooled, _, pooled, sp_argmax, sp_count = spatial_pool if spatial_pool is not None else (None,) * 5
+    grad_max, ch_max, ch_argmax, ch_count = channel_max if channel_max is not None else (None,) * 4
+    return (x, grad_y, ch_gate, sp_gate, grad_pooled, pooled, sp_argmax, sp_count, grad_avg, grad_max, ch_max,
+            ch_argmax, ch_count, split_ties)
+
+
+def cbam_grad_x(op, x: Tensor, **terms) -> Tensor:
+    """op (a cbam_grad_x kernel: `kernels.cbam_grad_x`, a launcher, the oracle) called on the named
+    terms of grad_x_args: dx, the x-sized gradient of the CBAM graph, the sum of the terms given."""
+    return op(*grad_x_args(x, **terms))
 
 
 def kernels_for(backend: str) -> KernelSet:
@@ -49,91 +106,6 @@ def kernels_for(backend: str) -> KernelSet:
 
 
 # ---------------------------------------------------------------------------
-# Fake kernels: output metadata only (shapes, dtypes, strides)
-# ---------------------------------------------------------------------------
-def _fake_channel_pool(x, split_ties):
-    n, c = x.shape[:2]
-    return (x.new_empty(n, c), x.new_empty(n, c), x.new_empty(n, c, dtype=torch.int64),
-            x.new_empty(n, c, dtype=torch.int32))
-
-
-def _fake_gated_spatial_pool(x, gate, split_ties):
-    n, _, h, w = x.shape
-    return x.new_empty(n, 2, h, w), x.new_empty(n, h, w, dtype=torch.int64), x.new_empty(n, h, w, dtype=torch.int32)
-
-
-def _fake_cbam_apply(x, ch_gate, sp_gate):
-    return torch.empty_like(x)
-
-
-def _fake_cbam_apply_backward(grad_y, x, ch_gate, sp_gate):
-    return torch.empty_like(ch_gate, memory_format=torch.contiguous_format), \
-        torch.empty_like(sp_gate, memory_format=torch.contiguous_format)
-
-
-def _fake_gated_spatial_pool_backward_gate(grad_pooled, x, gate, pooled, argmax, count, split_ties):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-def _fake_cbam_grad_x(x, *args):
-    return torch.empty_like(x)
-
-
-def _fake_spatial_attention_forward(q, k, v, heads, scale):
-    n, _, lq = q.shape
-    cv = v.shape[1]
-    if _ref.channel_last_3d(q):
-        out = q.new_empty(n, lq, cv).transpose(1, 2)
-    else:
-        out = q.new_empty(n, cv, lq)
-    return out, q.new_empty(n, heads, lq, dtype=torch.float32)
-
-
-def _fake_spatial_attention_backward(grad_out, q, k, v, out, lse, heads, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _fake_cbam_spatial_conv(x, weight, padding):
-    n, _, h, w = x.shape
-    return x.new_empty(n, weight.shape[0], h + 2 * padding[0] - weight.shape[2] + 1,
-                       w + 2 * padding[1] - weight.shape[3] + 1)
-
-
-def _fake_cbam_spatial_conv_weight_grad(grad_out, x, kh, kw, padding):
-    return x.new_empty(grad_out.shape[1], x.shape[1], kh, kw)
-
-
-def _fake_cbam_forward_eval(x, *args):
-    return torch.empty_like(x)
-
-
-_INTERNAL_OP = ("fastattn::{op} is an internal op of the fused CBAM block (its forward and backward call it) "
-                "and has no derivative of its own; double backward through the block is not supported")
-_INFERENCE_OP = ("fastattn::{op} is the fused CBAM block's inference forward and has no derivative; the block "
-                 "calls it only where no gradient is needed (no input or parameter requires grad, or grad mode is "
-                 "off)")
-
-# the cpu backend's direct conv for the spatial gate (other backends call F.conv2d) and its one-op
-# inference forward: no Triton twin, no derivative. op -> (fake kernel, the error a derivative raises)
-_COMPILED_ONLY = {
-    "cbam_spatial_conv": (_fake_cbam_spatial_conv, _INTERNAL_OP),
-    "cbam_spatial_conv_weight_grad": (_fake_cbam_spatial_conv_weight_grad, _INTERNAL_OP),
-    "cbam_forward_eval": (_fake_cbam_forward_eval, _INFERENCE_OP),
-}
-
-_FAKES = {
-    "channel_pool": _fake_channel_pool,
-    "gated_spatial_pool": _fake_gated_spatial_pool,
-    "cbam_apply": _fake_cbam_apply,
-    "cbam_apply_backward": _fake_cbam_apply_backward,
-    "gated_spatial_pool_backward_gate": _fake_gated_spatial_pool_backward_gate,
-    "cbam_grad_x": _fake_cbam_grad_x,
-    "spatial_attention_forward": _fake_spatial_attention_forward,
-    "spatial_attention_backward": _fake_spatial_attention_backward,
-}
-
-
-# ---------------------------------------------------------------------------
 # Autograd formulas, one per forward op, shared by the compiled and Triton ops
 # ---------------------------------------------------------------------------
 def _autograd_for(kernels: KernelSet) -> dict:
@@ -145,8 +117,8 @@ def _autograd_for(kernels: KernelSet) -> dict:
 
     def channel_pool_backward(ctx, grad_avg, grad_max, _ga, _gc):
         x, mx, argmax, count = ctx.saved_tensors
-        dx = kernels.cbam_grad_x(x, None, None, None, None, None, None, None,
-                                 grad_avg, grad_max, mx, argmax, count, ctx.split_ties)
+        dx = cbam_grad_x(kernels.cbam_grad_x, x, grad_avg=grad_avg,
+                         channel_max=ChannelMaxTerm(grad_max, mx, argmax, count), split_ties=ctx.split_ties)
         return dx, None
 
     def gated_spatial_pool_setup(ctx, inputs, output):
@@ -160,8 +132,9 @@ def _autograd_for(kernels: KernelSet) -> dict:
         grad_pooled = grad_pooled.contiguous()
         dx = dgate = None
         if ctx.needs_input_grad[0]:
-            dx = kernels.cbam_grad_x(x, None, gate, None, grad_pooled, pooled, argmax, count,
-                                     None, None, None, None, None, ctx.split_ties)
+            dx = cbam_grad_x(kernels.cbam_grad_x, x, spatial_pool=SpatialPoolTerm(grad_pooled, gate, pooled, argmax,
+                                                                                  count),
+                             split_ties=ctx.split_ties)
         if ctx.needs_input_grad[1]:
             dgate = kernels.gated_spatial_pool_backward_gate(grad_pooled, x, gate, pooled, argmax, count,
                                                              ctx.split_ties)
@@ -174,8 +147,7 @@ def _autograd_for(kernels: KernelSet) -> dict:
         x, ch_gate, sp_gate = ctx.saved_tensors
         dx = dch = dsp = None
         if ctx.needs_input_grad[0]:
-            dx = kernels.cbam_grad_x(x, grad_y, ch_gate, sp_gate, None, None, None, None,
-                                     None, None, None, None, None, False)
+            dx = cbam_grad_x(kernels.cbam_grad_x, x, output=OutputTerm(grad_y, ch_gate, sp_gate), split_ties=False)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dch, dsp = kernels.cbam_apply_backward(grad_y, x, ch_gate, sp_gate)
         return dx, dch, dsp
@@ -206,31 +178,16 @@ def _triton_module(family: str):
     return importlib.import_module(f"fastattn.triton_kernels.{family}")
 
 
-_TRITON_FAMILY = {op: ("attention" if op.startswith("spatial_attention") else "cbam") for op in _FAKES}
-
-
 def _define_triton_ops() -> None:
     lib = torch.library.Library("fastattn", "FRAGMENT")
-    schemas = {
-        "channel_pool": "(Tensor x, bool split_ties) -> (Tensor, Tensor, Tensor, Tensor)",
-        "gated_spatial_pool": "(Tensor x, Tensor gate, bool split_ties) -> (Tensor, Tensor, Tensor)",
-        "cbam_apply": "(Tensor x, Tensor ch_gate, Tensor sp_gate) -> Tensor",
-        "cbam_apply_backward": "(Tensor grad_y, Tensor x, Tensor ch_gate, Tensor sp_gate) -> (Tensor, Tensor)",
-        "gated_spatial_pool_backward_gate": ("(Tensor grad_pooled, Tensor x, Tensor gate, Tensor pooled, "
-                                             "Tensor argmax, Tensor count, bool split_ties) -> Tensor"),
-        "cbam_grad_x": ("(Tensor x, Tensor? grad_y, Tensor? ch_gate, Tensor? sp_gate, Tensor? grad_pooled, "
-                        "Tensor? pooled, Tensor? sp_argmax, Tensor? sp_count, Tensor? grad_avg, Tensor? grad_max, "
-                        "Tensor? ch_max, Tensor? ch_argmax, Tensor? ch_count, bool split_ties) -> Tensor"),
-        "spatial_attention_forward": "(Tensor q, Tensor k, Tensor v, int heads, float scale) -> (Tensor, Tensor)",
-        "spatial_attention_backward": ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-                                       "int heads, float scale) -> (Tensor, Tensor, Tensor)"),
-    }
-    for op, schema in schemas.items():
+    for op, spec in _registry.OPS.items():
+        if not spec.triton:
+            continue
         name = "triton_" + op
-        lib.define(name + schema)
+        lib.define(name + spec.schema)
 
-        def launch(*args, _op=op):
-            return getattr(_triton_module(_TRITON_FAMILY[_op]), _op)(*args)
+        def launch(*args, _op=op, _family=spec.family):
+            return getattr(_triton_module(_family), _op)(*args)
 
         # CPU too: the Triton interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors.
         lib.impl(name, launch, "CUDA")
@@ -240,9 +197,15 @@ def _define_triton_ops() -> None:
 
 _AUTOCAST_LIB = torch.library.Library("fastattn", "IMPL")  # keeps the autocast kernels registered
 
-
-_BACKWARD_OPS = ("cbam_apply_backward", "gated_spatial_pool_backward_gate", "cbam_grad_x",
-                 "spatial_attention_backward")
+_INTERNAL_OP = ("fastattn::{op} is an internal op of the fused CBAM block (its forward and backward call it) "
+                "and has no derivative of its own; double backward through the block is not supported")
+_INFERENCE_OP = ("fastattn::{op} is the fused CBAM block's inference forward and has no derivative; the block "
+                 "calls it only where no gradient is needed (no input or parameter requires grad, or grad mode is "
+                 "off)")
+_DOUBLE_BACKWARD = ("fastattn: double backward (a gradient of a gradient, create_graph=True) is not supported "
+                    "through {op}; use backend='reference' for higher-order gradients")
+_NO_DERIVATIVE = {_registry.INTERNAL: _INTERNAL_OP, _registry.INFERENCE: _INFERENCE_OP,
+                  _registry.NO_DOUBLE_BACKWARD: _DOUBLE_BACKWARD}
 
 
 def _raising_backward(message: str):
@@ -252,30 +215,26 @@ def _raising_backward(message: str):
     return backward
 
 
-def _no_double_backward(op: str):
-    """Autograd of a backward op."""
-    return _raising_backward(f"fastattn: double backward (a gradient of a gradient, create_graph=True) is not "
-                             f"supported through {op}; use backend='reference' for higher-order gradients")
-
-
 def _register() -> None:
-    compiled = _ext._C is not None
+    """Fake kernel, autograd and autocast kernels of every op in the registry, for the compiled ops
+    (when fastattn._C loaded) and their Triton twins."""
     _define_triton_ops()
-    for kernels, prefix, present in ((COMPILED, "", compiled), (TRITON, "triton_", True)):
-        if not present:
+    for kernels, prefix in ((COMPILED, ""), (TRITON, "triton_")):
+        if kernels is COMPILED and _ext._C is None:
             continue
-        for op, fake in _FAKES.items():
-            torch.library.register_fake(f"fastattn::{prefix}{op}", fake)
-        if kernels is COMPILED:
-            for op, (fake, no_derivative) in _COMPILED_ONLY.items():
-                torch.library.register_fake(f"fastattn::{op}", fake)
-                torch.library.register_autograd(f"fastattn::{op}", _raising_backward(no_derivative.format(op=op)))
-        for op, (setup, backward) in _autograd_for(kernels).items():
-            torch.library.register_autograd(f"fastattn::{prefix}{op}", backward, setup_context=setup)
-        for op in _BACKWARD_OPS:
-            torch.library.register_autograd(f"fastattn::{prefix}{op}", _no_double_backward(op))
-        for op, rule in _autocast.OP_RULES.items():
-            _autocast.register(_AUTOCAST_LIB, f"fastattn::{prefix}{op}", rule)
+        formulas = _autograd_for(kernels)
+        for op, spec in _registry.OPS.items():
+            if prefix and not spec.triton:
+                continue
+            qualname = f"fastattn::{prefix}{op}"
+            torch.library.register_fake(qualname, spec.fake)
+            if spec.autograd == _registry.FORMULA:
+                setup, backward = formulas[op]
+                torch.library.register_autograd(qualname, backward, setup_context=setup)
+            else:
+                torch.library.register_autograd(qualname, _raising_backward(_NO_DERIVATIVE[spec.autograd].format(op=op)))
+            if op in _autocast.OP_RULES:
+                _autocast.register(_AUTOCAST_LIB, qualname, _autocast.OP_RULES[op])
 
 
 _register()

@@ -16,7 +16,7 @@ from typing import Callable
 from torch import nn
 
 from fastattn import nn as fnn
-from fastattn import reference
+from fastattn import twins
 from fastattn._backend import BACKENDS
 from fastattn.nn import CBAM
 
@@ -119,11 +119,11 @@ def _attention_rule(cls: type, fused_cls: type, problem=_no_problem) -> _Rule:
 
 def _rules() -> list[_Rule]:
     """A rule for every layer type convert knows, matched by exact type."""
-    rules = [_cbam_rule(reference.OfficialCBAM, "official"), _cbam_rule(reference.TimmCBAM, None),
-             _attention_rule(reference.NonLocal2d, fnn.NonLocal2d),
-             _attention_rule(reference.SelfAttention2d, fnn.SelfAttention2d),
-             _attention_rule(reference.AttentionBlock2d, fnn.AttentionBlock2d),
-             _attention_rule(reference.TimmNonLocalAttn, fnn.NonLocalAttn, _nonlocal_attn_problem)]
+    rules = [_cbam_rule(twins.OfficialCBAM, "official"), _cbam_rule(twins.TimmCBAM, None),
+             _attention_rule(twins.NonLocal2d, fnn.NonLocal2d),
+             _attention_rule(twins.SelfAttention2d, fnn.SelfAttention2d),
+             _attention_rule(twins.AttentionBlock2d, fnn.AttentionBlock2d),
+             _attention_rule(twins.TimmNonLocalAttn, fnn.NonLocalAttn, _nonlocal_attn_problem)]
     try:
         from timm.layers import cbam as timm_cbam
         from timm.layers import non_local_attn as timm_nl
@@ -158,9 +158,10 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: str = "auto", r
     """Replace the attention layers of `model` that fastattn fuses with fused
     modules holding the same submodules, parameters and buffers:
 
-      timm CbamModule, LightCbamModule, fastattn.reference.TimmCBAM, OfficialCBAM -> fastattn.nn.CBAM
-      timm NonLocalAttn, fastattn.reference.TimmNonLocalAttn                    -> fastattn.nn.NonLocalAttn
-      fastattn.reference.NonLocal2d / SelfAttention2d / AttentionBlock2d        -> fastattn.nn twins
+      timm CbamModule, LightCbamModule, fastattn.twins.TimmCBAM, OfficialCBAM -> fastattn.nn.CBAM
+      timm NonLocalAttn, fastattn.twins.TimmNonLocalAttn                    -> fastattn.nn.NonLocalAttn
+      fastattn.twins.NonLocal2d / SelfAttention2d / AttentionBlock2d        -> fastattn.nn twins
+    (fastattn.twins' classes are also importable as fastattn.reference.<name>: the same classes.)
 
     state_dict keys and values do not change, so checkpoints load both ways.
     Layers of those types whose configuration the fused block does not compute

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _autocast, _ops  # noqa: F401  (_ops registers fake kernels, autograd, autocast)
-from fastattn import reference
+from fastattn import eager
 from fastattn._backend import choose
 from fastattn._ops import kernels_for
 from fastattn._validate import check_attention, check_cbam
@@ -46,7 +46,7 @@ def channel_pool(x: Tensor, *, ties: str = "split", backend: str = "auto") -> tu
     name = _cbam_backend(x, backend, "channel_pool")
     if name == "reference":
         if split:
-            return reference.channel_pool(x)
+            return eager.channel_pool(x)
         return x.mean((2, 3)), torch.nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
     avg, mx, _, _ = kernels_for(name).channel_pool(x, split)
     return avg, mx
@@ -63,7 +63,7 @@ def gated_spatial_pool(x: Tensor, ch_gate: Tensor, *, ties: str = "split", backe
     name = _cbam_backend(x, backend, "gated_spatial_pool")
     if name == "reference":
         if split:
-            return reference.gated_spatial_pool(x, ch_gate)
+            return eager.gated_spatial_pool(x, ch_gate)
         z = x * ch_gate[:, :, None, None]
         return torch.stack([z.mean(1), z.max(1)[0]], 1)
     pooled, _, _ = kernels_for(name).gated_spatial_pool(x, ch_gate.contiguous(), split)
@@ -79,7 +79,7 @@ def cbam_apply(x: Tensor, ch_gate: Tensor, sp_gate: Tensor, *, backend: str = "a
     ch_gate, sp_gate = check_cbam(x, ch_gate, sp_gate)
     name = _cbam_backend(x, backend, "cbam_apply")
     if name == "reference":
-        return reference.cbam_apply(x, ch_gate, sp_gate)
+        return eager.cbam_apply(x, ch_gate, sp_gate)
     return kernels_for(name).cbam_apply(x, ch_gate.contiguous(), sp_gate.contiguous())
 
 
@@ -105,6 +105,6 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int = 1, scale:
         scale = (q.shape[1] // heads) ** -0.5
     name, _ = choose("attention", q.device, q.dtype, backend)
     if name == "reference" or q.numel() == 0:
-        return reference.spatial_attention(q, k, v, heads=heads, scale=scale)
+        return eager.spatial_attention(q, k, v, heads=heads, scale=scale)
     out, _ = kernels_for(name).spatial_attention_forward(_as_3d(q), _as_3d(k), _as_3d(v), heads, float(scale))
     return out.view(q.shape[0], v.shape[1], *q.shape[2:])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn import functional as FA
-from fastattn import reference
+from fastattn import twins
 from fastattn._backend import BACKENDS, choose, op_backends
 from fastattn._fused_cbam import CbamSpec, FusedCBAMFunction, inference_forward
 from fastattn._validate import check_module_input
@@ -85,11 +85,11 @@ class CBAM(nn.Module):
                  no_spatial: bool = False, backend: str = "auto"):
         super().__init__()
         if _check_flavor(flavor) == "official":
-            twin = reference.OfficialCBAM(channels, reduction, no_spatial=no_spatial, kernel_size=spatial_kernel)
+            twin = twins.OfficialCBAM(channels, reduction, no_spatial=no_spatial, kernel_size=spatial_kernel)
         else:
             if no_spatial:
                 raise ValueError("no_spatial=True exists only in the official flavor")
-            twin = reference.TimmCBAM(channels, 1.0 / reduction, spatial_kernel_size=spatial_kernel,
+            twin = twins.TimmCBAM(channels, 1.0 / reduction, spatial_kernel_size=spatial_kernel,
                                       light=flavor == "timm_light")
         self._adopt(twin, flavor, backend)
 
@@ -109,8 +109,8 @@ class CBAM(nn.Module):
 
     def _parts(self):
         """(fc1, fc2, conv, bn) whatever the flavour's layout. Read from the modules' own dicts: a
-        call comes right after a large op, with the interpreter's data out of cache, and there each
-        nn.Module.__getattr__ costs ~10 us (a batch-1 call is mostly such overhead)."""
+        call comes right after a large op, with the interpreter's data out of cache, where each
+        nn.Module.__getattr__ is costly (a batch-1 call is mostly such overhead)."""
         modules = self._modules
         if self.flavor == "official":
             mlp = modules["ChannelGate"]._modules["mlp"]._modules
@@ -190,9 +190,9 @@ class ChannelGate(nn.Module):
         super().__init__()
         self.flavor, self.backend = _check_flavor(flavor), _check_backend(backend)
         if flavor == "official":
-            self.mlp = reference.OfficialChannelGate(channels, reduction).mlp
+            self.mlp = twins.OfficialChannelGate(channels, reduction).mlp
         else:
-            twin = reference.TimmChannelAttn(channels, 1.0 / reduction, light=flavor == "timm_light")
+            twin = twins.TimmChannelAttn(channels, 1.0 / reduction, light=flavor == "timm_light")
             self.fc1, self.act, self.fc2 = twin.fc1, twin.act, twin.fc2
 
     def _mlp(self, v: Tensor) -> Tensor:
@@ -224,10 +224,10 @@ class SpatialGate(nn.Module):
         super().__init__()
         self.flavor, self.backend = _check_flavor(flavor), _check_backend(backend)
         if flavor == "official":
-            twin = reference.OfficialSpatialGate(kernel_size)
+            twin = twins.OfficialSpatialGate(kernel_size)
             self.compress, self.spatial = twin.compress, twin.spatial
         else:
-            self.conv = reference.TimmSpatialAttn(kernel_size, light=flavor == "timm_light").conv
+            self.conv = twins.TimmSpatialAttn(kernel_size, light=flavor == "timm_light").conv
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.spatial.conv if self.flavor == "official" else self.conv.conv
@@ -252,7 +252,7 @@ class SpatialGate(nn.Module):
 # --------------------------------------------------------------------------
 class _FusedAttentionBlock(nn.Module):
     """What the attention blocks share: they adopt the submodules, parameters and
-    plain attributes of a reference layer (theirs or timm's), run its class's own
+    plain attributes of a twin layer (fastattn.twins' or timm's), run its class's own
     forward as the eager path, and their own `_fused` otherwise. Only the
     softmax(QK)V core changes; the convs and norms are the layer's own."""
 
@@ -286,14 +286,14 @@ class _FusedAttentionBlock(nn.Module):
         return self._fused(x, backend)
 
     def _fused(self, x: Tensor, backend: str) -> Tensor:
-        """The block with its attention core on `backend` ("reference": the functional
-        reference, which lets tests drive this path without compiled kernels)."""
+        """The block with its attention core on `backend` ("reference": the eager
+        function, which lets tests drive this path without compiled kernels)."""
         raise NotImplementedError
 
 
 class NonLocal2d(_FusedAttentionBlock):
     """Fused embedded-Gaussian non-local block (Wang et al., 2018); twin of
-    fastattn.reference.NonLocal2d, same state_dict keys.
+    fastattn.twins.NonLocal2d, same state_dict keys.
 
     x: (N, C, H, W) -> (N, C, H, W) = x + out_norm(out_conv(y)), with Ci = inter_channels,
     y = softmax(scale * theta(x)^T phi(x)) g(x): theta (N, Ci, H, W); phi, g (N, Ci, H', W'),
@@ -307,7 +307,7 @@ class NonLocal2d(_FusedAttentionBlock):
     def __init__(self, channels: int, reduction: int = 2, *, inter_channels: int | None = None,
                  sub_sample: bool = False, use_scale: bool = True, backend: str = "auto"):
         super().__init__()
-        self._adopt(reference.NonLocal2d(channels, reduction, inter_channels=inter_channels,
+        self._adopt(twins.NonLocal2d(channels, reduction, inter_channels=inter_channels,
                                          sub_sample=sub_sample, use_scale=use_scale), backend)
 
     def _fused(self, x: Tensor, backend: str) -> Tensor:
@@ -323,7 +323,7 @@ class NonLocal2d(_FusedAttentionBlock):
 
 
 class SelfAttention2d(_FusedAttentionBlock):
-    """Fused SAGAN / BigGAN self-attention; twin of fastattn.reference.SelfAttention2d
+    """Fused SAGAN / BigGAN self-attention; twin of fastattn.twins.SelfAttention2d
     (BigGAN-PyTorch's keys theta, phi, g, o, gamma).
 
     x: (N, C, H, W), H, W >= 2 -> (N, C, H, W) = x + gamma * o(y), with
@@ -335,7 +335,7 @@ class SelfAttention2d(_FusedAttentionBlock):
 
     def __init__(self, channels: int, *, backend: str = "auto"):
         super().__init__()
-        self._adopt(reference.SelfAttention2d(channels), backend)
+        self._adopt(twins.SelfAttention2d(channels), backend)
 
     def _fused(self, x: Tensor, backend: str) -> Tensor:
         q = self.theta(x)
@@ -350,7 +350,7 @@ class SelfAttention2d(_FusedAttentionBlock):
 
 class AttentionBlock2d(_FusedAttentionBlock):
     """Fused attention block of diffusion U-Nets and VAEs; twin of
-    fastattn.reference.AttentionBlock2d (keys norm, qkv, proj_out).
+    fastattn.twins.AttentionBlock2d (keys norm, qkv, proj_out).
 
     x: (N, C, H, W) -> (N, C, H, W) = x + proj_out(attention(qkv(norm(x)))): GroupNorm(groups, C),
     a 1x1 conv C -> 3C, multi-head softmax(d ** -0.5 q^T k) v with d = C / heads over the
@@ -363,7 +363,7 @@ class AttentionBlock2d(_FusedAttentionBlock):
     def __init__(self, channels: int, heads: int = 1, *, groups: int = 32, eps: float = 1e-5,
                  qkv_layout: str = "chunked", backend: str = "auto"):
         super().__init__()
-        self._adopt(reference.AttentionBlock2d(channels, heads, groups=groups, eps=eps, qkv_layout=qkv_layout),
+        self._adopt(twins.AttentionBlock2d(channels, heads, groups=groups, eps=eps, qkv_layout=qkv_layout),
                     backend)
 
     def _fused(self, x: Tensor, backend: str) -> Tensor:
@@ -384,7 +384,7 @@ class AttentionBlock2d(_FusedAttentionBlock):
 
 class NonLocalAttn(_FusedAttentionBlock):
     """Fused timm.layers.non_local_attn.NonLocalAttn (and its twin
-    fastattn.reference.TimmNonLocalAttn): same keys t, p, g, z, norm, same numerics.
+    fastattn.twins.TimmNonLocalAttn): same keys t, p, g, z, norm, same numerics.
 
     x: (N, C, H, W) -> (N, C, H, W) = norm(z(y)) + x, y = softmax(scale * t(x)^T p(x)) g(x)
     over the H*W positions; t, p, g: (N, Cr, H, W). Note timm's scale is C ** -0.5, the
@@ -396,7 +396,7 @@ class NonLocalAttn(_FusedAttentionBlock):
     def __init__(self, in_channels: int, use_scale: bool = True, rd_ratio: float = 1 / 8,
                  rd_channels: int | None = None, rd_divisor: int = 8, *, backend: str = "auto"):
         super().__init__()
-        self._adopt(reference.TimmNonLocalAttn(in_channels, use_scale, rd_ratio, rd_channels, rd_divisor), backend)
+        self._adopt(twins.TimmNonLocalAttn(in_channels, use_scale, rd_ratio, rd_channels, rd_divisor), backend)
 
     def _fused(self, x: Tensor, backend: str) -> Tensor:
         y = FA.spatial_attention(self.t(x), self.p(x), self.g(x), scale=self.scale, backend=backend)

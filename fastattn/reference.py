@@ -1,29 +1,31 @@
-"""Pure-PyTorch ground truth for every fastattn op and module.
+"""The oracle: pure-PyTorch ground truth of every fastattn op.
 
-Two levels live here:
+The ``ref_*`` functions implement the op contract of ``csrc/ops.cpp`` exactly (same inputs, same
+outputs, including the saved index tensors), one per op. Every C++, CUDA and Triton kernel is
+tested against them (docs/DESIGN.md, "Op contracts" and "Accuracy rule"). Production code does
+not import this module; the tests and the reference kernel set of fastattn._ops do.
 
-* ``ref_*`` functions implement the *op contract* of ``csrc/ops.cpp`` exactly
-  (same inputs, same outputs, including the saved index tensors). Every C++,
-  CUDA and Triton kernel is tested against them.
-* ``channel_pool``, ``gated_spatial_pool``, ``cbam_apply`` and
-  ``spatial_attention`` are the public functions written the plain eager way;
-  the ``backend="reference"`` path runs them, and their autograd is PyTorch's.
-
-Tie rules of the max pools (DESIGN.md §4):
+Tie rules of the max pools (docs/DESIGN.md, "Semantics"):
 * ``split_ties=True`` (timm, ``amax``): the gradient of a max is split evenly
   among all positions equal to it: ``mask * (grad / mask.sum())``. When the
   max is NaN no position equals it and every position gets NaN, as in PyTorch.
 * ``split_ties=False`` (official CBAM, ``max_pool2d`` / ``torch.max``): the
   whole gradient goes to one index, the first maximum (the first NaN if any).
+
+The eager public functions (``backend="reference"``) are in fastattn.eager, the twin modules in
+fastattn.twins; both are re-exported at the end of this module for code that imports them from here.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from fastattn._layout import channel_last_3d, memory_format, split_heads
 
 
 # --------------------------------------------------------------------------
-# Op contract (csrc/ops.cpp)
+# CBAM ops
 # --------------------------------------------------------------------------
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -133,30 +135,58 @@ def ref_cbam_grad_x(x: Tensor, grad_y: Tensor | None, ch_gate: Tensor | None, sp
         flat = x.flatten(2)
         wch = _max_weight(flat, ch_max, ch_argmax, ch_count, 2, split_ties)
         dx = dx + (wch * grad_max.to(acc)[:, :, None]).view(n, c, h, w)
-    return dx.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return dx.to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+
+def ref_cbam_spatial_conv(x: Tensor, weight: Tensor, padding: list[int]) -> Tensor:
+    """The spatial gate's conv: F.conv2d(x, weight, None, 1, padding) accumulated in float32 (float64
+    for float64), rounded once to x.dtype. x: (N, 1 or 2, H, W), weight: (O, 1 or 2, kh, kw)."""
+    acc = _acc_dtype(x.dtype)
+    return F.conv2d(x.to(acc), weight.to(acc), None, 1, list(padding)).to(x.dtype)
 
 
-def channel_last_3d(t: Tensor) -> bool:
-    """(N, C, L) stored with C innermost: attention outputs then take that layout too."""
-    return t.stride(1) == 1 and t.shape[1] > 1
+def ref_cbam_spatial_conv_weight_grad(grad_out: Tensor, x: Tensor, kh: int, kw: int, padding: list[int]) -> Tensor:
+    """The weight gradient of ref_cbam_spatial_conv: (O, I, kh, kw) in x.dtype, accumulated in float32."""
+    acc = _acc_dtype(x.dtype)
+    weight = x.new_empty(grad_out.shape[1], x.shape[1], kh, kw, dtype=acc)
+    return torch.ops.aten.convolution_backward(grad_out.to(acc), x.to(acc), weight, None, [1, 1], list(padding),
+                                               [1, 1], False, [0, 0], 1, [False, True, False])[1].to(x.dtype)
 
 
-def _split_heads(t: Tensor, heads: int) -> Tensor:
-    """(N, C, L) -> (N, heads, L, C // heads)."""
-    n, c, length = t.shape
-    return t.reshape(n, heads, c // heads, length).transpose(-1, -2)
+def ref_cbam_forward_eval(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                          conv_w: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                          bn_mean: Tensor | None, bn_var: Tensor | None, bn_eps: float, padding: list[int],
+                          light: bool, max_first: bool) -> Tensor:
+    """The whole CBAM block at inference (BatchNorm on its running statistics), composed of the ops
+    above and rounded where they round: channel pool -> shared MLP (w1 (hidden, C), w2 (C, hidden),
+    or 1x1 convs' (., ., 1, 1); hidden may be 0) -> sigmoid = ch_gate; gated spatial pool -> conv
+    input (light: 0.5 * mean + 0.5 * max; max_first: cat[max, mean]; else cat[mean, max]) -> conv ->
+    BatchNorm -> sigmoid = sp_gate (all ones without conv_w); y = x * ch_gate * sp_gate."""
+    n, _, h, w = x.shape
+    avg, mx, _, _ = ref_channel_pool(x)
+    mlp_in = 0.5 * avg + 0.5 * mx if light else torch.cat([avg, mx])
+    mlp_out = F.linear(torch.relu(F.linear(mlp_in, w1.flatten(1), b1)), w2.flatten(1), b2)
+    ch_gate = torch.sigmoid(mlp_out if light else mlp_out[:n] + mlp_out[n:])
+    if conv_w is None:
+        return ref_cbam_apply(x, ch_gate, x.new_ones(n, h, w))
+    pooled, _, _ = ref_gated_spatial_pool(x, ch_gate)
+    if light:
+        sp_in = 0.5 * pooled[:, 0:1] + 0.5 * pooled[:, 1:2]
+    else:
+        sp_in = pooled.flip(1) if max_first else pooled
+    conv = ref_cbam_spatial_conv(sp_in, conv_w, padding)
+    normed = F.batch_norm(conv, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, bn_eps)
+    return ref_cbam_apply(x, ch_gate, torch.sigmoid(normed).view(n, h, w))
 
 
+# --------------------------------------------------------------------------
+# Spatial attention
+# --------------------------------------------------------------------------
 def ref_spatial_attention_forward(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float) -> tuple[Tensor, Tensor]:
     """q: (N, Cq, Lq), k: (N, Cq, Lk), v: (N, Cv, Lk) -> out (N, Cv, Lq), lse (N, heads, Lq) float32."""
     acc = _acc_dtype(q.dtype)
-    qh, kh, vh = (_split_heads(t.to(acc), heads) for t in (q, k, v))
+    qh, kh, vh = (split_heads(t.to(acc), heads) for t in (q, k, v))
     logits = scale * (qh @ kh.transpose(-1, -2))  # (N, heads, Lq, Lk)
     lse = torch.logsumexp(logits, -1)
     out = torch.softmax(logits, -1) @ vh  # (N, heads, Lq, dv)
@@ -169,346 +199,29 @@ def ref_spatial_attention_forward(q: Tensor, k: Tensor, v: Tensor, heads: int, s
     return out, lse.to(torch.float32)
 
 
-# --------------------------------------------------------------------------
-# Public functions, the plain eager way (backend="reference")
-# --------------------------------------------------------------------------
-def channel_pool(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x: (N, C, H, W) -> (avg, max), each (N, C); max gradients split among ties (amax)."""
-    return x.mean((2, 3)), x.amax((2, 3))
-
-
-def gated_spatial_pool(x: Tensor, ch_gate: Tensor) -> Tensor:
-    """x: (N, C, H, W), ch_gate: (N, C) -> (N, 2, H, W): mean and max over C of x * ch_gate."""
-    z = x * ch_gate[:, :, None, None]
-    return torch.cat([z.mean(1, keepdim=True), z.amax(1, keepdim=True)], 1)
-
-
-def cbam_apply(x: Tensor, ch_gate: Tensor, sp_gate: Tensor) -> Tensor:
-    """x: (N, C, H, W), ch_gate: (N, C), sp_gate: (N, 1, H, W) or (N, H, W) -> x * ch_gate * sp_gate."""
-    if sp_gate.dim() == 3:
-        sp_gate = sp_gate.unsqueeze(1)
-    return x * ch_gate[:, :, None, None] * sp_gate
-
-
-def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int = 1, scale: float | None = None) -> Tensor:
-    """Eager bmm-softmax-bmm. q: (N, Cq, Hq, Wq) or (N, Cq, Lq); k: (N, Cq, ...); v: (N, Cv, ...)."""
-    spatial_q = q.shape[2:]
-    n, cq = q.shape[:2]
-    cv = v.shape[1]
-    if scale is None:
-        scale = (cq // heads) ** -0.5
-    qh = _split_heads(q.flatten(2), heads)  # flatten, not reshape(n, c, -1): that fails on empty batches
-    kh = _split_heads(k.flatten(2), heads)
-    vh = _split_heads(v.flatten(2), heads)
-    attn = torch.softmax(scale * (qh @ kh.transpose(-1, -2)), -1)
-    out = (attn @ vh).transpose(-1, -2).reshape(n, cv, *spatial_q)
-    return out
+def ref_spatial_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                   heads: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv with the shape, dtype and strides of q, k, v: the exact gradient of
+    ref_spatial_attention_forward, computed in float32 (float64 for float64) by autograd. `out` and
+    `lse` are the forward's saved outputs, which the kernels use; the oracle recomputes instead."""
+    acc = _acc_dtype(q.dtype)
+    with torch.enable_grad():
+        leaves = [t.detach().to(acc).requires_grad_() for t in (q, k, v)]
+        qh, kh, vh = (split_heads(t, heads) for t in leaves)
+        o = torch.softmax(scale * (qh @ kh.transpose(-1, -2)), -1) @ vh  # (N, heads, Lq, dv)
+        o = o.transpose(-1, -2).reshape(grad_out.shape)
+        grads = torch.autograd.grad(o, leaves, grad_out.to(acc))
+    return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
 # --------------------------------------------------------------------------
-# Reference modules: the two CBAM flavours, written as their authors wrote them
+# Re-exports for code that imports the eager functions and the twin modules from here
+# (fastattn.reference.OfficialCBAM, fastattn.reference.spatial_attention, ...); not the oracle.
 # --------------------------------------------------------------------------
-from torch import nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from fastattn.eager import cbam_apply, channel_pool, gated_spatial_pool, spatial_attention  # noqa: E402,F401
+from fastattn.twins import (  # noqa: E402,F401
+    QKV_LAYOUTS, AttentionBlock2d, BasicConv, ChannelPool, ConvBN, Flatten, NonLocal2d, OfficialCBAM,
+    OfficialChannelGate, OfficialSpatialGate, SelfAttention2d, TimmCBAM, TimmChannelAttn, TimmNonLocalAttn,
+    TimmSpatialAttn, make_divisible)
 
-
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
-    """timm.layers.make_divisible: round channels to a multiple of divisor."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < round_limit * v:
-        new_v += divisor
-    return new_v
-
-
-class Flatten(nn.Module):
-    def forward(self, x):
-        return x.view(x.size(0), -1)
-
-
-class BasicConv(nn.Module):
-    """Official CBAM's conv + BN (momentum 0.01) + optional ReLU."""
-
-    def __init__(self, in_planes, out_planes, kernel_size, stride=1, padding=0, relu=True, bn=True, bias=False):
-        super().__init__()
-        self.out_channels = out_planes
-        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size, stride=stride, padding=padding, bias=bias)
-        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=0.01, affine=True) if bn else None
-        self.relu = nn.ReLU() if relu else None
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        if self.relu is not None:
-            x = self.relu(x)
-        return x
-
-
-class OfficialChannelGate(nn.Module):
-    """Jongchan/attention-module ChannelGate (avg + max pools, Linear MLP with biases)."""
-
-    def __init__(self, gate_channels, reduction_ratio=16):
-        super().__init__()
-        self.gate_channels = gate_channels
-        self.mlp = nn.Sequential(Flatten(), nn.Linear(gate_channels, gate_channels // reduction_ratio), nn.ReLU(),
-                                 nn.Linear(gate_channels // reduction_ratio, gate_channels))
-
-    def forward(self, x):
-        size = (x.size(2), x.size(3))
-        att = self.mlp(F.avg_pool2d(x, size, stride=size)) + self.mlp(F.max_pool2d(x, size, stride=size))
-        return x * torch.sigmoid(att).unsqueeze(2).unsqueeze(3).expand_as(x)
-
-
-class ChannelPool(nn.Module):
-    def forward(self, x):
-        return torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
-
-
-class OfficialSpatialGate(nn.Module):
-    """Jongchan/attention-module SpatialGate: cat[max, mean] -> 7x7 conv -> BN -> sigmoid."""
-
-    def __init__(self, kernel_size=7):
-        super().__init__()
-        self.compress = ChannelPool()
-        self.spatial = BasicConv(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, relu=False)
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.spatial(self.compress(x)))
-
-
-class OfficialCBAM(nn.Module):
-    """Jongchan/attention-module CBAM; its checkpoints load as they are."""
-
-    def __init__(self, gate_channels, reduction_ratio=16, no_spatial=False, kernel_size=7):
-        super().__init__()
-        self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio)
-        self.no_spatial = no_spatial
-        if not no_spatial:
-            self.SpatialGate = OfficialSpatialGate(kernel_size)
-
-    def forward(self, x):
-        x_out = self.ChannelGate(x)
-        if not self.no_spatial:
-            x_out = self.SpatialGate(x_out)
-        return x_out
-
-
-class ConvBN(nn.Module):
-    """timm's ConvNormAct(apply_act=False) layout: .conv, .bn."""
-
-    def __init__(self, in_channels, out_channels, kernel_size):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-
-class TimmChannelAttn(nn.Module):
-    """timm.layers.cbam.ChannelAttn (light=False) / LightChannelAttn (light=True)."""
-
-    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, mlp_bias=False, light=False):
-        super().__init__()
-        if not rd_channels:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
-        self.light = light
-        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x):
-        if self.light:
-            pool = 0.5 * x.mean((2, 3), keepdim=True) + 0.5 * x.amax((2, 3), keepdim=True)
-            return x * self.gate(self.fc2(self.act(self.fc1(pool))))
-        x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
-        x_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
-        return x * self.gate(x_avg + x_max)
-
-
-class TimmSpatialAttn(nn.Module):
-    """timm.layers.cbam.SpatialAttn (light=False) / LightSpatialAttn (light=True)."""
-
-    def __init__(self, kernel_size=7, light=False):
-        super().__init__()
-        self.light = light
-        self.conv = ConvBN(1 if light else 2, 1, kernel_size)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x):
-        if self.light:
-            attn = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
-        else:
-            attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-        return x * self.gate(self.conv(attn))
-
-
-class TimmCBAM(nn.Module):
-    """timm.layers.cbam.CbamModule (light=False) / LightCbamModule (light=True); same state_dict keys."""
-
-    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=1, spatial_kernel_size=7,
-                 mlp_bias=False, light=False):
-        super().__init__()
-        self.channel = TimmChannelAttn(channels, rd_ratio, rd_channels, rd_divisor, mlp_bias, light)
-        self.spatial = TimmSpatialAttn(spatial_kernel_size, light)
-
-    def forward(self, x):
-        return self.spatial(self.channel(x))
-
-
-# --------------------------------------------------------------------------
-# Reference modules: spatial-attention blocks, written the eager bmm-softmax-bmm
-# way of their papers' code. fastattn.nn holds fused twins with the same
-# submodules; fastattn.convert swaps these for them.
-# --------------------------------------------------------------------------
-class NonLocal2d(nn.Module):
-    """Embedded-Gaussian non-local block (Wang et al., CVPR 2018).
-
-    x: (N, C, H, W) -> x + BN(out_conv(y)), where with Ci = inter_channels
-    theta(x): (N, Ci, L), phi(x), g(x): (N, Ci, Lk) (Lk = L, or L/4 with sub_sample),
-    y[:, :, i] = sum_j softmax_j(scale * theta_i . phi_j) g_j  -> (N, Ci, H, W).
-    scale = Ci ** -0.5 with use_scale (video-nonlocal-net, mmcv), else 1.0 (the paper).
-    The BN's weight and bias start at zero, so a new block is the identity.
-    """
-
-    def __init__(self, channels: int, reduction: int = 2, *, inter_channels: int | None = None,
-                 sub_sample: bool = False, use_scale: bool = True):
-        super().__init__()
-        inter = inter_channels or max(channels // reduction, 1)
-        self.channels, self.inter_channels = channels, inter
-        self.sub_sample, self.use_scale = sub_sample, use_scale
-        self.scale = inter ** -0.5 if use_scale else 1.0
-        self.theta = nn.Conv2d(channels, inter, 1)
-        self.phi = nn.Conv2d(channels, inter, 1)
-        self.g = nn.Conv2d(channels, inter, 1)
-        self.pool = nn.MaxPool2d(2) if sub_sample else nn.Identity()
-        self.out_conv = nn.Conv2d(inter, channels, 1)
-        self.out_norm = nn.BatchNorm2d(channels)
-        nn.init.zeros_(self.out_norm.weight)
-        nn.init.zeros_(self.out_norm.bias)
-
-    def forward(self, x):
-        n, _, h, w = x.shape
-        theta = self.theta(x).flatten(2)                      # (N, Ci, L)
-        phi = self.pool(self.phi(x)).flatten(2)               # (N, Ci, Lk)
-        g = self.pool(self.g(x)).flatten(2)                   # (N, Ci, Lk)
-        attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi) * self.scale, -1)  # (N, L, Lk)
-        y = torch.bmm(g, attn.transpose(1, 2)).view(n, g.shape[1], h, w)
-        return x + self.out_norm(self.out_conv(y))
-
-
-class SelfAttention2d(nn.Module):
-    """SAGAN / BigGAN self-attention, as in BigGAN-PyTorch's `Attention` (keys theta, phi, g, o, gamma).
-
-    x: (N, C, H, W), H and W at least 2 -> x + gamma * o(y), with
-    theta(x): (N, C/8, L); phi(x): (N, C/8, L/4) and g(x): (N, C/2, L/4), both 2x2 max-pooled;
-    y[:, :, i] = sum_j softmax_j(theta_i . phi_j) g_j (no scaling) -> (N, C/2, H, W).
-    gamma starts at 0, so a new block is the identity.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        if channels < 8:
-            raise ValueError(f"SelfAttention2d needs channels >= 8 (q and k have channels // 8), got {channels}")
-        self.channels = channels
-        self.theta = nn.Conv2d(channels, channels // 8, 1, bias=False)
-        self.phi = nn.Conv2d(channels, channels // 8, 1, bias=False)
-        self.g = nn.Conv2d(channels, channels // 2, 1, bias=False)
-        self.o = nn.Conv2d(channels // 2, channels, 1, bias=False)
-        self.gamma = nn.Parameter(torch.tensor(0.0))
-
-    def forward(self, x):
-        n, _, h, w = x.shape
-        theta = self.theta(x).flatten(2)                      # (N, C/8, L)
-        phi = F.max_pool2d(self.phi(x), [2, 2]).flatten(2)    # (N, C/8, L/4)
-        g = F.max_pool2d(self.g(x), [2, 2]).flatten(2)        # (N, C/2, L/4)
-        beta = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)
-        o = self.o(torch.bmm(g, beta.transpose(1, 2)).view(n, g.shape[1], h, w))
-        return self.gamma * o + x
-
-
-QKV_LAYOUTS = ("chunked", "per_head")
-
-
-class AttentionBlock2d(nn.Module):
-    """Attention block of diffusion U-Nets and VAEs (guided-diffusion's AttentionBlock on 2-D maps).
-
-    x: (N, C, H, W) -> x + proj_out(attention(qkv(norm(x)))), where norm is GroupNorm,
-    qkv a 1x1 conv C -> 3C, attention multi-head softmax(d**-0.5 q^T k) v over the H*W
-    positions with d = C / heads, and proj_out a 1x1 conv C -> C initialised to zero.
-    qkv_layout: how the 3C channels of qkv are ordered:
-      "chunked"   [q | k | v], each split into heads (guided-diffusion QKVAttention);
-      "per_head"  [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (QKVAttentionLegacy, the DDPM checkpoints).
-    """
-
-    def __init__(self, channels: int, heads: int = 1, *, groups: int = 32, eps: float = 1e-5,
-                 qkv_layout: str = "chunked"):
-        super().__init__()
-        if heads < 1 or channels % heads:
-            raise ValueError(f"heads={heads} must be positive and divide channels={channels}")
-        if qkv_layout not in QKV_LAYOUTS:
-            raise ValueError(f"qkv_layout must be one of {QKV_LAYOUTS}, got {qkv_layout!r}")
-        self.channels, self.heads, self.qkv_layout = channels, heads, qkv_layout
-        self.norm = nn.GroupNorm(groups, channels, eps)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        heads, d = self.heads, c // self.heads
-        qkv = self.qkv(self.norm(x)).reshape(n, 3 * c, h * w)
-        if self.qkv_layout == "chunked":
-            q, k, v = (t.reshape(n * heads, d, h * w) for t in qkv.chunk(3, dim=1))
-        else:
-            q, k, v = qkv.reshape(n * heads, 3 * d, h * w).split(d, dim=1)
-        weight = torch.softmax(torch.einsum("bct,bcs->bts", q, k) * d ** -0.5, -1)   # (N*heads, L, L)
-        a = torch.einsum("bts,bcs->bct", weight, v).reshape(n, c, h, w)
-        return x + self.proj_out(a)
-
-
-class TimmNonLocalAttn(nn.Module):
-    """timm.layers.non_local_attn.NonLocalAttn, as timm writes it (same keys t, p, g, z, norm).
-
-    x: (N, C, H, W) -> norm(z(y)) + x, y = softmax(scale * t^T p) g over the H*W positions,
-    with scale = C ** -0.5 (the block's input channels, not the reduced ones) when use_scale.
-    """
-
-    def __init__(self, in_channels, use_scale=True, rd_ratio=1 / 8, rd_channels=None, rd_divisor=8, **_):
-        super().__init__()
-        if rd_channels is None:
-            rd_channels = make_divisible(in_channels * rd_ratio, divisor=rd_divisor)
-        self.scale = in_channels ** -0.5 if use_scale else 1.0
-        self.t = nn.Conv2d(in_channels, rd_channels, kernel_size=1, stride=1, bias=True)
-        self.p = nn.Conv2d(in_channels, rd_channels, kernel_size=1, stride=1, bias=True)
-        self.g = nn.Conv2d(in_channels, rd_channels, kernel_size=1, stride=1, bias=True)
-        self.z = nn.Conv2d(rd_channels, in_channels, kernel_size=1, stride=1, bias=True)
-        self.norm = nn.BatchNorm2d(in_channels)
-        self.reset_parameters()
-
-    def forward(self, x):
-        shortcut = x
-        t, p, g = self.t(x), self.p(x), self.g(x)
-        B, C, H, W = t.size()
-        t = t.view(B, C, -1).permute(0, 2, 1)
-        p = p.view(B, C, -1)
-        g = g.view(B, C, -1).permute(0, 2, 1)
-        att = torch.bmm(t, p) * self.scale
-        att = F.softmax(att, dim=2)
-        x = torch.bmm(att, g)
-        x = x.permute(0, 2, 1).reshape(B, C, H, W)
-        x = self.z(x)
-        return self.norm(x) + shortcut
-
-    def reset_parameters(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0.0)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 0)
-                nn.init.constant_(m.bias, 0)
+_memory_format = memory_format  # the tests' name for it

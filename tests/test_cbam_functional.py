@@ -123,15 +123,17 @@ def _opcheck_cases(device="cpu"):
     pooled, argmax, count = _ops.REFERENCE.gated_spatial_pool(x.detach(), g.detach(), True)
     _, mx, cargmax, ccount = _ops.REFERENCE.channel_pool(x.detach(), True)
     gy, gp, gc = torch.randn_like(x), torch.randn_like(pooled), torch.randn(2, 3, device=device)
+    xd, gd, sd = x.detach(), g.detach(), s.detach()
     return {
         "channel_pool": [(x, True), (x.contiguous(memory_format=torch.channels_last), False)],
         "gated_spatial_pool": [(x, g, True), (x, g, False)],
         "cbam_apply": [(x, g, s), (x.contiguous(memory_format=torch.channels_last), g, s)],
         "cbam_apply_backward": [(gy, x.detach(), g.detach(), s.detach())],
         "gated_spatial_pool_backward_gate": [(gp, x.detach(), g.detach(), pooled, argmax, count, True)],
-        "cbam_grad_x": [(x.detach(), gy, g.detach(), s.detach(), gp, pooled, argmax, count, gc, gc, mx, cargmax,
-                         ccount, True),
-                        (x.detach(), None, None, None, None, None, None, None, gc, None, None, None, None, False)],
+        "cbam_grad_x": [_ops.grad_x_args(xd, output=_ops.OutputTerm(gy, gd, sd),
+                                         spatial_pool=_ops.SpatialPoolTerm(gp, gd, pooled, argmax, count), grad_avg=gc,
+                                         channel_max=_ops.ChannelMaxTerm(gc, mx, cargmax, ccount), split_ties=True),
+                        _ops.grad_x_args(xd, grad_avg=gc, split_ties=False)],
     }
 
 

@@ -1,7 +1,7 @@
 """fastattn.nn.CBAM against the layers it replaces: timm's CbamModule and
 LightCbamModule, and the official implementation (fastattn.reference.OfficialCBAM,
 a verbatim twin). Outputs, input and parameter gradients, and BatchNorm running
-statistics, in train and eval mode, per backend, DESIGN.md §4 error rule."""
+statistics, in train and eval mode, per backend, docs/DESIGN.md §4 error rule."""
 import copy
 
 import pytest

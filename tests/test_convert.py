@@ -26,7 +26,7 @@ from torch import nn
 
 import fastattn
 from fastattn import _backend, reference
-from _util import GRAD_ATOL, assert_error_rule, run_fused_on_reference_ops
+from _util import ATOL, GRAD_ATOL, assert_error_rule, run_fused_on_reference_ops
 
 # key -> (timm model, attn_layer, the type convert replaces, how many)
 MODELS = {
@@ -295,7 +295,7 @@ def test_autocast_bfloat16_parity(model_name):
             y_eager, y_fused = original(x), converted(x)
         y_truth = truth(x.double())
     assert y_fused.dtype == y_eager.dtype
-    assert_error_rule("logits", y_fused.float(), y_truth, y_eager.float(), atol=1e-2)
+    assert_error_rule("logits", y_fused.float(), y_truth, y_eager.float(), atol=ATOL[torch.bfloat16])
 
 
 # --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def _load_ops():
 
 ops = _load_ops()
 
-# Error-rule slack on top of 2x the same-dtype eager error (DESIGN.md §4), relative to the
+# Error-rule slack on top of 2x the same-dtype eager error (docs/DESIGN.md §4), relative to the
 # tensor's largest magnitude (at least 1: inputs are unit normals).
 ATOL = {torch.float64: 1e-12, torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 

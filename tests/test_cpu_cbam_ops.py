@@ -1,6 +1,6 @@
 """Op-level parity of the C++ CPU CBAM kernels (csrc/cpu/cbam.cpp) with fastattn.reference.ref_*.
 
-Error rule (DESIGN.md §4): against the float64 reference, a kernel's error may be at most
+Error rule (docs/DESIGN.md §4): against the float64 reference, a kernel's error may be at most
 2x the error of the same-dtype eager reference plus a small atol. Max values, argmax and tie
 counts must match the same-dtype reference exactly, NaN positions included.
 """
@@ -8,9 +8,11 @@ import os
 
 import pytest
 import torch
-from _util import assert_error_rule, compiled_ops
+from _util import assert_equal_values, assert_error_rule, compiled_ops
 
-from fastattn.reference import (ref_cbam_apply, ref_cbam_apply_backward, ref_cbam_grad_x, ref_channel_pool,
+from fastattn._ops import ChannelMaxTerm, OutputTerm, SpatialPoolTerm, grad_x_args
+from fastattn.reference import (ref_cbam_apply, ref_cbam_apply_backward, ref_cbam_forward_eval, ref_cbam_grad_x,
+                                ref_cbam_spatial_conv, ref_cbam_spatial_conv_weight_grad, ref_channel_pool,
                                 ref_gated_spatial_pool, ref_gated_spatial_pool_backward_gate)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,17 +59,6 @@ def _check(name, out, ref_same, ref64, dtype):
     """out vs float64 truth within 2x the eager same-dtype error + atol (tests/_util.py); dtype and shape too."""
     assert out.shape == ref_same.shape and out.dtype == ref_same.dtype == dtype, (name, out.shape, out.dtype)
     assert_error_rule(name, out, ref64.to(torch.float64), ref_same)
-
-
-def _exact(name, out, ref):
-    assert out.dtype == ref.dtype and out.shape == ref.shape, (name, out.dtype, ref.dtype)
-    if out.is_floating_point():
-        same = (out == ref) | (out.isnan() & ref.isnan())
-    else:
-        same = out == ref
-    if not same.all():
-        idx = (~same).nonzero()[0].tolist()
-        pytest.fail(f"{name}: {int((~same).sum())} mismatches, first at {idx}: {out[tuple(idx)]} vs {ref[tuple(idx)]}")
 
 
 def _f64(*ts):
@@ -119,9 +110,9 @@ def _check_pools(ops, shape, dtype, layout, kind):
     avg, mx, arg, cnt = ops.channel_pool(x, True)
     r_avg, r_mx, r_arg, r_cnt = ref_channel_pool(x)
     _check(f"channel_pool avg ({kind})", avg, r_avg, ref_channel_pool(x.double())[0], dtype)
-    _exact("channel_pool max", mx, r_mx)
-    _exact("channel_pool argmax", arg, r_arg)
-    _exact("channel_pool count", cnt, r_cnt)
+    assert_equal_values("channel_pool max", mx, r_mx)
+    assert_equal_values("channel_pool argmax", arg, r_arg)
+    assert_equal_values("channel_pool count", cnt, r_cnt)
 
     pooled, arg, cnt = ops.gated_spatial_pool(x, gate, True)
     r_pooled, r_arg, r_cnt = ref_gated_spatial_pool(x, gate)
@@ -130,9 +121,9 @@ def _check_pools(ops, shape, dtype, layout, kind):
     z = x * gate[:, :, None, None]
     r64_mean = z.double().mean(1)
     _check("gated_spatial_pool mean", pooled[:, 0], r_pooled[:, 0], r64_mean, dtype)
-    _exact("gated_spatial_pool max", pooled[:, 1], r_pooled[:, 1])
-    _exact("gated_spatial_pool argmax", arg, r_arg)
-    _exact("gated_spatial_pool count", cnt, r_cnt)
+    assert_equal_values("gated_spatial_pool max", pooled[:, 1], r_pooled[:, 1])
+    assert_equal_values("gated_spatial_pool argmax", arg, r_arg)
+    assert_equal_values("gated_spatial_pool count", cnt, r_cnt)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
@@ -144,7 +135,7 @@ def test_cbam_apply(ops, case):
     ref = ref_cbam_apply(x, ch, sp)
     _check("cbam_apply", y, ref, ref_cbam_apply(*_f64(x, ch, sp)), dtype)
     if dtype in (torch.float32, torch.float64):  # same products in the same order
-        _exact("cbam_apply (bitwise)", y, ref)
+        assert_equal_values("cbam_apply (bitwise)", y, ref)
     _check_layout(y, x)
 
 
@@ -224,19 +215,12 @@ def _check_grad_x(ops, shape, dtype, layout, kind, split_ties, terms):
     pooled, sp_arg, sp_cnt = ref_gated_spatial_pool(x, ch)
     _, ch_max, ch_arg, ch_cnt = ref_channel_pool(x)
     use = TERMS[terms]
-    args = [x,
-            grad_y if "grad_y" in use else None,
-            ch, sp if "grad_y" in use else None,
-            grad_pooled if "grad_pooled" in use else None,
-            pooled if "grad_pooled" in use else None,
-            sp_arg if "grad_pooled" in use else None,
-            sp_cnt if "grad_pooled" in use else None,
-            grad_avg if "grad_avg" in use else None,
-            grad_max if "grad_max" in use else None,
-            ch_max if "grad_max" in use else None,
-            ch_arg if "grad_max" in use else None,
-            ch_cnt if "grad_max" in use else None,
-            split_ties]
+    args = grad_x_args(x, output=OutputTerm(grad_y, ch, sp) if "grad_y" in use else None,
+                       spatial_pool=SpatialPoolTerm(grad_pooled, ch, pooled, sp_arg, sp_cnt) if "grad_pooled" in use
+                       else None,
+                       grad_avg=grad_avg if "grad_avg" in use else None,
+                       channel_max=ChannelMaxTerm(grad_max, ch_max, ch_arg, ch_cnt) if "grad_max" in use else None,
+                       split_ties=split_ties)
     out = ops.cbam_grad_x(*args)
     ref = ref_cbam_grad_x(*args)
     # truth: float64 arithmetic with the same-dtype forward's tie masks (the x == max tests use x as given)
@@ -317,9 +301,9 @@ def test_argmax_first_nan_and_all_ties(ops):
         assert mx[0, 1].isnan() and mx[0, 2] == float("-inf")
         pooled, arg, cnt = ops.gated_spatial_pool(xl, torch.ones(1, 20), True)
         r_pooled, r_arg, r_cnt = ref_gated_spatial_pool(xl, torch.ones(1, 20))
-        _exact("pooled", pooled, r_pooled)
-        _exact("argmax", arg, r_arg)
-        _exact("count", cnt, r_cnt)
+        assert_equal_values("pooled", pooled, r_pooled)
+        assert_equal_values("argmax", arg, r_arg)
+        assert_equal_values("count", cnt, r_cnt)
 
 
 def test_long_rows_and_many_tiles(ops):
@@ -332,15 +316,15 @@ def test_long_rows_and_many_tiles(ops):
     for layout in ["contiguous", "channels_last"]:
         xl = _layout(x, layout)
         for o, r in zip(ops.channel_pool(xl, False), ref_channel_pool(xl)):
-            _exact("channel_pool", o, r)
+            assert_equal_values("channel_pool", o, r)
     xc = torch.randn(1, 1300, 5, 5).relu().round()
     for layout in ["contiguous", "channels_last"]:
         xl = _layout(xc, layout)
         gate = torch.ones(1, 1300)
         for o, r in zip(ops.gated_spatial_pool(xl, gate, False), ref_gated_spatial_pool(xl, gate)):
-            _exact("gated_spatial_pool", o, r)
+            assert_equal_values("gated_spatial_pool", o, r)
         for o, r in zip(ops.channel_pool(xl, True), ref_channel_pool(xl)):
-            _exact("channel_pool", o, r)
+            assert_equal_values("channel_pool", o, r)
     # more positions than one lane tile of the elementwise and gradient kernels
     for layout in ["contiguous", "channels_last"]:
         for kind in ["ties", "nan"]:
@@ -387,24 +371,19 @@ def _conv_id(case):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
 def test_cbam_spatial_conv(ops, case, dtype):
-    """Forward and weight gradient against F.conv2d / aten.convolution_backward (float64 truth, eager
-    same-dtype error for the rule)."""
+    """Forward and weight gradient against the oracle (F.conv2d / aten.convolution_backward accumulated in
+    float32, rounded once): float64 truth, same-dtype oracle error for the rule."""
     xs, ws, pad = case
     g = torch.Generator().manual_seed(11)
     x64, w64 = torch.randn(xs, generator=g, dtype=torch.float64), torch.randn(ws, generator=g, dtype=torch.float64)
     x, w = x64.to(dtype), w64.to(dtype)
     out = ops.cbam_spatial_conv(x, w, list(pad))
-    truth = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, pad)
-    eager = torch.nn.functional.conv2d(x.float(), w.float(), None, 1, pad).to(dtype)  # 16-bit: CPU conv rounds once
-    _check("cbam_spatial_conv", out, eager, truth, dtype)
+    truth = ref_cbam_spatial_conv(x.double(), w.double(), pad)
+    _check("cbam_spatial_conv", out, ref_cbam_spatial_conv(x, w, pad), truth, dtype)
     grad = torch.randn(truth.shape, generator=g, dtype=torch.float64).to(dtype)
     gw = ops.cbam_spatial_conv_weight_grad(grad, x, ws[2], ws[3], list(pad))
-
-    def weight_grad(*args):
-        return torch.ops.aten.convolution_backward(*args, None, [1, 1], list(pad), [1, 1], False, [0, 0], 1,
-                                                   [False, True, False])[1]
-    _check("cbam_spatial_conv_weight_grad", gw, weight_grad(grad.float(), x.float(), w.float()).to(dtype),
-           weight_grad(grad.double(), x.double(), w.double()), dtype)
+    _check("cbam_spatial_conv_weight_grad", gw, ref_cbam_spatial_conv_weight_grad(grad, x, ws[2], ws[3], pad),
+           ref_cbam_spatial_conv_weight_grad(grad.double(), x.double(), ws[2], ws[3], pad), dtype)
 
 
 def test_cbam_spatial_conv_opcheck(ops):
@@ -449,6 +428,20 @@ def _eval_args(c=8, hidden=2, light=False, spatial=True, **override):
             "bn_eps": 1e-5, "padding": [3, 3], "light": light, "max_first": False}
     args.update(override)
     return tuple(args.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["timm", "light", "no-spatial", "max-first", "no-hidden", "channels-last"])
+def test_cbam_forward_eval_matches_oracle(ops, kind, dtype):
+    """The op against ref_cbam_forward_eval: float64 truth, same-dtype oracle error for the rule."""
+    args = _eval_args(hidden=0 if kind == "no-hidden" else 2, light=kind == "light", spatial=kind != "no-spatial",
+                      max_first=kind == "max-first")
+    if kind == "channels-last":
+        args = (args[0].contiguous(memory_format=torch.channels_last),) + args[1:]
+    args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args)
+    y = ops.cbam_forward_eval(*args)
+    assert y.is_contiguous(memory_format=_expected_format(args[0]))
+    _check("cbam_forward_eval", y, ref_cbam_forward_eval(*args), ref_cbam_forward_eval(*_f64(*args)), dtype)
 
 
 @pytest.mark.parametrize("kind", ["timm", "light", "no-spatial", "channels-last"])

@@ -2,7 +2,7 @@
 
 Ops under test: torch.ops.fastattn.spatial_attention_forward / spatial_attention_backward on
 CUDA tensors. Ground truth is the reference formula in float64 on the GPU (autograd of it for
-the backward). Rule (DESIGN.md §4): the kernel's max error against ground truth is at most twice
+the backward). Rule (docs/DESIGN.md §4): the kernel's max error against ground truth is at most twice
 the error of the same-dtype eager reference plus a small atol scaled to the output's magnitude.
 
 The same-dtype eager reference of the backward op is its formula evaluated eagerly in float32

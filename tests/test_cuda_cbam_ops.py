@@ -1,6 +1,6 @@
 """CUDA kernels of the CBAM ops (csrc/cuda/cbam.cu) against the op contract, fastattn.reference.
 
-Values (means, sums, gradients) follow DESIGN.md §4: the kernel's error against a
+Values (means, sums, gradients) follow docs/DESIGN.md §4: the kernel's error against a
 float64 ground truth is at most 2x the same-dtype reference's error plus a small
 atol. Maxima, argmax and tie counts must equal the same-dtype reference exactly,
 NaN and inf in the same places.
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _util import compiled_ops
+from _util import assert_equal_values, compiled_ops
 
 from fastattn.reference import (
     _max_weight,
@@ -58,7 +58,7 @@ SHAPES = [(n, c, h, w) for c, (h, w), n in itertools.product(CHANNELS, SPATIAL, 
 LAYOUTS = ["contiguous", "channels_last"]
 KINDS = ["ties", "nan"]  # relu'd and rounded (many ties); random with NaN and +-inf sprinkled in
 
-# atol of the DESIGN.md rule, relative to the largest magnitude of the ground truth
+# atol of the docs/DESIGN.md §4 rule, relative to the largest magnitude of the ground truth
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -118,7 +118,7 @@ def _randn(shape, dtype, gen):
 # Checks
 # --------------------------------------------------------------------------
 def _check_values(name: str, out: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor) -> None:
-    """DESIGN.md §4 on the finite entries; NaN and inf exactly where the same-dtype reference has them."""
+    """docs/DESIGN.md §4 on the finite entries; NaN and inf exactly where the same-dtype reference has them."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
     assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, reference {ref.dtype}"
     out64, ref64, truth64 = out.double(), ref.double(), truth.double()
@@ -141,20 +141,6 @@ def _check_values(name: str, out: torch.Tensor, ref: torch.Tensor, truth: torch.
         f"{name}: kernel error {err_out.max().item():.4g} vs float64 truth, same-dtype reference error {err_ref:.4g}, "
         f"atol {atol:.3g}; worst at {[int(i) for i in worst_index]}: kernel {out64.flatten()[worst].item()!r}, "
         f"reference {ref64.flatten()[worst].item()!r}, truth {truth64.flatten()[worst].item()!r}")
-
-
-def _check_exact(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Bitwise-equal values (NaN where the reference has NaN; -0 == +0)."""
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
-    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, reference {ref.dtype}"
-    if out.is_floating_point():
-        same = (out == ref) | (out.isnan() & ref.isnan())
-    else:
-        same = out == ref
-    bad = (~same).nonzero()
-    assert bad.numel() == 0, (
-        f"{name}: {bad.shape[0]} of {out.numel()} entries differ, first at {bad[0].tolist()}: "
-        f"kernel {out[tuple(bad[0])].item()!r}, reference {ref[tuple(bad[0])].item()!r}")
 
 
 def _check_layout(name: str, out: torch.Tensor, x: torch.Tensor) -> None:
@@ -228,9 +214,9 @@ def test_channel_pool(ops, shape, dtype, layout, kind):
     avg, mx, argmax, count = ops.channel_pool(x, True)
     ref_avg, ref_mx, ref_argmax, ref_count = ref_channel_pool(x)
     _check_values("avg", avg, ref_avg, ref_channel_pool(x.double())[0])
-    _check_exact("max", mx, ref_mx)
-    _check_exact("argmax", argmax, ref_argmax)
-    _check_exact("count", count, ref_count)
+    assert_equal_values("max", mx, ref_mx)
+    assert_equal_values("argmax", argmax, ref_argmax)
+    assert_equal_values("count", count, ref_count)
 
 
 @cases
@@ -243,9 +229,9 @@ def test_gated_spatial_pool(ops, shape, dtype, layout, kind):
     assert pooled.is_contiguous(), f"pooled must be contiguous, got strides {pooled.stride()}"
     truth_pooled = ref_gated_spatial_pool(x.double(), gate.double())[0]
     _check_values("mean", pooled[:, 0], ref_pooled[:, 0], truth_pooled[:, 0])
-    _check_exact("max", pooled[:, 1], ref_pooled[:, 1])
-    _check_exact("argmax", argmax, ref_argmax)
-    _check_exact("count", count, ref_count)
+    assert_equal_values("max", pooled[:, 1], ref_pooled[:, 1])
+    assert_equal_values("argmax", argmax, ref_argmax)
+    assert_equal_values("count", count, ref_count)
 
 
 @cases
@@ -362,7 +348,7 @@ def test_other_strides(ops, shape, dtype, x_layout):
                 torch.testing.assert_close(o, r, atol=ATOL[dtype] * max(1.0, r.abs().max().item()), rtol=0,
                                            equal_nan=True, msg=lambda m: f"{name}[{i}]: {m}")
             else:
-                _check_exact(f"{name}[{i}]", o, r)
+                assert_equal_values(f"{name}[{i}]", o, r)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -376,7 +362,7 @@ def test_float64(ops, shape, layout):
             if o.is_floating_point():
                 _check_values(f"{name}[{i}]", o, r, r)
             else:
-                _check_exact(f"{name}[{i}]", o, r)
+                assert_equal_values(f"{name}[{i}]", o, r)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

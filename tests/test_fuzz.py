@@ -1,6 +1,6 @@
 """Property tests (hypothesis): random small shapes, layouts, dtypes, heads and
 scales; every compiled backend that runs on the CPU must match backend="reference"
-under the error rule of DESIGN.md §4, forward and gradients, for
+under the error rule of docs/DESIGN.md §4, forward and gradients, for
 fastattn.spatial_attention and the three CBAM primitives; and fastattn.nn.CBAM
 against the module it replaces (timm's or the official), in train and eval mode.
 

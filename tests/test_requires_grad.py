@@ -7,7 +7,7 @@ eval mode, NonLocal2d, whose separate theta/phi/g convs make q, k, v require gra
 on every backend that runs here: each subset of the differentiable inputs (for modules: x and the
 parameter groups) requires grad, and one more call runs under torch.no_grad(). Checked: the
 outputs require grad exactly when some input does (never under no_grad); after backward, exactly
-the inputs that require grad have a .grad, and it obeys the DESIGN.md §4 error rule against the
+the inputs that require grad have a .grad, and it obeys the docs/DESIGN.md §4 error rule against the
 float64 reference; the others keep .grad None.
 """
 import contextlib

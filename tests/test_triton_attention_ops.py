@@ -2,7 +2,7 @@
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors (tiny shapes); with one, the
 same tests run on CUDA tensors, plus larger cases (L up to 4097, head dims up to 512, L >= 65 536).
-Accuracy rule (DESIGN.md section 4): error against the float64 reference at most 2x the error of the
+Accuracy rule (docs/DESIGN.md §4): error against the float64 reference at most 2x the error of the
 eager same-dtype PyTorch formula, plus a small atol: one unit of the dtype at the result's magnitude,
 sqrt(d_qk) units for float32 (see _atol_units).
 """

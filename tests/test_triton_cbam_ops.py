@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (device "cpu"); with one they
 are compiled and run on CUDA tensors (device "cuda"). Index outputs (argmax, tie counts) and maxima
-must equal the same-dtype reference exactly; sums follow DESIGN.md §4: error against the float64
+must equal the same-dtype reference exactly; sums follow docs/DESIGN.md §4: error against the float64
 reference at most 2x the same-dtype eager reference's error plus a small atol.
 """
 import importlib
@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
 
 
 import pytest  # noqa: E402
+from _contract import assert_equal_values  # noqa: E402
 
+from fastattn._ops import ChannelMaxTerm, OutputTerm, SpatialPoolTerm, grad_x_args  # noqa: E402
 from fastattn.reference import (  # noqa: E402
     _memory_format,
     ref_cbam_apply,
@@ -87,11 +89,11 @@ def _atol(dtype, truth):
 
 
 def _assert_close(name, out, eager, truth):
-    """DESIGN.md §4: |out - truth| <= 2 |eager - truth| + atol where eager is finite; elsewhere
+    """docs/DESIGN.md §4: |out - truth| <= 2 |eager - truth| + atol where eager is finite; elsewhere
     (NaN, +-inf) out must equal eager."""
     assert out.shape == eager.shape and out.dtype == eager.dtype, (name, out.shape, out.dtype, eager.shape, eager.dtype)
     finite = eager.isfinite()
-    _assert_equal(f"{name} (non-finite entries)", out[~finite], eager[~finite])
+    assert_equal_values(f"{name} (non-finite entries)", out[~finite], eager[~finite])
     if not finite.any():
         return
     dtype = out.dtype
@@ -106,22 +108,12 @@ def _assert_close(name, out, eager, truth):
         f"out {out[worst].item()}, truth {truth[worst].item()}, eager {eager[worst].item()}")
 
 
-def _assert_equal(name, out, eager):
-    """Bitwise-equal values (NaN equals NaN)."""
-    assert out.shape == eager.shape and out.dtype == eager.dtype, (name, out.shape, out.dtype, eager.shape, eager.dtype)
-    same = (out == eager) | (out.isnan() & eager.isnan()) if out.is_floating_point() else out == eager
-    if not same.all():
-        bad = (~same).nonzero()[0].tolist()
-        raise AssertionError(f"{name}: {(~same).sum().item()} of {same.numel()} entries differ, first at {bad}: "
-                             f"out {out[tuple(bad)].item()}, reference {eager[tuple(bad)].item()}")
-
-
 def _check_pool(name, out, eager, truth_mean):
     mean, mx, arg, cnt = out
     _assert_close(f"{name} mean", mean, eager[0], truth_mean)
-    _assert_equal(f"{name} max", mx, eager[1])
-    _assert_equal(f"{name} argmax", arg, eager[2])
-    _assert_equal(f"{name} count", cnt, eager[3])
+    assert_equal_values(f"{name} max", mx, eager[1])
+    assert_equal_values(f"{name} argmax", arg, eager[2])
+    assert_equal_values(f"{name} count", cnt, eager[3])
 
 
 # --------------------------------------------------------------------------
@@ -178,16 +170,16 @@ def test_gated_spatial_pool_ties_made_by_rounding(layout, dtype, device):
     eager = ref_gated_spatial_pool(x, gate)
     assert not torch.equal(unrounded[2], eager[2]), "input does not exercise the rounding of z"
     pooled, arg, cnt = tc.gated_spatial_pool(x, gate)
-    _assert_equal("pooled", pooled, eager[0])
-    _assert_equal("argmax", arg, eager[1])
-    _assert_equal("count", cnt, eager[2])
+    assert_equal_values("pooled", pooled, eager[0])
+    assert_equal_values("argmax", arg, eager[1])
+    assert_equal_values("count", cnt, eager[2])
     # the backward's tie mask compares the rounded z with the pooled max as well; a float64
     # reference would not round z, so the same-dtype reference is the truth here (error <= atol)
     gp = _randn((2, 2, 7, 7), dtype, device, gen)
     args = (gp, x, gate, pooled, arg, cnt)
     eager = ref_gated_spatial_pool_backward_gate(*args, True)
     _assert_close("grad_gate", tc.gated_spatial_pool_backward_gate(*args, True), eager, eager)
-    dx_args = (x, None, gate, None, gp, pooled, arg, cnt, None, None, None, None, None, True)
+    dx_args = grad_x_args(x, spatial_pool=SpatialPoolTerm(gp, gate, pooled, arg, cnt), split_ties=True)
     eager = ref_cbam_grad_x(*dx_args)
     _assert_close("cbam_grad_x", tc.cbam_grad_x(*dx_args), eager, eager)
 
@@ -207,7 +199,7 @@ def test_cbam_apply(shape, layout, dtype, device):
     assert y.is_contiguous(memory_format=_memory_format(x)), (y.stride(), x.stride())
     _assert_close("cbam_apply", y, ref_cbam_apply(x, ch, sp), ref_cbam_apply(x.double(), ch.double(), sp.double()))
     # the (N, 1, H, W) spatial gate of the modules is accepted as well
-    _assert_equal("cbam_apply (N, 1, H, W) gate", tc.cbam_apply(x, ch, sp.unsqueeze(1)), y)
+    assert_equal_values("cbam_apply (N, 1, H, W) gate", tc.cbam_apply(x, ch, sp.unsqueeze(1)), y)
 
 
 # --------------------------------------------------------------------------
@@ -270,12 +262,13 @@ GRAD_X_TERMS = [("grad_y", "grad_pooled", "grad_avg", "grad_max"), ("grad_y",), 
 
 def _grad_x_args(x, gate, pooled, sp_arg, sp_cnt, ch_max, ch_arg, ch_cnt, grads, terms, split_ties, sp):
     has = set(terms)
-    return (x, grads["grad_y"] if "grad_y" in has else None,
-            gate if has & {"grad_y", "grad_pooled"} else None, sp if "grad_y" in has else None,
-            *((grads["grad_pooled"], pooled, sp_arg, sp_cnt) if "grad_pooled" in has else (None,) * 4),
-            grads["grad_avg"] if "grad_avg" in has else None,
-            *((grads["grad_max"], ch_max, ch_arg, ch_cnt) if "grad_max" in has else (None,) * 4),
-            split_ties)
+    return grad_x_args(
+        x, output=OutputTerm(grads["grad_y"], gate, sp) if "grad_y" in has else None,
+        spatial_pool=SpatialPoolTerm(grads["grad_pooled"], gate, pooled, sp_arg, sp_cnt) if "grad_pooled" in has
+        else None,
+        grad_avg=grads["grad_avg"] if "grad_avg" in has else None,
+        channel_max=ChannelMaxTerm(grads["grad_max"], ch_max, ch_arg, ch_cnt) if "grad_max" in has else None,
+        split_ties=split_ties)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -316,9 +309,9 @@ def test_nan_and_inf(layout, dtype, device):
     _check_pool("channel_pool", tc.channel_pool(x), ref_channel_pool(x), ref_channel_pool(x.double())[0])
     eager = ref_gated_spatial_pool(x, gate)
     pooled, sp_arg, sp_cnt = tc.gated_spatial_pool(x, gate)
-    _assert_equal("pooled", pooled, eager[0])
-    _assert_equal("spatial argmax", sp_arg, eager[1])
-    _assert_equal("spatial count", sp_cnt, eager[2])
+    assert_equal_values("pooled", pooled, eager[0])
+    assert_equal_values("spatial argmax", sp_arg, eager[1])
+    assert_equal_values("spatial count", sp_cnt, eager[2])
     _, ch_max, ch_arg, ch_cnt = ref_channel_pool(x)
     gp = grads["grad_pooled"]
     sp = torch.rand((shape[0], *shape[2:]), generator=torch.Generator().manual_seed(8)).to(dtype).to(device)
@@ -357,7 +350,7 @@ def test_small_tiles_loop_and_split(layout, device, monkeypatch):
     _check_pool("channel_pool NaN", tc.channel_pool(x_nan), ref_channel_pool(x_nan),
                 ref_channel_pool(x_nan.double())[0])
     for o, e in zip(tc.gated_spatial_pool(x_nan, gate), ref_gated_spatial_pool(x_nan, gate)):
-        _assert_equal("gated_spatial_pool NaN", o, e)
+        assert_equal_values("gated_spatial_pool NaN", o, e)
     sp = torch.rand((2, 5, 7), generator=torch.Generator().manual_seed(10)).to(device)
     _assert_close("cbam_apply", tc.cbam_apply(x, gate, sp), ref_cbam_apply(x, gate, sp),
                   ref_cbam_apply(x.double(), gate.double(), sp.double()))
@@ -436,11 +429,11 @@ def test_cuda_offsets_past_int32():
     xc = x.contiguous()
     gate = _pow2_gate(shape[:2], dtype, device, gen)
     for o, e in zip(tc.channel_pool(x), ref_channel_pool(xc)):
-        _assert_equal("channel_pool (2^31 offsets)", o, e)
+        assert_equal_values("channel_pool (2^31 offsets)", o, e)
     for o, e in zip(tc.gated_spatial_pool(x, gate), ref_gated_spatial_pool(xc, gate)):
-        _assert_equal("gated_spatial_pool (2^31 offsets)", o, e)
+        assert_equal_values("gated_spatial_pool (2^31 offsets)", o, e)
     sp = torch.rand((2, 5, 7), generator=gen).to(dtype).to(device)
-    _assert_equal("cbam_apply (2^31 offsets)", tc.cbam_apply(x, gate, sp), ref_cbam_apply(xc, gate, sp))
+    assert_equal_values("cbam_apply (2^31 offsets)", tc.cbam_apply(x, gate, sp), ref_cbam_apply(xc, gate, sp))
     del storage, x
     big = torch.ones((2, 1024, 1024, 1040), dtype=dtype, device=device)  # 2.18e9 elements
     big[-1, -1] = 2.0

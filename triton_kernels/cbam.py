@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastattn._layout import memory_format
+
 # Tuning knobs, module-level so the tests can shrink them to force multi-tile loops and splits.
 TILE_ELEMENTS = 2048  # elements per program tile: 4 warps x 16 per thread
 MAX_CONTIGUOUS_BLOCK = 256  # widest block along the contiguous axis (16-byte loads for one warp)
@@ -327,13 +329,6 @@ def _small(t: torch.Tensor, *shape: int) -> torch.Tensor:
     return t.reshape(shape).contiguous()
 
 
-def _output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """x's memory format, as the reference's outputs keep it."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _pick_tile(size_a: int, size_b: int, a_contiguous: bool) -> tuple[int, int]:
     """(BLOCK_A, BLOCK_B) of about TILE_ELEMENTS, wide along the contiguous axis."""
     if a_contiguous:
@@ -449,7 +444,7 @@ def cbam_apply(x: torch.Tensor, ch_gate: torch.Tensor, sp_gate: torch.Tensor) ->
     n, c, h, w = x.shape
     length = h * w
     x_ncl = _as_ncl(x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     if y.numel() == 0:
         return y
     y_ncl = y.view(n, c, length)
@@ -536,7 +531,7 @@ def cbam_grad_x(x: torch.Tensor, grad_y: torch.Tensor | None, ch_gate: torch.Ten
     n, c, h, w = x.shape
     length = h * w
     x_ncl = _as_ncl(x)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     if dx.numel() == 0:
         return dx
     dx_ncl = dx.view(n, c, length)
