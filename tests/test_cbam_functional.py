@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import _ops
+from fastattn import _ops, _registry
 from _util import assert_error_rule, compiled_backends, interpreted
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -261,7 +261,7 @@ def test_auto_picks_per_cbam_op_the_backend_faster_on_the_h100(gpu_predicates):
     times = _h100_cbam_op_times()
     cuda = torch.device("cuda")
     plan = dict(gpu_predicates.op_backends("cbam", cuda, torch.float16))
-    assert sorted(plan) == sorted(op for op in _ops._FAKES if _ops._TRITON_FAMILY[op] == "cbam")  # every CBAM op
+    assert sorted(plan) == sorted(name for name, spec in _registry.OPS.items() if spec.family == "cbam" and spec.triton)  # every CBAM op
     for op, backend in plan.items():
         faster = min(("cuda", "triton"), key=lambda b: times[(b, op)])
         assert backend == faster, (op, times[("cuda", op)], times[("triton", op)])
