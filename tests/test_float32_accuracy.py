@@ -9,12 +9,14 @@ a number from itself): a kernel that takes delta = rowsum(dO * O) from the saved
 kernel does, leaves the rounding of dO . v there, so eager's error is raised to a floor of 4 float32 ulps
 of the largest true gradient (FLOOR_ULPS in bench/attention_accuracy.py; the cpu kernel needs up to 3).
 
-The statistic is the median over 3 seeds of the per-seed ratio (kernel max-abs error / eager max-abs
-error), per tensor. The max-abs error of one sample is noisy: over the grid of bench/attention_accuracy.py
-the same case's ratio moves by up to 2x between seeds, so a one-seed max ratio would let a kernel 1.5x
-worse than eager pass or fail by luck. The median of three needs two of three seeds to pass, which a
-kernel whose typical ratio is near 2 cannot do by chance, and is still the max-abs statistic the rule is
-stated in (an RMS statistic was steadier but hides a few bad elements).
+The statistic is the median over seeds of the per-seed ratio (kernel max-abs error / eager max-abs
+error), per tensor: 3 seeds, 5 for shapes of at most 50 000 logits. The max-abs error of one sample is
+noisy: over the grid of bench/attention_accuracy.py the same case's ratio moves by up to 2x between
+seeds (most on small shapes, whose maximum is over few elements: one query against 97 keys at d = 16
+gave 1.3 to 2.7), so a one-seed ratio would let a kernel 1.5x worse than eager pass or fail by luck. A
+median needs most seeds to pass, which a kernel whose typical ratio is near 2 cannot do by chance, and
+it is still the max-abs statistic the rule is stated in (an RMS statistic was steadier but lets a few
+bad elements through).
 
 The shapes are a subset of bench/attention_accuracy.py's grid (FlashAttention's head dims and lengths:
 odd dims, lengths that are not tile multiples, Lq != Lk both ways, several heads, channel-last, strided
@@ -43,7 +45,6 @@ sys.path.insert(0, ROOT)
 
 from bench.attention_accuracy import TENSORS, Shape, measure_case, ratio  # noqa: E402
 
-SEEDS = (0, 1, 2)
 MAX_RATIO = 2.0
 
 # (n, heads, d_qk, d_v, len_q, len_k, layout)
@@ -75,7 +76,8 @@ TRITON_SHAPES = [
 
 def assert_float32_rule(forward, backward, shape: Shape) -> None:
     """The rule of the module docstring for one shape; the message lists every tensor's ratios."""
-    results = [measure_case(forward, backward, shape, seed) for seed in SEEDS]
+    seeds = range(5 if shape.len_q * shape.len_k <= 50_000 else 3)
+    results = [measure_case(forward, backward, shape, seed) for seed in seeds]
     failures, report = [], []
     for name in TENSORS:
         per_seed = [ratio(result, name) for result in results]

@@ -33,22 +33,23 @@ inline Vectorized<double> exp_vec(const Vectorized<double>& x) { return x.exp();
 // The exp-heavy row kernels are the whole non-GEMM cost of the softmax: their
 // float versions run 16 wide where ATen runs AVX-512 (avx512.h).
 #ifdef FASTATTN_AVX512
-// exp with at::vec's exp_u20 polynomial but an accurate range reduction: x = n ln2 + r with ln2 split
-// in two (Cody-Waite; n * kLn2Hi is exact), where exp_u20 reduces with one rounded ln2, an error that
-// grows with |x| (ATen bounds exp_u20 by 20 ulps). min/max return their second operand on NaN, so NaN
-// stays NaN.
+// exp within ~1 ulp: x = n ln2 + r with ln2 split in two (Cody-Waite; n * kLn2Hi is exact, so r is
+// exact to ~2^-30), e^r by cephes' expf polynomial on |r| <= ln2 / 2, times 2^n. at::vec's exp_u20
+// (bounded by 20 ulps) reduces with one rounded ln2, an error that grows with |x|. min/max return
+// their second operand on NaN, so NaN stays NaN.
 FASTATTN_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   x = _mm512_min_ps(_mm512_set1_ps(88.7228394f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
   const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Hi), x));
-  __m512 poly = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.166676521f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.499991506f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.999999701f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(poly, fx);  // poly * 2^fx, 0 below the smallest denormal
+  __m512 poly = _mm512_fmadd_ps(r, _mm512_set1_ps(1.9875691500e-4f), _mm512_set1_ps(1.3981999507e-3f));
+  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(8.3334519073e-3f));
+  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(4.1665795894e-2f));
+  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(1.6666665459e-1f));
+  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(5.0000001201e-1f));
+  poly = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(poly, fx);  // e^r * 2^n, 0 below the smallest denormal
 }
 
 template <bool kWithMax>

@@ -38,8 +38,10 @@ void plain_gemm(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, co
 // afresh in registers and then adds it to C, so a K-long dot product is a chain
 // of K / kDotChunk chunk sums instead of one K-long chain of FMAs, whose rounding
 // error grows like sqrt(K) times the chunked one's sqrt(kDotChunk) (MKL, behind
-// eager PyTorch, splits its K loop the same way).
-constexpr int64_t kDotChunk = 64;
+// eager PyTorch, splits its K loop the same way). A matrix-vector product (one
+// query or one key) gets chunks of kDotChunkVector: MKL's gemv, which eager runs
+// there, keeps several partial sums, and a gemv's cost is its memory traffic.
+constexpr int64_t kDotChunk = 64, kDotChunkVector = 16;
 
 inline void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                       float* c, int64_t ldc, bool accumulate) {
@@ -48,8 +50,9 @@ inline void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
     if (!accumulate) for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
     return;
   }
-  for (int64_t p0 = 0; p0 < k; p0 += kDotChunk) {
-    const int64_t chunk = std::min(kDotChunk, k - p0);
+  const int64_t chunk_size = (m == 1 || n == 1) ? kDotChunkVector : kDotChunk;
+  for (int64_t p0 = 0; p0 < k; p0 += chunk_size) {
+    const int64_t chunk = std::min(chunk_size, k - p0);
 #ifdef CPUBLAS_BRGEMM_F32F32F32
     at::native::cpublas::brgemm(m, n, chunk, lda, ldb, ldc, accumulate || p0 > 0, a + p0, b + p0 * ldb, c,
                                 /*is_vnni=*/false);
