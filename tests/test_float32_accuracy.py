@@ -66,8 +66,12 @@ CPU_SHAPES = [
     Shape(1, 2, 256, 256, 1023, 1023, "channel_last"),
     Shape(2, 2, 40, 80, 113, 211, "contiguous"),  # d_qk != d_v
 ]
+INTERPRETED = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_SHAPES = [
-    Shape(1, 2, 16, 16, 1, 33, "contiguous"),
+    # one query: the kernel's dq, dk are 2.3x and 2.7x eager's in the interpreter (median of 5 seeds),
+    # where the cpu kernel is at 1.9; strict, so that a fix of triton_kernels/attention.py shows
+    pytest.param(Shape(1, 2, 16, 16, 1, 33, "contiguous"), marks=pytest.mark.xfail(
+        INTERPRETED, reason="issue 16: Triton's one-query dq, dk above 2x eager float32", strict=True)),
     Shape(1, 1, 59, 59, 17, 1, "strided"),
     Shape(1, 2, 32, 32, 47, 47, "packed"),
     Shape(1, 1, 111, 111, 33, 65, "channel_last"),
@@ -101,7 +105,7 @@ def _triton_launchers():
     return importlib.import_module("fastattn.triton_kernels.attention")
 
 
-@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: s.id)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: getattr(s, "id", None))
 def test_triton_float32_within_2x_eager(shape):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
