@@ -122,14 +122,15 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
     const auto terms = spatial_pool_terms<scalar_t>(grad_pooled, pooled, count, x, d, split_ties, op);
     const Tensor arg = index_array(argmax, {d.N, H, W}, at::kLong, op, "argmax");
     const acc* gate_p = g_acc.data();
-    const acc *t_a = terms.a.data(), *t_hit = terms.hit.data(), *t_miss = terms.miss.data(), *t_max = terms.max.data();
+    const acc *mean_grad = terms.mean_grad.data(), *max_hit = terms.max_hit.data();
+    const acc *max_miss = terms.max_miss.data(), *max_value = terms.max_value.data();
     const int64_t* arg_p = arg.const_data_ptr<int64_t>();
     const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
     const scalar_t* x_end = x_p + d.t.numel();
     const int64_t rows = d.rows(), lanes = d.lanes();
     const fvec lane_iota = iota<acc>();
     const Grid grid(d.N, rows, lanes, kN, /*split_rows=*/true);
-    // grad_gate[n, c] = sum over positions of x * (a + (max hit ? hit : miss)): NCHW sums rows' lanes,
+    // grad_gate[n, c] = sum over positions of x * (mean_grad + (max hit ? hit : miss)): NCHW sums rows' lanes,
     // channels_last sums lanes over rows; partial sums per lane tile or per row chunk
     std::vector<acc> part(d.channels_last ? grid.N * grid.n_chunks * lanes : grid.N * grid.n_tiles * rows, acc(0));
     for_each_task(grid, [&](const Grid::Task& k) {
@@ -140,14 +141,14 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
         for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(arg_p[k.n * lanes + k.lane0 + l], k.row0);
         const int64_t p0 = k.n * lanes + k.lane0;
         for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
-          const fvec gr(gate_p[base + r]);
-          const fvec rloc(acc(r - k.row0));
+          const fvec row_gate(gate_p[base + r]);
+          const fvec local_row(acc(r - k.row0));
           const scalar_t* xr = x_p + (base + r) * lanes + k.lane0;
           auto contrib = [&](int64_t j, const fvec& xv) {
-            const fvec hit_mask = split_ties ? IO::round(xv * gr) == fvec::loadu(t_max + p0 + j)
-                                             : rloc == fvec::loadu(lane_arg + j);
-            const fvec dz = fvec::loadu(t_a + p0 + j) +
-                            fvec::blendv(fvec::loadu(t_miss + p0 + j), fvec::loadu(t_hit + p0 + j), hit_mask);
+            const fvec hit_mask = split_ties ? IO::round(xv * row_gate) == fvec::loadu(max_value + p0 + j)
+                                             : local_row == fvec::loadu(lane_arg + j);
+            const fvec dz = fvec::loadu(mean_grad + p0 + j) +
+                            fvec::blendv(fvec::loadu(max_miss + p0 + j), fvec::loadu(max_hit + p0 + j), hit_mask);
             return dz * xv;
           };
           // kSums partial sums over alternate vectors: one chain of adds would be the loop's bound
@@ -169,10 +170,10 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
         }
       } else {  // rows = positions, lanes = channels
         __at_align__ acc lane_acc[kMaxLaneTile + kN] = {};
-        const acc* gl = gate_p + k.n * lanes + k.lane0;
+        const acc* lane_gate = gate_p + k.n * lanes + k.lane0;
         for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
           const int64_t p = base + r;
-          const fvec a(t_a[p]), hit(t_hit[p]), miss(t_miss[p]), mx(t_max[p]);
+          const fvec mean(mean_grad[p]), hit(max_hit[p]), miss(max_miss[p]), mx(max_value[p]);
           const fvec arg_loc(local_index<acc>(arg_p[p], k.lane0));
           const scalar_t* xr = x_p + p * lanes + k.lane0;
           fvec lidx = lane_iota;
@@ -180,8 +181,8 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
             const int64_t nv = std::min(kN, k.lanes - j);
             prefetch(xr + j + ahead);
             const fvec xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
-            const fvec hit_mask = split_ties ? IO::round(xv * fvec::loadu(gl + j)) == mx : lidx == arg_loc;
-            const fvec dz = a + fvec::blendv(miss, hit, hit_mask);
+            const fvec hit_mask = split_ties ? IO::round(xv * fvec::loadu(lane_gate + j)) == mx : lidx == arg_loc;
+            const fvec dz = mean + fvec::blendv(miss, hit, hit_mask);
             (fvec::loadu(lane_acc + j) + dz * xv).store(lane_acc + j);
           }
         }

@@ -18,24 +18,157 @@ namespace cpu {
 namespace {
 
 // ---------------------------------------------------------------------------
-// cbam_grad_x
+// The terms of dx
 // ---------------------------------------------------------------------------
-// Per-channel and per-position terms of the x-gradient (cbam_grad_x), each array padded by a vector.
+// One side's terms of dx: the channel side (arrays of N*C) or the position side (N*H*W), each array
+// padded by a vector; null where not given.
 template <typename acc>
-struct GradXTerms {
-  bool has_gy, has_pool, has_avg, has_max, split_ties;
-  const acc *c_gate, *c_avg, *c_hit, *c_miss, *c_max;  // (N*C): ch_gate, grad_avg / HW, channel-max hit, miss, max
-  const int64_t* c_arg;                                 // (N*C): first argmax position
-  const int32_t* c_cnt;                                 // (N*C): ties of the channel max
-  const acc *p_gate, *p_a, *p_hit, *p_miss, *p_max;    // (N*HW): sp_gate, grad_mean / C, spatial-max hit, miss, max
-  const acc* p_amiss;                                   // (N*HW): grad_mean / C + miss
-  const int64_t* p_arg;                                 // (N*HW): first argmax channel
-  const int32_t* p_cnt;                                 // (N*HW): ties of the spatial max
+struct SideTerms {
+  const acc* gate = nullptr;                 // ch_gate or sp_gate
+  const acc* mean_grad = nullptr;            // channel: grad_avg / (H*W); position: grad_mean / C
+  const acc* mean_grad_plus_miss = nullptr;  // position: mean_grad + max_miss, the pool term of a non-max
+  const acc* max_hit = nullptr;              // the max pool's gradient of an element that holds the max
+  const acc* max_miss = nullptr;             // and of one that does not
+  const acc* max_value = nullptr;            // the max
+  const int64_t* argmax = nullptr;           // channel max: its first position; position max: its first channel
+  const int32_t* max_count = nullptr;        // ties of the max
 };
 
-// dx over one task's rows and lane tile: the sum of the given terms, in the reference's order.
-// The row's own terms are broadcasts, the lanes' are vector loads; channel and position swap roles
-// between NCHW (rows = channels) and channels_last (rows = positions).
+template <typename acc>
+struct GradXTerms {
+  bool has_grad_y, has_spatial_pool, has_avg, has_max, split_ties;  // which terms are summed; the tie rule
+  SideTerms<acc> channel, position;
+};
+
+// an argmax index, local to `base`; -1 (never a hit) for a NaN max (count 0) under the split rule
+template <typename acc>
+acc local_argmax(const SideTerms<acc>& side, int64_t i, int64_t base, bool split_ties) {
+  return split_ties && side.max_count[i] == 0 ? acc(-1) : local_index<acc>(side.argmax[i], base);
+}
+
+// A side's terms at one row of a task (NCHW: a channel; channels_last: a position), broadcast over
+// the lanes. Same accessors as LaneTerms, whose values differ from vector to vector.
+template <typename acc>
+struct RowTerms {
+  using fvec = Vectorized<acc>;
+  fvec gate_v, mean_grad_v, mean_grad_plus_miss_v, max_hit_v, max_miss_v, max_value_v, argmax_v, index_v;
+
+  // row i (of all images' rows), local row index `local_row`; its argmax is a lane, local to lane0
+  RowTerms(const SideTerms<acc>& side, bool has_mean, bool has_max, int64_t i, int64_t local_row, int64_t lane0,
+           bool split_ties)
+      : gate_v(side.gate[i]), index_v(acc(local_row)) {
+    if (has_mean) mean_grad_v = fvec(side.mean_grad[i]);
+    if (has_mean && side.mean_grad_plus_miss) mean_grad_plus_miss_v = fvec(side.mean_grad_plus_miss[i]);
+    if (has_max) {
+      max_hit_v = fvec(side.max_hit[i]);
+      max_miss_v = fvec(side.max_miss[i]);
+      max_value_v = fvec(side.max_value[i]);
+      argmax_v = fvec(local_argmax(side, i, lane0, split_ties));
+    }
+  }
+  fvec gate(int64_t) const { return gate_v; }
+  fvec mean_grad(int64_t) const { return mean_grad_v; }
+  fvec mean_grad_plus_miss(int64_t) const { return mean_grad_plus_miss_v; }
+  fvec max_hit(int64_t) const { return max_hit_v; }
+  fvec max_miss(int64_t) const { return max_miss_v; }
+  fvec max_value(int64_t) const { return max_value_v; }
+  fvec argmax(int64_t) const { return argmax_v; }  // local to the task's first lane
+  fvec index(int64_t) const { return index_v; }    // the row, local to the task's first row
+};
+
+// A side's terms at the lanes of a task's tile (NCHW: positions; channels_last: channels): the
+// vector at lanes [j, j + kN) of the tile.
+template <typename acc>
+struct LaneTerms {
+  using fvec = Vectorized<acc>;
+  SideTerms<acc> tile;    // the side's arrays from the tile's first lane on
+  const acc* argmax_row;  // per lane of the tile: its max's argmax row, local to the task's first row
+  fvec lane_iota;
+
+  LaneTerms(const SideTerms<acc>& side, int64_t lane0, const acc* argmax_row)
+      : tile(at_offset(side, lane0)), argmax_row(argmax_row), lane_iota(iota<acc>()) {}
+  fvec gate(int64_t j) const { return fvec::loadu(tile.gate + j); }
+  fvec mean_grad(int64_t j) const { return fvec::loadu(tile.mean_grad + j); }
+  fvec mean_grad_plus_miss(int64_t j) const { return fvec::loadu(tile.mean_grad_plus_miss + j); }
+  fvec max_hit(int64_t j) const { return fvec::loadu(tile.max_hit + j); }
+  fvec max_miss(int64_t j) const { return fvec::loadu(tile.max_miss + j); }
+  fvec max_value(int64_t j) const { return fvec::loadu(tile.max_value + j); }
+  fvec argmax(int64_t j) const { return fvec::loadu(argmax_row + j); }
+  fvec index(int64_t j) const { return lane_iota + fvec(acc(j)); }  // the lanes, local to the tile
+
+ private:
+  static SideTerms<acc> at_offset(SideTerms<acc> side, int64_t offset) {
+    for (const acc** a : {&side.gate, &side.mean_grad, &side.mean_grad_plus_miss, &side.max_hit, &side.max_miss,
+                          &side.max_value})
+      if (*a) *a += offset;  // absent terms stay null
+    return side;
+  }
+};
+
+// dx of one vector, every given term, in the reference's order: grad_y * ch_gate * sp_gate, the
+// spatial pool's term (the position's max over channels), grad_avg, the channel max's term.
+// `channel` and `position` are the RowTerms or LaneTerms of each side. A hit (the element holds the
+// max) is found by comparing x with the max (compare_x) or by index.
+template <typename scalar_t, typename Channel, typename Position>
+Vectorized<acc_type<scalar_t>> dx_vector(const GradXTerms<acc_type<scalar_t>>& t, const Channel& channel,
+                                         const Position& position, int64_t j, Vectorized<acc_type<scalar_t>> xv,
+                                         Vectorized<acc_type<scalar_t>> gv, bool compare_x) {
+  using IO = VecIO<scalar_t>;
+  using fvec = typename IO::fvec;
+  const fvec cg = channel.gate(j);
+  fvec dxv(acc_type<scalar_t>(0));
+  if (t.has_grad_y) dxv = (gv * cg) * position.gate(j);
+  if (t.has_spatial_pool) {
+    const fvec hit = compare_x ? IO::round(xv * cg) == position.max_value(j) : channel.index(j) == position.argmax(j);
+    dxv = dxv + cg * (position.mean_grad(j) + fvec::blendv(position.max_miss(j), position.max_hit(j), hit));
+  }
+  if (t.has_avg) dxv = dxv + channel.mean_grad(j);
+  if (t.has_max) {
+    const fvec hit = compare_x ? xv == channel.max_value(j) : position.index(j) == channel.argmax(j);
+    dxv = dxv + fvec::blendv(channel.max_miss(j), channel.max_hit(j), hit);
+  }
+  return dxv;
+}
+
+// dx_vector where no element holds a max: every max term is its miss
+template <typename scalar_t, typename Channel, typename Position>
+Vectorized<acc_type<scalar_t>> dx_vector_no_hit(const GradXTerms<acc_type<scalar_t>>& t, const Channel& channel,
+                                                const Position& position, int64_t j,
+                                                Vectorized<acc_type<scalar_t>> gv) {
+  using fvec = typename VecIO<scalar_t>::fvec;
+  const fvec cg = channel.gate(j);
+  fvec dxv(acc_type<scalar_t>(0));
+  if (t.has_grad_y) dxv = (gv * cg) * position.gate(j);
+  if (t.has_spatial_pool) dxv = dxv + cg * position.mean_grad_plus_miss(j);
+  if (t.has_avg) dxv = dxv + channel.mean_grad(j);
+  if (t.has_max) dxv = dxv + channel.max_miss(j);
+  return dxv;
+}
+
+// The lanes of a tile grouped by the row of their max's argmax: those of local row r are
+// lanes[start[r] .. start[r + 1]). Lanes whose argmax lies outside the task's rows are left out.
+struct LanesByArgmaxRow {
+  std::vector<int32_t> start, lanes;
+
+  template <typename acc>
+  LanesByArgmaxRow(const acc* argmax_row, int64_t n_lanes, int64_t n_rows) : start(n_rows + 1, 0) {
+    auto in_rows = [&](int64_t l) { return argmax_row[l] >= 0 && argmax_row[l] < acc(n_rows); };
+    for (const auto l : c10::irange(n_lanes))
+      if (in_rows(l)) ++start[static_cast<int64_t>(argmax_row[l]) + 1];
+    for (const auto r : c10::irange(n_rows)) start[r + 1] += start[r];
+    lanes.resize(start[n_rows]);
+    std::vector<int32_t> next(start.begin(), start.end() - 1);
+    for (const auto l : c10::irange(n_lanes))
+      if (in_rows(l)) lanes[next[static_cast<int64_t>(argmax_row[l])]++] = static_cast<int32_t>(l);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// One task of cbam_grad_x
+// ---------------------------------------------------------------------------
+// dx over one task's rows and lane tile: the sum of the given terms. The row's own terms are
+// broadcasts (RowTerms), the lanes' are vector loads (LaneTerms); Layout<kChannelsLast> says which
+// side is the channel and which the position.
 //
 // x only decides which elements hold a max (a hit) and take the max pool's gradient; every other
 // element takes `miss`, a signed zero (or NaN, then in every element alike). Where each max has
@@ -46,167 +179,81 @@ struct GradXTerms {
 // under the split rule) every vector takes the full formula, hits found by comparing x with the max.
 //
 // Argmax indices are compared as floats local to this task's row chunk or lane tile.
-// Everything is copied into locals: the stores to dx could otherwise alias captured state and
-// force reloads in the inner loop.
+// The terms are taken by value and everything else is a local: the stores to dx could otherwise
+// alias them and force reloads in the inner loop.
 template <typename scalar_t, bool kChannelsLast>
 void grad_x_task(const GradXTerms<acc_type<scalar_t>> t, const Grid::Task& k, int64_t rows, int64_t lanes,
                  const scalar_t* x_p, const scalar_t* gy_p, scalar_t* dx_p, int64_t numel) {
   using IO = VecIO<scalar_t>;
   using acc = typename IO::acc;
   using fvec = typename IO::fvec;
+  using L = Layout<kChannelsLast>;
   constexpr int64_t kN = IO::kN;
-  const bool has_gy = t.has_gy, has_pool = t.has_pool, has_avg = t.has_avg, has_max = t.has_max;
-  const bool split = t.split_ties;
   const scalar_t* x_end = x_p + numel;
   const scalar_t* gy_end = gy_p ? gy_p + numel : nullptr;
   const int64_t l0 = k.n * lanes + k.lane0;
-  // The max indexed by lane (NCHW: the spatial max, one per position; channels_last: the channel
-  // max) has its argmax along rows; the max indexed by row has its argmax along lanes.
-  const bool lane_max = kChannelsLast ? has_max : has_pool, row_max = kChannelsLast ? has_pool : has_max;
-  const int64_t* lane_arg_src = kChannelsLast ? t.c_arg : t.p_arg;
-  const int64_t* row_arg_src = kChannelsLast ? t.p_arg : t.c_arg;
-  const int32_t* lane_cnt = kChannelsLast ? t.c_cnt : t.p_cnt;
-  const int32_t* row_cnt = kChannelsLast ? t.p_cnt : t.c_cnt;
-  // an argmax index, local to `base`; -1 (never a hit) for a NaN max under the split rule
-  auto arg_local = [&](const int64_t* arg, const int32_t* cnt, int64_t i, int64_t base) {
-    return split && cnt[i] == 0 ? acc(-1) : local_index<acc>(arg[i], base);
-  };
-  std::vector<acc> lane_arg_buf(round_up(k.lanes, kN), acc(-1));  // the lane max's argmax, a local row
-  const acc* lane_arg = lane_arg_buf.data();
-  if (lane_max)
-    for (const auto l : c10::irange(k.lanes)) lane_arg_buf[l] = arg_local(lane_arg_src, lane_cnt, l0 + l, k.row0);
-  // the lane dimension's arrays at this tile
-  auto at_tile = [&](const acc* a) { return a ? a + l0 : nullptr; };  // absent terms stay null
-  const acc* lg = at_tile(kChannelsLast ? t.c_gate : t.p_gate);
-  const acc* l_avg = at_tile(t.c_avg);  // read in channels_last only
-  const acc* l_hit = at_tile(kChannelsLast ? t.c_hit : t.p_hit);
-  const acc* l_miss = at_tile(kChannelsLast ? t.c_miss : t.p_miss);
-  const acc* l_max = at_tile(kChannelsLast ? t.c_max : t.p_max);
-  const acc* l_a = at_tile(t.p_a);          // read in NCHW only
-  const acc* l_amiss = at_tile(t.p_amiss);  // read in NCHW only
-  const fvec zero(acc(0));
-  const fvec lane_iota = iota<acc>();
+  // The row side's max (NCHW: the channel max) has its argmax along lanes, the lane side's along rows.
+  const SideTerms<acc>& row_side = L::row(t.channel, t.position);
+  const SideTerms<acc>& lane_side = L::lane(t.channel, t.position);
+  const bool row_has_mean = L::row(t.has_avg, t.has_spatial_pool);
+  const bool row_has_max = L::row(t.has_max, t.has_spatial_pool);
+  const bool lane_has_max = L::lane(t.has_max, t.has_spatial_pool);
+  std::vector<acc> lane_argmax_row(round_up(k.lanes, kN), acc(-1));
+  if (lane_has_max)
+    for (const auto l : c10::irange(k.lanes))
+      lane_argmax_row[l] = local_argmax(lane_side, l0 + l, k.row0, t.split_ties);
+  const LaneTerms<acc> lane_terms(lane_side, l0, lane_argmax_row.data());
   const int64_t ahead = prefetch_distance(k.lanes, lanes);
 
-  // Sparse hits: each max has at most one, at its argmax.
+  // sparse hits: each max has at most one, at its argmax
   bool sparse = true;
-  if (split) {
-    if (lane_max)
-      for (const auto l : c10::irange(k.lanes)) sparse = sparse && lane_cnt[l0 + l] <= 1;
-    if (row_max)
-      for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) sparse = sparse && row_cnt[k.n * rows + r] <= 1;
+  if (t.split_ties) {
+    if (lane_has_max)
+      for (const auto l : c10::irange(k.lanes)) sparse = sparse && lane_side.max_count[l0 + l] <= 1;
+    if (row_has_max)
+      for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) sparse = sparse && row_side.max_count[k.n * rows + r] <= 1;
   }
-  const bool read_x = !sparse && (has_pool || has_max);
-
-  // the row's own terms
-  struct RowTerms {
-    fvec rg, r_avg, r_hit, r_miss, r_max, r_a, r_amiss, r_arg, r_loc;
-  };
-  auto row_terms = [&](int64_t r) {
-    const int64_t ri = k.n * rows + r;
-    RowTerms rt;
-    rt.r_loc = fvec(acc(r - k.row0));
-    if (row_max) rt.r_arg = fvec(arg_local(row_arg_src, row_cnt, ri, k.lane0));
-    if constexpr (kChannelsLast) {  // row = position
-      rt.rg = fvec(t.p_gate[ri]);
-      if (has_pool) {
-        rt.r_a = fvec(t.p_a[ri]);
-        rt.r_amiss = fvec(t.p_amiss[ri]);
-        rt.r_hit = fvec(t.p_hit[ri]);
-        rt.r_miss = fvec(t.p_miss[ri]);
-        rt.r_max = fvec(t.p_max[ri]);
-      }
-    } else {  // row = channel
-      rt.rg = fvec(t.c_gate[ri]);
-      rt.r_avg = fvec(t.c_avg[ri]);
-      if (has_max) {
-        rt.r_hit = fvec(t.c_hit[ri]);
-        rt.r_miss = fvec(t.c_miss[ri]);
-        rt.r_max = fvec(t.c_max[ri]);
-      }
-    }
-    return rt;
-  };
+  const bool read_x = !sparse && (t.has_spatial_pool || t.has_max);
+  const bool compare_x = read_x && t.split_ties;
+  const fvec zero(acc(0));
   // lanes [j, j + nv) of row ri, every term
-  auto full_vec = [&](const RowTerms& rt, int64_t ri, int64_t j, int64_t nv) {
+  auto full_vector = [&](const RowTerms<acc>& row_terms, int64_t ri, int64_t j, int64_t nv) {
     const scalar_t* xr = x_p + ri * lanes + k.lane0;
     const scalar_t* gr = gy_p ? gy_p + ri * lanes + k.lane0 : nullptr;
     fvec xv = zero, gv = zero;
     if (read_x) xv = nv == kN ? IO::load(xr + j) : IO::load_tail(xr + j, nv, x_end);
-    if (has_gy) gv = nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
-    const fvec l_loc = lane_iota + fvec(acc(j));
-    const fvec la = fvec::loadu(lane_arg + j);
-    // the element's channel gate and position gate
-    const fvec cg = kChannelsLast ? fvec::loadu(lg + j) : rt.rg;
-    const fvec sp = kChannelsLast ? rt.rg : fvec::loadu(lg + j);
-    fvec dxv = zero;
-    if (has_gy) dxv = (gv * cg) * sp;
-    if (has_pool) {  // spatial max over channels: the position's terms
-      const fvec pmax = kChannelsLast ? rt.r_max : fvec::loadu(l_max + j);
-      const fvec c_loc = kChannelsLast ? l_loc : rt.r_loc;
-      const fvec p_arg = kChannelsLast ? rt.r_arg : la;
-      const fvec hit = read_x && split ? IO::round(xv * cg) == pmax : c_loc == p_arg;
-      const fvec pa = kChannelsLast ? rt.r_a : fvec::loadu(l_a + j);
-      const fvec phit = kChannelsLast ? rt.r_hit : fvec::loadu(l_hit + j);
-      const fvec pmiss = kChannelsLast ? rt.r_miss : fvec::loadu(l_miss + j);
-      dxv = dxv + cg * (pa + fvec::blendv(pmiss, phit, hit));
-    }
-    if (has_avg) dxv = dxv + (kChannelsLast ? fvec::loadu(l_avg + j) : rt.r_avg);
-    if (has_max) {  // channel max over positions: the channel's terms
-      const fvec cmax = kChannelsLast ? fvec::loadu(l_max + j) : rt.r_max;
-      const fvec p_loc = kChannelsLast ? rt.r_loc : l_loc;
-      const fvec c_arg = kChannelsLast ? la : rt.r_arg;
-      const fvec hit = read_x && split ? xv == cmax : p_loc == c_arg;
-      const fvec chit = kChannelsLast ? fvec::loadu(l_hit + j) : rt.r_hit;
-      const fvec cmiss = kChannelsLast ? fvec::loadu(l_miss + j) : rt.r_miss;
-      dxv = dxv + fvec::blendv(cmiss, chit, hit);
-    }
-    return dxv;
+    if (t.has_grad_y) gv = nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
+    return dx_vector<scalar_t>(t, L::channel(row_terms, lane_terms), L::position(row_terms, lane_terms), j, xv, gv,
+                               compare_x);
   };
-
-  // sparse: the lanes whose argmax is row r, bucket_lanes[bucket_start[r - row0] .. bucket_start[r - row0 + 1])
-  std::vector<int32_t> bucket_start, bucket_lanes;
-  if (sparse && lane_max) {
-    auto in_chunk = [&](int64_t l) { return lane_arg[l] >= 0 && lane_arg[l] < acc(k.rows); };
-    bucket_start.assign(k.rows + 1, 0);
-    for (const auto l : c10::irange(k.lanes))
-      if (in_chunk(l)) ++bucket_start[static_cast<int64_t>(lane_arg[l]) + 1];
-    for (const auto r : c10::irange(k.rows)) bucket_start[r + 1] += bucket_start[r];
-    bucket_lanes.resize(bucket_start[k.rows]);
-    std::vector<int32_t> fill(bucket_start.begin(), bucket_start.end() - 1);
-    for (const auto l : c10::irange(k.lanes))
-      if (in_chunk(l)) bucket_lanes[fill[static_cast<int64_t>(lane_arg[l])]++] = static_cast<int32_t>(l);
-  }
+  std::optional<LanesByArgmaxRow> argmax_lanes;
+  if (sparse && lane_has_max) argmax_lanes.emplace(lane_argmax_row.data(), k.lanes, k.rows);
 
   for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
     const int64_t ri = k.n * rows + r;
     const scalar_t* gr = gy_p ? gy_p + ri * lanes + k.lane0 : nullptr;
     scalar_t* dr = dx_p + ri * lanes + k.lane0;
-    const RowTerms rt = row_terms(r);
+    const RowTerms<acc> row_terms(row_side, row_has_mean, row_has_max, ri, r - k.row0, k.lane0, t.split_ties);
     if (!sparse) {
       for (int64_t j = 0; j < k.lanes; j += kN) {
         const int64_t nv = std::min(kN, k.lanes - j);
         if (read_x) prefetch(x_p + ri * lanes + k.lane0 + j + ahead);
-        if (has_gy) prefetch(gr + j + ahead);
+        if (t.has_grad_y) prefetch(gr + j + ahead);
         prefetch_for_write(dr + j + ahead);
-        IO::store(dr + j, full_vec(rt, ri, j, nv), nv);
+        IO::store(dr + j, full_vector(row_terms, ri, j, nv), nv);
       }
       continue;
     }
-    // every element a miss: full_vec's sum without hits
+    // every element a miss
     for (int64_t j = 0; j < k.lanes; j += kN) {
       const int64_t nv = std::min(kN, k.lanes - j);
-      const fvec cg = kChannelsLast ? fvec::loadu(lg + j) : rt.rg;
-      fvec dxv = zero;
-      if (has_gy) {
+      fvec gv = zero;
+      if (t.has_grad_y) {
         prefetch(gr + j + ahead);
-        const fvec gv = nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
-        const fvec sp = kChannelsLast ? rt.rg : fvec::loadu(lg + j);
-        dxv = (gv * cg) * sp;
+        gv = nv == kN ? IO::load(gr + j) : IO::load_tail(gr + j, nv, gy_end);
       }
-      if (has_pool) dxv = dxv + cg * (kChannelsLast ? rt.r_amiss : fvec::loadu(l_amiss + j));
-      if (has_avg) dxv = dxv + (kChannelsLast ? fvec::loadu(l_avg + j) : rt.r_avg);
-      if (has_max) dxv = dxv + (kChannelsLast ? fvec::loadu(l_miss + j) : rt.r_miss);
+      const fvec dxv =
+          dx_vector_no_hit<scalar_t>(t, L::channel(row_terms, lane_terms), L::position(row_terms, lane_terms), j, gv);
       prefetch_for_write(dr + j + ahead);
       IO::store(dr + j, dxv, nv);
     }
@@ -214,17 +261,21 @@ void grad_x_task(const GradXTerms<acc_type<scalar_t>> t, const Grid::Task& k, in
     auto redo = [&](int64_t lane) {
       const int64_t j = lane / kN * kN;
       const int64_t nv = std::min(kN, k.lanes - j);
-      IO::store(dr + j, full_vec(rt, ri, j, nv), nv);
+      IO::store(dr + j, full_vector(row_terms, ri, j, nv), nv);
     };
-    if (row_max) {
-      const int64_t lane = row_arg_src[ri] - k.lane0;
+    if (row_has_max) {
+      const int64_t lane = row_side.argmax[ri] - k.lane0;
       if (lane >= 0 && lane < k.lanes) redo(lane);
     }
-    if (lane_max)
-      for (int32_t b = bucket_start[r - k.row0]; b < bucket_start[r - k.row0 + 1]; ++b) redo(bucket_lanes[b]);
+    if (argmax_lanes)
+      for (int32_t b = argmax_lanes->start[r - k.row0]; b < argmax_lanes->start[r - k.row0 + 1]; ++b)
+        redo(argmax_lanes->lanes[b]);
   }
 }
 
+// ---------------------------------------------------------------------------
+// cbam_grad_x
+// ---------------------------------------------------------------------------
 Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, const std::optional<Tensor>& ch_gate,
                        const std::optional<Tensor>& sp_gate, const std::optional<Tensor>& grad_pooled,
                        const std::optional<Tensor>& pooled, const std::optional<Tensor>& sp_argmax,
@@ -252,62 +303,62 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
   const XSized dx_out(x, d);
   const Tensor& dx = dx_out.work;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using IO = VecIO<scalar_t>;
-    using acc = typename IO::acc;
-    using fvec = typename IO::fvec;
-    constexpr int64_t kN = IO::kN;
+    using acc = acc_type<scalar_t>;
+    constexpr int64_t kN = VecIO<scalar_t>::kN;
     const int64_t NC = d.N * d.C;
-    // per-channel terms (NC + kN each): ch_gate, grad_avg / HW, channel-max hit, miss, max
-    std::vector<acc> c_gate(NC + kN, 0), c_avg(NC + kN, 0), c_hit(NC + kN, 0), c_miss(NC + kN, 0),
-        c_max(NC + kN, 0);
-    if (ch_gate) c_gate = param_array<scalar_t>(*ch_gate, {d.N, d.C}, op, "ch_gate");
+    // the channel side (NC + kN each): ch_gate, grad_avg / HW, the channel max's hit, miss and value
+    std::vector<acc> channel_gate(NC + kN, 0), avg_grad(NC + kN, 0), channel_max_hit(NC + kN, 0),
+        channel_max_miss(NC + kN, 0), channel_max(NC + kN, 0);
+    if (ch_gate) channel_gate = param_array<scalar_t>(*ch_gate, {d.N, d.C}, op, "ch_gate");
     if (has_avg) {
-      c_avg = param_array<scalar_t>(*grad_avg, {d.N, d.C}, op, "grad_avg");
-      for (const auto i : c10::irange(NC)) c_avg[i] = c_avg[i] / acc(d.HW);
+      avg_grad = param_array<scalar_t>(*grad_avg, {d.N, d.C}, op, "grad_avg");
+      for (const auto i : c10::irange(NC)) avg_grad[i] = avg_grad[i] / acc(d.HW);
     }
-    Tensor ch_arg, ch_cnt;
+    Tensor channel_argmax, channel_count;
     if (has_max) {
-      const auto gm = param_array<scalar_t>(*grad_max, {d.N, d.C}, op, "grad_max");
-      c_max = param_array<scalar_t>(*ch_max, {d.N, d.C}, op, "ch_max");
-      ch_cnt = index_array(*ch_count, {d.N, d.C}, at::kInt, op, "ch_count");
-      ch_arg = index_array(*ch_argmax, {d.N, d.C}, at::kLong, op, "ch_argmax");
+      const auto max_grad = param_array<scalar_t>(*grad_max, {d.N, d.C}, op, "grad_max");
+      channel_max = param_array<scalar_t>(*ch_max, {d.N, d.C}, op, "ch_max");
+      channel_count = index_array(*ch_count, {d.N, d.C}, at::kInt, op, "ch_count");
+      channel_argmax = index_array(*ch_argmax, {d.N, d.C}, at::kLong, op, "ch_argmax");
       for (const auto i : c10::irange(NC))
-        max_grad_weights(gm[i], ch_cnt.const_data_ptr<int32_t>()[i], split_ties, c_hit[i], c_miss[i]);
+        max_grad_weights(max_grad[i], channel_count.const_data_ptr<int32_t>()[i], split_ties, channel_max_hit[i],
+                         channel_max_miss[i]);
     }
-    // per-position terms: sp_gate, and those of the spatial max pool
-    std::vector<acc> p_gate(d.N * d.HW + kN, 0);
-    if (sp_gate) p_gate = param_array<scalar_t>(*sp_gate, {d.N, H, W}, op, "sp_gate");
+    // the position side: sp_gate, and the spatial max pool's terms
+    std::vector<acc> position_gate(d.N * d.HW + kN, 0);
+    if (sp_gate) position_gate = param_array<scalar_t>(*sp_gate, {d.N, H, W}, op, "sp_gate");
     SpatialPoolTerms<acc> pool_terms;
-    std::vector<acc> p_amiss;
-    Tensor sp_arg;
+    std::vector<acc> mean_grad_plus_miss;
+    Tensor position_argmax;
     if (has_pool) {  // grad_pooled, pooled and sp_count are checked here
       pool_terms = spatial_pool_terms<scalar_t>(*grad_pooled, *pooled, *sp_count, x, d, split_ties, op);
-      sp_arg = index_array(*sp_argmax, {d.N, H, W}, at::kLong, op, "sp_argmax");
-      p_amiss.resize(pool_terms.a.size());
-      for (const auto i : c10::irange(p_amiss.size())) p_amiss[i] = pool_terms.a[i] + pool_terms.miss[i];
+      position_argmax = index_array(*sp_argmax, {d.N, H, W}, at::kLong, op, "sp_argmax");
+      mean_grad_plus_miss.resize(pool_terms.mean_grad.size());
+      for (const auto i : c10::irange(mean_grad_plus_miss.size()))
+        mean_grad_plus_miss[i] = pool_terms.mean_grad[i] + pool_terms.max_miss[i];
     }
     auto data_or_null = [](const std::vector<acc>& v) { return v.empty() ? nullptr : v.data(); };
-    GradXTerms<acc> terms_set;
-    terms_set.has_gy = has_gy;
-    terms_set.has_pool = has_pool;
-    terms_set.has_avg = has_avg;
-    terms_set.has_max = has_max;
-    terms_set.split_ties = split_ties;
-    terms_set.c_gate = c_gate.data();
-    terms_set.c_avg = c_avg.data();
-    terms_set.c_hit = c_hit.data();
-    terms_set.c_miss = c_miss.data();
-    terms_set.c_max = c_max.data();
-    terms_set.c_arg = has_max ? ch_arg.const_data_ptr<int64_t>() : nullptr;
-    terms_set.c_cnt = has_max ? ch_cnt.const_data_ptr<int32_t>() : nullptr;
-    terms_set.p_gate = p_gate.data();
-    terms_set.p_a = data_or_null(pool_terms.a);
-    terms_set.p_hit = data_or_null(pool_terms.hit);
-    terms_set.p_miss = data_or_null(pool_terms.miss);
-    terms_set.p_max = data_or_null(pool_terms.max);
-    terms_set.p_amiss = data_or_null(p_amiss);
-    terms_set.p_arg = has_pool ? sp_arg.const_data_ptr<int64_t>() : nullptr;
-    terms_set.p_cnt = has_pool ? pool_terms.count.const_data_ptr<int32_t>() : nullptr;
+    GradXTerms<acc> terms;
+    terms.has_grad_y = has_gy;
+    terms.has_spatial_pool = has_pool;
+    terms.has_avg = has_avg;
+    terms.has_max = has_max;
+    terms.split_ties = split_ties;
+    terms.channel.gate = channel_gate.data();
+    terms.channel.mean_grad = avg_grad.data();
+    terms.channel.max_hit = channel_max_hit.data();
+    terms.channel.max_miss = channel_max_miss.data();
+    terms.channel.max_value = channel_max.data();
+    terms.channel.argmax = has_max ? channel_argmax.const_data_ptr<int64_t>() : nullptr;
+    terms.channel.max_count = has_max ? channel_count.const_data_ptr<int32_t>() : nullptr;
+    terms.position.gate = position_gate.data();
+    terms.position.mean_grad = data_or_null(pool_terms.mean_grad);
+    terms.position.mean_grad_plus_miss = data_or_null(mean_grad_plus_miss);
+    terms.position.max_hit = data_or_null(pool_terms.max_hit);
+    terms.position.max_miss = data_or_null(pool_terms.max_miss);
+    terms.position.max_value = data_or_null(pool_terms.max_value);
+    terms.position.argmax = has_pool ? position_argmax.const_data_ptr<int64_t>() : nullptr;
+    terms.position.max_count = has_pool ? pool_terms.count.const_data_ptr<int32_t>() : nullptr;
     const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
     const scalar_t* gy_p = has_gy ? gy.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dx_p = dx.data_ptr<scalar_t>();
@@ -316,15 +367,14 @@ Tensor cbam_grad_x_cpu(const Tensor& x, const std::optional<Tensor>& grad_y, con
     const int64_t numel = d.t.numel();
     for_each_task(g, [&](const Grid::Task& k) {
       if (d.channels_last) {
-        grad_x_task<scalar_t, true>(terms_set, k, d.rows(), d.lanes(), x_p, gy_p, dx_p, numel);
+        grad_x_task<scalar_t, true>(terms, k, d.rows(), d.lanes(), x_p, gy_p, dx_p, numel);
       } else {
-        grad_x_task<scalar_t, false>(terms_set, k, d.rows(), d.lanes(), x_p, gy_p, dx_p, numel);
+        grad_x_task<scalar_t, false>(terms, k, d.rows(), d.lanes(), x_p, gy_p, dx_p, numel);
       }
     });
   });
   return dx_out.finish();
 }
-
 
 }  // namespace
 }  // namespace cpu

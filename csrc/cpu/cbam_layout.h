@@ -43,6 +43,39 @@ struct Dense {
   }
 };
 
+// Which index of an image's (rows x lanes) matrix is the channel and which the position, decided
+// once per layout as cbam.cu's Layout does: NCHW rows are channels and lanes positions,
+// channels_last the other way round.
+template <bool kChannelsLast>
+struct Layout {
+  // of a per-channel and a per-position thing, the one indexed by rows / by lanes
+  template <typename T>
+  static const T& row(const T& per_channel, const T& per_position) {
+    return kChannelsLast ? per_position : per_channel;
+  }
+  template <typename T>
+  static const T& lane(const T& per_channel, const T& per_position) {
+    return kChannelsLast ? per_channel : per_position;
+  }
+  // of a per-row and a per-lane view (types may differ), the one of the channel / of the position
+  template <typename Row, typename Lane>
+  static const auto& channel(const Row& row_view, const Lane& lane_view) {
+    if constexpr (kChannelsLast) {
+      return lane_view;
+    } else {
+      return row_view;
+    }
+  }
+  template <typename Row, typename Lane>
+  static const auto& position(const Row& row_view, const Lane& lane_view) {
+    if constexpr (kChannelsLast) {
+      return row_view;
+    } else {
+      return lane_view;
+    }
+  }
+};
+
 inline void check_x(const Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());

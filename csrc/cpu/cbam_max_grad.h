@@ -25,12 +25,13 @@ void max_grad_weights(acc g, int32_t count, bool split_ties, acc& hit, acc& miss
   miss = (acc(0) / cnt) * g;
 }
 
-// Per-position terms of the spatial max-pool gradient, each N*H*W (+ a vector of padding):
-// a = grad_mean / C, hit, miss, and the max itself; and the tie counts they were made from.
+// Per-position terms of the spatial pool's gradient, each N*H*W (+ a vector of padding): grad_mean / C,
+// the max pool's hit and miss weights (max_grad_weights) and the max itself; and the tie counts they
+// were made from.
 // Making them checks grad_pooled, pooled and count (shapes, dtypes).
 template <typename acc>
 struct SpatialPoolTerms {
-  std::vector<acc> a, hit, miss, max;
+  std::vector<acc> mean_grad, max_hit, max_miss, max_value;
   Tensor count;  // (N, H, W) int32, contiguous
 };
 
@@ -51,9 +52,9 @@ SpatialPoolTerms<acc_type<scalar_t>> spatial_pool_terms(const Tensor& grad_poole
   for (const auto n : c10::irange(d.N)) {
     for (const auto hw : c10::irange(d.HW)) {
       const int64_t i = n * d.HW + hw;
-      t.a[i] = gp[2 * n * d.HW + hw] / channels;
-      max_grad_weights(gp[(2 * n + 1) * d.HW + hw], cnt_p[i], split_ties, t.hit[i], t.miss[i]);
-      t.max[i] = pl[(2 * n + 1) * d.HW + hw];
+      t.mean_grad[i] = gp[2 * n * d.HW + hw] / channels;
+      max_grad_weights(gp[(2 * n + 1) * d.HW + hw], cnt_p[i], split_ties, t.max_hit[i], t.max_miss[i]);
+      t.max_value[i] = pl[(2 * n + 1) * d.HW + hw];
     }
   }
   return t;
