@@ -233,14 +233,17 @@ def main() -> int:
         parser.error("give the two libraries to compare")
     import torch
     here = os.path.dirname(os.path.abspath(__file__))
-    results = []
+    os.makedirs(os.path.join(os.path.dirname(here), "build"), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.join(os.path.dirname(here), "build")) as tmp:
-        for i, library in enumerate((args.old, args.new)):
-            out = os.path.join(tmp, f"{i}.pt")
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--child",
-                            os.path.abspath(library), out], check=True, cwd=os.path.dirname(here))
-            results.append(torch.load(out))
-    old, new = results
+        outs = [os.path.join(tmp, f"{i}.pt") for i in range(2)]
+        # the two runs side by side: each has its own threads, and the results do not depend on timing
+        children = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
+                                      "--child", os.path.abspath(library), out], cwd=os.path.dirname(here))
+                    for library, out in zip((args.old, args.new), outs)]
+        if any([child.wait() != 0 for child in children]):  # waits for both
+            print("a run failed")
+            return 1
+        old, new = (torch.load(out) for out in outs)
     if old.keys() != new.keys():
         print(f"case lists differ: {sorted(old.keys() ^ new.keys())[:10]}")
         return 1
