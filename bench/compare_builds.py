@@ -264,6 +264,11 @@ def main() -> int:
     print(f"{len(old)} cases, {tensors} tensors, {args.threads} threads, ATen CPU capability {capability}: "
           f"{'all bitwise equal' if not failures else f'{len(failures)} differ'}"
           f"{f', {nan_only_count} of them only in the sign or payload of NaNs' if failures else ''}")
+    by_op: dict[str, int] = {}
+    for line in failures:
+        by_op[line.split("/")[0]] = by_op.get(line.split("/")[0], 0) + 1
+    if by_op:
+        print("differing tensors per op: " + ", ".join(f"{op} {n}" for op, n in sorted(by_op.items())))
     for line in failures[:30]:
         print("  " + line)
     return 1 if failures else 0
