@@ -80,6 +80,7 @@ def can_run_cpu(family: str, device: torch.device, dtype: torch.dtype) -> str | 
 
 def can_run_cuda(family: str, device: torch.device, dtype: torch.dtype) -> str | None:
     reason = _can_run_compiled(family, device, "cuda")
+    # the CUDA kernels are compiled without float64 (csrc/cuda/dispatch.cuh): float64 runs on the reference backend
     if reason is None and dtype == torch.float64:
         return "the cuda backend supports float32, float16 and bfloat16, not float64"
     return reason

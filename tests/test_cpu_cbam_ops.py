@@ -1,4 +1,4 @@
-"""Op-level parity of the C++ CPU CBAM kernels (csrc/cpu/cbam.cpp) with fastattn.reference.ref_*.
+"""Op-level parity of the C++ CPU CBAM kernels (csrc/cpu/cbam_*.cpp) with fastattn.reference.ref_*.
 
 Error rule (docs/DESIGN.md §4): against the float64 reference, a kernel's error may be at most
 2x the error of the same-dtype eager reference plus a small atol. Max values, argmax and tie

@@ -59,7 +59,7 @@ LAYOUTS = ["contiguous", "channels_last"]
 KINDS = ["ties", "nan"]  # relu'd and rounded (many ties); random with NaN and +-inf sprinkled in
 
 # atol of the docs/DESIGN.md §4 rule, relative to the largest magnitude of the ground truth
-ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _shape_id(shape):
@@ -298,7 +298,7 @@ def test_cbam_grad_x_absent_terms(ops, terms, shape, layout, dtype):
 
 
 # --------------------------------------------------------------------------
-# Other strides (internal copy), float64, determinism
+# Other strides (internal copy), float64 refused, determinism
 # --------------------------------------------------------------------------
 REFERENCE = SimpleNamespace(
     channel_pool=ref_channel_pool, gated_spatial_pool=ref_gated_spatial_pool, cbam_apply=ref_cbam_apply,
@@ -352,17 +352,14 @@ def test_other_strides(ops, shape, dtype, x_layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(2, 17, 13, 17), (3, 5, 7, 7)], ids=_shape_id)
-def test_float64(ops, shape, layout):
+def test_float64_refused(ops, layout):
+    """The CUDA kernels are not compiled for float64 (auto runs float64 CUDA tensors on the reference
+    backend, csrc/cuda/dispatch.cuh): every op refuses it, naming the dtypes it takes."""
+    shape = (2, 5, 7, 7)
     x = _make_x(shape, torch.float64, layout, "nan", _generator("float64", shape, layout))
-    all_args = _all_op_args(x, _generator("float64-ops", shape, layout), grad_layout=layout)
-    out, refs = _call_all(ops, all_args), _call_all(REFERENCE, all_args)
-    for name in out:
-        for i, (o, r) in enumerate(zip(out[name], refs[name])):
-            if o.is_floating_point():
-                _check_values(f"{name}[{i}]", o, r, r)
-            else:
-                assert_equal_values(f"{name}[{i}]", o, r)
+    for name, args in _all_op_args(x, _generator("float64-ops", shape, layout), grad_layout=layout).items():
+        with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+            getattr(ops, name)(*args)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

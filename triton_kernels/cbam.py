@@ -1,6 +1,6 @@
 """Triton kernels of the six CBAM ops of csrc/ops.cpp; the contract is fastattn.reference.ref_<op>.
 
-Twin of csrc/cuda/cbam.cu (CUDA) and csrc/cpu/cbam.cpp (CPU). One launcher per op, named like the
+Twin of csrc/cuda/cbam.cu (CUDA) and csrc/cpu/cbam_*.cpp (CPU). One launcher per op, named like the
 op and taking the schema's positional arguments; each allocates the outputs with torch and launches
 `_<op>_kernel`.
 

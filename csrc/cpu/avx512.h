@@ -1,4 +1,4 @@
-// The AVX-512 paths of the CPU kernels (attention.cpp, cbam.cpp).
+// The AVX-512 paths of the CPU kernels (attention.cpp, row_reduce.h of the CBAM kernels).
 //
 // The build targets AVX2, so at::vec is 8 floats wide. Where ATen itself runs
 // AVX-512 kernels (the CPU has it and ATEN_CPU_CAPABILITY does not lower it), a

@@ -13,7 +13,8 @@
 // 16-byte vectors only when x is 16-byte aligned (a view at an odd storage
 // offset sums in another order, so its last bits may differ).
 //
-// Accumulation is in at::opmath_type<scalar_t> (float; double for double).
+// Accumulation is in float (at::opmath_type<scalar_t>). The kernels are compiled for float32,
+// float16 and bfloat16 only (dispatch.cuh): float64 CUDA tensors run on the reference backend.
 // The max/tie decisions compare values rounded to x's dtype exactly as the
 // reference does, so argmax and count match bitwise. Caveat: the project
 // compiles with --use_fast_math, which flushes float32 denormals to zero; inputs
@@ -26,6 +27,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "dispatch.cuh"
 #include "message.cuh"
 
 #include <algorithm>
@@ -64,7 +66,6 @@ struct Layout {
 };
 
 __device__ __forceinline__ bool is_nan(float v) { return isnan(v); }
-__device__ __forceinline__ bool is_nan(double v) { return isnan(v); }
 
 // z = x * gate rounded to scalar_t, as PyTorch computes x * gate[:, :, None, None].
 // Max and tie decisions use this rounded value so they match the reference bitwise.
@@ -72,8 +73,6 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t gated_value(acc_t x, acc_t gate) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return __fmul_rn(x, gate);  // an intrinsic, so never contracted into an FMA
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    return __dmul_rn(x, gate);
   } else {
     return static_cast<acc_t>(static_cast<scalar_t>(x * gate));  // exact float product, then one rounding
   }
@@ -538,8 +537,8 @@ struct CbamInput {
 
 void check_dtype_supported(const at::Tensor& x, const char* op) {
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              message_text(op, ": x must be float32, float16, bfloat16 or float64, got ", dtype));
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              message_text(op, ": x must be float32, float16 or bfloat16, got ", dtype));
 }
 
 // Reads NCHW-contiguous and channels_last x in place; copies any other strides to NCHW.
@@ -696,7 +695,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_pool_cuda(con
   at::Tensor count = at::empty({in.N, in.C}, options.dtype(at::kInt));
   if (in.x.numel() == 0) return {avg, max, argmax, count};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "channel_pool_cuda", [&] {
+  FASTATTN_DISPATCH_FLOAT_HALF_BFLOAT16(in.x.scalar_type(), "channel_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const PoolWriter<scalar_t> writer{avg.data_ptr<scalar_t>(),  max.data_ptr<scalar_t>(), in.C,
                                       argmax.data_ptr<int64_t>(), count.data_ptr<int32_t>(), in.C, in.HW};
@@ -724,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_spatial_pool_cuda(const at:
   at::Tensor count = at::empty({in.N, in.H, in.W}, options.dtype(at::kInt));
   if (in.x.numel() == 0) return {pooled, argmax, count};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "gated_spatial_pool_cuda", [&] {
+  FASTATTN_DISPATCH_FLOAT_HALF_BFLOAT16(in.x.scalar_type(), "gated_spatial_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* pooled_ptr = pooled.data_ptr<scalar_t>();
     // pooled[n, 0, p] = mean, pooled[n, 1, p] = max
@@ -750,7 +749,7 @@ at::Tensor cbam_apply_cuda(const at::Tensor& x_arg, const at::Tensor& ch_gate_ar
   at::Tensor y = at::empty(in.x.sizes(), in.x.options().memory_format(in.memory_format()));
   if (in.x.numel() == 0) return y;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "cbam_apply_cuda", [&] {
+  FASTATTN_DISPATCH_FLOAT_HALF_BFLOAT16(in.x.scalar_type(), "cbam_apply_cuda", [&] {
     const scalar_t* x = in.x.const_data_ptr<scalar_t>();
     const scalar_t* ch = ch_gate.const_data_ptr<scalar_t>();
     const scalar_t* sp = sp_gate.const_data_ptr<scalar_t>();
@@ -780,7 +779,7 @@ std::tuple<at::Tensor, at::Tensor> cbam_apply_backward_cuda(const at::Tensor& gr
   at::Tensor grad_ch = at::empty({in.N, in.C}, options);
   at::Tensor grad_sp = at::empty({in.N, in.H, in.W}, options);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "cbam_apply_backward_cuda", [&] {
+  FASTATTN_DISPATCH_FLOAT_HALF_BFLOAT16(in.x.scalar_type(), "cbam_apply_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t outer = in.outer();
     const int64_t inner = in.inner();
@@ -823,7 +822,7 @@ at::Tensor gated_spatial_pool_backward_gate_cuda(const at::Tensor& grad_pooled_a
   if (in.x.numel() == 0) return at::zeros({in.N, in.C}, gate.options());  // empty sums
   at::Tensor grad_gate = at::empty({in.N, in.C}, gate.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gated_spatial_pool_backward_gate_cuda", [&] {
+  FASTATTN_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, "gated_spatial_pool_backward_gate_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SumWriter<scalar_t> writer{grad_gate.data_ptr<scalar_t>(), in.C};
     const scalar_t* x = in.x.const_data_ptr<scalar_t>();
@@ -888,7 +887,7 @@ at::Tensor cbam_grad_x_cuda(const at::Tensor& x_arg, const std::optional<at::Ten
   at::Tensor grad_x = at::empty(in.x.sizes(), in.x.options().memory_format(in.memory_format()));
   if (in.x.numel() == 0) return grad_x;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cbam_grad_x_cuda", [&] {
+  FASTATTN_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, "cbam_grad_x_cuda", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
     const int64_t* sp_argmax_ptr = sp_argmax.defined() ? sp_argmax.const_data_ptr<int64_t>() : nullptr;
     const int32_t* sp_count_ptr = sp_count.defined() ? sp_count.const_data_ptr<int32_t>() : nullptr;
