@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import importlib
-import importlib.util
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -190,14 +190,15 @@ _INTEGRATIONS = {  # fastattn.integrations module -> the library it needs (None:
 
 def _rules() -> list[Rule]:
     """A rule for every layer type convert knows: fastattn's own reference layers here, each
-    library's in fastattn.integrations.<library>, imported only when that library is installed."""
+    library's in fastattn.integrations.<library>, imported only once that library is: a model can
+    hold a library's layers only then, and convert never pays for importing the others."""
     rules = [cbam_rule(reference.OfficialCBAM, "official"), cbam_rule(reference.TimmCBAM, None),
              attention_rule(reference.NonLocal2d, fnn.NonLocal2d),
              attention_rule(reference.SelfAttention2d, fnn.SelfAttention2d),
              attention_rule(reference.AttentionBlock2d, fnn.AttentionBlock2d),
              attention_rule(reference.TimmNonLocalAttn, fnn.NonLocalAttn, nonlocal_attn_problem)]
     for name, library in _INTEGRATIONS.items():
-        if library is None or importlib.util.find_spec(library) is not None:
+        if library is None or library in sys.modules:
             rules += importlib.import_module(f"fastattn.integrations.{name}").rules()
     return rules
 
