@@ -256,10 +256,15 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: str = "auto", r
       timm CbamModule, LightCbamModule, fastattn.reference.TimmCBAM, OfficialCBAM -> fastattn.nn.CBAM
       timm NonLocalAttn, fastattn.reference.TimmNonLocalAttn                    -> fastattn.nn.NonLocalAttn
       fastattn.reference.NonLocal2d / SelfAttention2d / AttentionBlock2d        -> fastattn.nn twins
+      diffusers Attention (2-D blocks), mmcv NonLocal1d/2d/3d, MONAI SpatialAttentionBlock,
+      BigGAN SelfAttn                                -> fused twins in fastattn.integrations.<library>
+      users' copies of the official CBAM and of Non-local_pytorch's block (by structure,
+      proven on a float64 probe)                     -> fastattn.nn.CBAM, integrations.structural
 
     state_dict keys and values do not change, so checkpoints load both ways.
     Layers of those types whose configuration the fused block does not compute
-    (and timm's BatNonLocalAttn, which has no softmax attention) are left alone,
+    (timm's BatNonLocalAttn, mmcv's dot_product and concatenation modes, which
+    have no softmax attention, diffusers' cross-attention, ...) are left alone,
     with the reason in the report.
 
     Returns the converted model (a deep copy unless inplace=True), or
