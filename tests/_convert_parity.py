@@ -10,7 +10,6 @@ a real layer, converted, against the original.
 from __future__ import annotations
 
 import copy
-import io
 from contextlib import contextmanager
 from unittest import mock
 
@@ -20,7 +19,7 @@ from torch import nn
 import fastattn
 from fastattn import _fused_cbam, _ops
 from fastattn import functional as FA
-from _util import GRAD_ATOL, assert_error_rule, run_module
+from _util import GRAD_ATOL, assert_error_rule, assert_same_state_dict, run_module, saved_state_dict
 
 F64_TOL = 1e-9
 MODES = ("train", "eval")
@@ -112,21 +111,13 @@ def check_state_dict_round_trip(make) -> None:
     a checkpoint of the original loads into the converted one and the other way round."""
     original = make(0)
     fused = fastattn.convert(original)
-    sd, sd_fused = original.state_dict(), fused.state_dict()
-    assert list(sd) == list(sd_fused)
-    assert all(torch.equal(sd[k], sd_fused[k]) for k in sd)
-
-    def saved(module):
-        buf = io.BytesIO()
-        torch.save(module.state_dict(), buf)
-        buf.seek(0)
-        return torch.load(buf)
+    assert_same_state_dict(original, fused)
     into_fused = fastattn.convert(make(1))
-    into_fused.load_state_dict(saved(original))
+    into_fused.load_state_dict(saved_state_dict(original))
     into_original = make(2)
-    into_original.load_state_dict(saved(fused))
-    for a, b in ((into_fused, original), (into_original, fused)):
-        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    into_original.load_state_dict(saved_state_dict(fused))
+    assert_same_state_dict(into_fused, original)
+    assert_same_state_dict(into_original, fused)
 
 
 def check_left_alone(layer: nn.Module, reason_part: str) -> None:

@@ -1,10 +1,8 @@
 """fastattn.convert and FastattnAttnProcessor on diffusers: the Attention of the 2-D attention
 blocks, alone and in tiny AutoencoderKL and UNet2DModel models."""
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, UNet2DModel  # noqa: E402
