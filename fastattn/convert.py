@@ -203,7 +203,7 @@ def _rules() -> list[Rule]:
     return rules
 
 
-_FUSED = (CBAM, fnn.NonLocal2d, fnn.SelfAttention2d, fnn.AttentionBlock2d, fnn.NonLocalAttn, FusedTwin)
+_FUSED = (CBAM, fnn._FusedAttentionBlock, FusedTwin)
 _PROBE_TOL = 1e-9
 
 

@@ -37,6 +37,9 @@ def test_report_lists_replaced_and_left_alone():
     assert "dot_product" in skipped["6"][1] and "cross-attention" in skipped["7"][1]
     text = str(report)
     assert "replaced 6 layer(s)" in text and "left alone 2 layer(s)" in text
+    again, report = fastattn.convert(fused, return_report=True)  # idempotent: fused layers are not matched again
+    assert not report.replaced and len(report.skipped) == 2, str(report)
+    assert [type(m) for m in again] == [type(m) for m in fused]
 
 
 def test_compile_fullgraph_no_graph_break():
