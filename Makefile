@@ -29,6 +29,7 @@ test: build
 
 bench: build
 	$(VPY) -m bench
+	$(VPY) -m bench.convert_cases
 
 # The C++ CPU kernels under AddressSanitizer + UBSan, in a separate build tree.
 sanitize: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -45,9 +46,24 @@ def run_fused_on_reference_ops(model: torch.nn.Module) -> torch.nn.Module:
     """Makes every fused fastattn module of `model` run its fused code path (`_fused`)
     over the op contract written in PyTorch, in place: drives that path without kernels."""
     for module in model.modules():
-        if hasattr(module, "_fused") and type(module).__module__ == "fastattn.nn":
+        if hasattr(module, "_fused") and type(module).__module__.startswith("fastattn."):
             module.forward = functools.partial(type(module)._fused, module, backend="reference")
     return model
+
+
+def saved_state_dict(module: torch.nn.Module) -> dict:
+    """module's state_dict as a checkpoint gives it back: through torch.save and torch.load."""
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+def assert_same_state_dict(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same keys in the same order, with equal values."""
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    assert list(sd_a) == list(sd_b)
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
 
 
 def interpreted() -> bool:

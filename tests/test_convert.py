@@ -9,7 +9,6 @@ kernels of this machine, or the original forward where none are built) and
 "contract-ops" (the fused modules' own code over the op contract written in
 PyTorch, which exercises that code even where no kernel is built)."""
 import copy
-import io
 import json
 import logging
 import socket
@@ -26,7 +25,8 @@ from torch import nn
 
 import fastattn
 from fastattn import _backend, reference
-from _util import ATOL, GRAD_ATOL, assert_error_rule, run_fused_on_reference_ops
+from _util import (ATOL, GRAD_ATOL, assert_error_rule, assert_same_state_dict, run_fused_on_reference_ops,
+                   saved_state_dict)
 
 # key -> (timm model, attn_layer, the type convert replaces, how many)
 MODELS = {
@@ -148,21 +148,12 @@ def test_sgd_five_steps_losses_agree():
 def test_state_dict_round_trip(key):
     original = _timm_model(key).eval()
     converted = fastattn.convert(original)
-    sd_orig, sd_conv = original.state_dict(), converted.state_dict()
-    assert list(sd_orig) == list(sd_conv)
-    assert all(torch.equal(sd_orig[k], sd_conv[k]) for k in sd_orig)
-
-    def saved(module):
-        buf = io.BytesIO()
-        torch.save(module.state_dict(), buf)
-        buf.seek(0)
-        return torch.load(buf)
-
+    assert_same_state_dict(original, converted)
     # a checkpoint saved before conversion loads after it, and the other way round
     into_converted = fastattn.convert(_timm_model(key, seed=1)).eval()
-    into_converted.load_state_dict(saved(original))
+    into_converted.load_state_dict(saved_state_dict(original))
     into_original = _timm_model(key, seed=2).eval()
-    into_original.load_state_dict(saved(converted))
+    into_original.load_state_dict(saved_state_dict(converted))
     x, _ = _batch()
     with torch.no_grad():
         y = original(x)
