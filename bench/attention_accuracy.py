@@ -3,7 +3,7 @@
 For each case (a shape, a memory layout, a seed) it computes out, dq, dk, dv of a fastattn backend in
 float32, the same four tensors of the eager formula in float32 (fastattn.reference, autograd), and the
 float64 truth (the same formula in float64), and reports per tensor the error of each against the truth
-and the ratio fastattn / eager. FlashAttention's rule, which DESIGN.md §4 adopts: the ratio is at most 2.
+and the ratio fastattn / eager. FlashAttention's rule, which docs/DESIGN.md §4 adopts: the ratio is at most 2.
 
     PYTHONPATH=. python bench/attention_accuracy.py                      # the grid, cpu backend
     PYTHONPATH=. python bench/attention_accuracy.py --json build/acc.json --library build/old/_C.so

@@ -3,7 +3,7 @@ a real layer, converted, against the original.
 
 - float64: forward, the gradient of the input and of every parameter, and the float buffers (BN and
   spectral-norm statistics) equal to 1e-9 (relative), in train and eval mode;
-- float32 and bfloat16: the same, each within DESIGN.md §4's rule against the float64 truth;
+- float32 and bfloat16: the same, each within docs/DESIGN.md §4's rule against the float64 truth;
 - the converted layer's call goes through fastattn.spatial_attention (the fused path, not a fallback);
 - state_dict keys and values unchanged, checkpoints load both ways.
 """

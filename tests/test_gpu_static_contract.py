@@ -1,4 +1,4 @@
-"""The static GPU performance contract (DESIGN.md section 4), checked with no GPU.
+"""The static GPU performance contract (docs/DESIGN.md §4), checked with no GPU.
 
 Every Triton attention kernel configuration that auto can pick is compiled for sm_90 (and a subset for
 sm_80) through the launchers' own launch plans, and its SASS is read (tests/_gpu_static.py). For the

@@ -23,7 +23,7 @@ formula rounds them); the row max (forward) or lse (backward) is subtracted befo
 scaled to base 2, so that scaling rounds only the small difference, not the logit; logits of magnitude
 1e4 stay finite. float16/bfloat16 inputs feed the probabilities to the second dot in the input dtype,
 as every flash kernel does. float32 inputs use ``input_precision="ieee"`` (TF32 would give ~1e-3
-relative error, far beyond the error rule of DESIGN.md section 4); Triton computes such a dot as one
+relative error, far beyond the error rule of docs/DESIGN.md §4); Triton computes such a dot as one
 FMA chain per output, whose rounding grows like sqrt(d_qk) units, so the float32 test rule allows
 sqrt(d_qk) units of atol (measured on an H100: up to ~4.5x cuBLAS's float32 error at d_qk = 512,
 ~1e-6 relative).

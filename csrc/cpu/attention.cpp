@@ -1,4 +1,4 @@
-// CPU kernels of spatial attention (DESIGN.md "Spatial attention"; contract:
+// CPU kernels of spatial attention (docs/DESIGN.md "Spatial attention"; contract:
 // fastattn.reference.ref_spatial_attention_forward).
 //
 // Forward: flash-style. Each task owns (n, head, query block), streams the key
