@@ -280,6 +280,10 @@ class _FusedAttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         conv = self._modules[self._input_conv]
         device = check_module_input(self, x, conv.in_channels, conv._parameters["weight"])
+        return self._run(x, device)
+
+    def _run(self, x: Tensor, device: torch.device) -> Tensor:
+        """The block on a checked x: the eager path on the reference backend, else `_fused`."""
         backend, _ = choose("attention", device, x.dtype, self.backend)
         if backend == "reference":
             return self._eager_cls.forward(self, x)

@@ -315,7 +315,9 @@ def cuda_attention_kernels(library: Path) -> dict[str, dict[int, SassStats]]:
     cuobjdump = str(nvidia_bin() / "cuobjdump")
     library = Path(library).resolve()
     listing = subprocess.run([cuobjdump, "-lelf", str(library)], capture_output=True, text=True).stdout
-    cubins = re.findall(r"ELF file\s+\d+: (attention\.sm_(\d+)\.cubin)", listing)
+    # attention.cu's cubins and those of csrc/cuda/attention_mma/ (api, forward_*, backward_*): all but cbam's
+    cubins = [(name, arch) for name, arch in re.findall(r"ELF file\s+\d+: (\S+\.sm_(\d+)\.cubin)", listing)
+              if not name.startswith("cbam.")]
     kernels: dict[str, dict[int, SassStats]] = {}
     with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         for cubin, arch in cubins:

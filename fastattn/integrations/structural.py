@@ -65,7 +65,9 @@ class NonLocalBlockCopy(_FusedAttentionBlock):
         if args or kwargs or not isinstance(x, Tensor) or x.dim() != self.dimension + 2 \
                 or x.shape[1] != self.in_channels or x.numel() == 0 or param_dtype_problem(self, x):
             return self._eager_cls.forward(self, x, *args, **kwargs)
-        return super().forward(x)
+        # checked above as the copy itself would take x (1-, 2- or 3-D maps): the original's own
+        # errors for what it refuses, no rank-4 check of fastattn's modules
+        return self._run(x, x.device)
 
     def _fused(self, x: Tensor, backend: str) -> Tensor:
         q = self.theta(x) if _children(self, "theta") else x
