@@ -154,26 +154,14 @@ def rss_here(case, provider: str, compile_backend: str, threads: int) -> dict:
             "wall_s": time.perf_counter() - started}
 
 
-def _case_to_json(case) -> dict:
+def case_to_json(case) -> dict:
     return {"family": case.family, "group": case.group, "label": case.label, "pass_": case.pass_,
             "dtype": case.dtype, "params": case.params, "sweep": case.sweep}
 
 
-def _case_from_json(data: dict):
+def case_from_json(data: dict):
     from bench.cases import Case
     return Case(**dict(data, sweep=tuple(data["sweep"]) if data["sweep"] else None))
-
-
-def _failed(error: str, detail: str = "") -> dict:
-    return {"status": "failed", "stage": "rss", "error": error, "traceback": detail}
-
-
-def _describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        import signal
-        sig = os.WTERMSIG(status)
-        return f"killed by {signal.Signals(sig).name}" + (" (out of memory?)" if sig == signal.SIGKILL else "")
-    return f"exit status {os.WEXITSTATUS(status)} without a result"
 
 
 def serve() -> None:
@@ -183,37 +171,13 @@ def serve() -> None:
     fork of this process, which has imported the libraries but allocated nothing for any case: the
     heap each one starts from is the same.
     """
-    import json
-    import traceback
-
     import fastattn  # noqa: F401  # imported once here, not in every measuring process
     import timm  # noqa: F401
 
+    from bench import forkserver
     from bench import providers  # noqa: F401
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # anything printed by a library goes to stderr, not into the answers
-    for line in sys.stdin:
-        request = json.loads(line)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_end)
-            try:
-                answer = rss_here(_case_from_json(request["case"]), request["provider"], request["compile_backend"],
-                                  request["threads"])
-            except BaseException as exc:
-                tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-                answer = _failed(f"{type(exc).__name__}: {exc}".strip(), "".join(tb[-4:]))
-            with os.fdopen(write_end, "w") as f:
-                json.dump(answer, f)
-            os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end) as f:
-            text = f.read()
-        _, status = os.waitpid(pid, 0)
-        answer = json.loads(text) if text else _failed(f"the measuring process died: {_describe_exit(status)}")
-        answers.write(json.dumps(answer) + "\n")
-        answers.flush()
+    forkserver.serve(lambda r: rss_here(case_from_json(r["case"]), r["provider"], r["compile_backend"], r["threads"]),
+                     "rss")
 
 
 class RSSProbe:
@@ -224,72 +188,24 @@ class RSSProbe:
     """
 
     def __init__(self, compile_backend: str, threads: int, timeout_s: float = RSS_TIMEOUT_S):
-        self.compile_backend, self.threads, self.timeout_s = compile_backend, threads, timeout_s
-        self._proc = None
-        self._stderr = None
+        from bench import forkserver
+        self.compile_backend, self.threads = compile_backend, threads
+        self._client = forkserver.Client("bench.memory", dict(os.environ, **SERVER_ENV), "rss", timeout_s)
 
-    def _start(self) -> None:
-        import subprocess
-        import tempfile
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, **SERVER_ENV)
-        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-        self._stderr = tempfile.TemporaryFile()
-        # its own session: a time-out kills the server and whatever it forked, nothing else
-        self._proc = subprocess.Popen([sys.executable, "-m", "bench.memory", "--serve"], cwd=root, env=env,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                      start_new_session=True)
+    @property
+    def timeout_s(self) -> float:
+        return self._client.timeout_s
 
-    def _stderr_tail(self, chars: int = 2000) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")[-chars:]
+    @timeout_s.setter
+    def timeout_s(self, seconds: float) -> None:
+        self._client.timeout_s = seconds
 
     def measure(self, case, provider: str) -> dict:
-        import json
-        import select
-        import subprocess
-        if self._proc is None:
-            self._start()
-        request = {"case": _case_to_json(case), "provider": provider, "compile_backend": self.compile_backend,
-                   "threads": self.threads}
-        try:
-            self._proc.stdin.write((json.dumps(request) + "\n").encode())
-            self._proc.stdin.flush()
-            ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout_s)
-            line = self._proc.stdout.readline() if ready else None
-        except BrokenPipeError:
-            line = b""
-        if line:
-            return json.loads(line)
-        if line is None:
-            error = f"no result after {self.timeout_s:g} s"
-        else:
-            try:
-                error = f"the measuring server died (exit status {self._proc.wait(timeout=5)})"
-            except subprocess.TimeoutExpired:
-                error = "the measuring server closed its output"
-        tail = self._stderr_tail()
-        self.close(kill=True)
-        return _failed(error, tail)
+        return self._client.request({"case": case_to_json(case), "provider": provider,
+                                     "compile_backend": self.compile_backend, "threads": self.threads})
 
     def close(self, kill: bool = False) -> None:
-        """End the server: at the end of its input, or at once (kill) with whatever it forked."""
-        if self._proc is None:
-            return
-        import signal
-        import subprocess
-        if self._proc.poll() is None and not kill:
-            self._proc.stdin.close()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                kill = True
-        if self._proc.poll() is None and kill:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
-        for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
-            stream.close()
-        self._proc = self._stderr = None
+        self._client.close(kill)
 
     def __enter__(self) -> "RSSProbe":
         return self

@@ -34,6 +34,33 @@ def ok(res: dict) -> bool:
     return res.get("status") == "ok" and res.get("median_ms") is not None
 
 
+def column_ms(res: dict, column: str) -> float | None:
+    """A provider's median under one allocator column, None where that column did not run or failed."""
+    entry = (res.get("allocators") or {}).get(column)
+    return entry["median_ms"] if entry and entry.get("status") == "ok" else None
+
+
+def allocator_columns(recs: list[dict]) -> list[str]:
+    """The allocator columns that ran in any of `recs`, in the order of bench.allocator_columns.COLUMNS."""
+    from bench.allocator_columns import COLUMNS
+    seen = {c for r in recs for res in r["results"].values() for c in (res.get("allocators") or {})}
+    return [c for c in COLUMNS if c in seen] + sorted(seen - set(COLUMNS))
+
+
+def _column_ratios(rec: dict, name: str) -> dict:
+    """fastattn provider `name` against the fastest other provider within each allocator column:
+    {column: {"best_other", "vs_best_other"}}."""
+    out = {}
+    for column in allocator_columns([rec]):
+        mine = column_ms(rec["results"][name], column)
+        others = {n: column_ms(res, column) for n, res in rec["results"].items() if not is_fastattn(n)}
+        others = {n: t for n, t in others.items() if t is not None}
+        if mine and others:
+            best = min(others, key=others.get)
+            out[column] = {"best_other": best, "vs_best_other": others[best] / mine}
+    return out
+
+
 def annotate(result: dict) -> None:
     """Add rate, % of roofline and the ratios to every case of `result`, in place.
 
@@ -70,6 +97,9 @@ def annotate(result: dict) -> None:
                 rec["ratios"][name] = {"vs": {p: tp / t for p, tp in timed.items() if p != name},
                                        "best_other": best,
                                        "vs_best_other": others[best] / t if best else None}
+                by_column = _column_ratios(rec, name)
+                if by_column:
+                    rec["ratios"][name]["by_allocator"] = by_column
                 if name in peaks:  # other's peak / fastattn's peak: > 1 means fastattn takes less memory
                     rec["ratios"][name]["peak_mem_vs"] = {p: m / peaks[name] for p, m in peaks.items() if p != name}
                 if name in rss:  # the same for the resident-set readings
@@ -116,6 +146,12 @@ def _render(rows: list[list[str]], right: set[int]) -> list[str]:
     return lines
 
 
+def _column_cell(res: dict, column: str) -> str:
+    """An allocator column's median, "failed" when it failed, "-" where it did not run."""
+    entry = (res.get("allocators") or {}).get(column)
+    return "-" if entry is None else "failed" if entry.get("status") != "ok" else _num(entry["median_ms"])
+
+
 def _failure_text(res: dict, width: int = 110) -> str:
     text = f"FAILED at {res.get('stage', '?')}: {res.get('error', '')}".replace("\n", " ")
     return text if len(text) <= width else text[:width - 3] + "..."
@@ -142,6 +178,20 @@ def _memory_line(memory: dict | None) -> list[str]:
                f"{rss['cases']}" if rss else "")]
 
 
+def _allocator_lines(result: dict) -> list[str]:
+    """What each allocator column is; the headline first."""
+    columns = result.get("allocators")
+    env = result["environment"]
+    if not columns:
+        return [f"allocator: {env['allocator']['mode']} ({env['allocator']['detail']})"]
+    lines = [f"allocators (CPU): median ms = {columns['headline']} allocator; jemalloc and tcmalloc columns on "
+             f"{columns['preloaded_cases']}"]
+    for name, entry in columns["columns"].items():
+        lines.append(f"  {name}: " + (entry["detail"] if entry["status"] == "measured" else
+                                      f"not measured: {entry['reason']}"))
+    return lines
+
+
 def header(result: dict) -> list[str]:
     env, roof = result["environment"], result["roofline"]
     mm = ", ".join(f"{d} {_num(m['gflops'])}" for d, m in roof["matmul"].items())
@@ -149,12 +199,13 @@ def header(result: dict) -> list[str]:
     return [f"fastattn bench: {result['device']} ({result['mode']} run, {env['date']})",
             f"torch {env['torch']}, triton {env['triton']}, timm {env['timm']}, {env['threads']} threads; "
             f"fastattn compiled library: {'yes' if env['fastattn']['compiled_library'] else 'no'}",
-            f"allocator: {env['allocator']['mode']} ({env['allocator']['detail']})",
+            *(_allocator_lines(result)),
             f"roofline: copy {_num(roof['copy']['gbs'])} GB/s; matmul GFLOP/s: {mm}"
             + (f"; dense peak of the {roof['peak']['device']} (TFLOP/s): "
                + ", ".join(f"{d} {_num(t)}" for d, t in roof["peak"]["tflops"].items()) if roof.get("peak") else "")
             + (f"; load average (1 min) at start {load[0]:.1f}" if load else "")
             + (f", at end {load_end[0]:.1f}" if load_end else ""),
+            *([result["dtype_note"]] if result.get("dtype_note") else []),
             *(_busy_warning(env)),
             *(_memory_line(result.get("memory"))),
             f"times: median of {result['timing']['repeats'][0]}-{result['timing']['repeats'][1]} interleaved runs "
@@ -171,7 +222,10 @@ def table(result: dict) -> str:
         rss = _has_rss(recs)
         peak = any("peak_tflops" in r for r in recs)
         unit = recs[0]["rate_unit"]
-        cols = ["case", "pass", "provider", "median ms"] + (["cold ms"] if cold else []) + \
+        headline = (result.get("allocators") or {}).get("headline")
+        extra = [c for c in allocator_columns(recs) if c != headline]
+        cols = ["case", "pass", "provider", "median ms"] + [f"{c} ms" for c in extra] + \
+            (["cold ms"] if cold else []) + \
             [unit, "% roof"] + (["% peak"] if peak else []) + ["peak MiB"] + (["RSS MiB"] if rss else []) + \
             ["fastattn vs best other"]
         rows = [cols]
@@ -187,7 +241,8 @@ def table(result: dict) -> str:
                 ratio = rec["ratios"].get(name)
                 vs = "" if not ratio or ratio["vs_best_other"] is None else \
                     f"{ratio['vs_best_other']:.2f}x vs {ratio['best_other']}"
-                rows.append(lead + [_num(res["median_ms"])] + ([_num(res.get("cold_median_ms"))] if cold else []) +
+                rows.append(lead + [_num(res["median_ms"])] + [_column_cell(res, c) for c in extra] +
+                            ([_num(res.get("cold_median_ms"))] if cold else []) +
                             [_num(res.get("rate")), _num(res.get("pct_roofline"))] +
                             ([_num(res.get("pct_peak"))] if peak else []) + [_memory(res, "peak_mem")] +
                             ([_memory(res, "peak_rss")] if rss else []) + [vs])
@@ -204,9 +259,28 @@ def _md_table(rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
 
+def _allocator_table(recs: list[dict], names: list[str], fa: list[str]) -> list[str]:
+    """Median ms under each allocator column (CPU), and fastattn vs the best other within each column."""
+    columns = allocator_columns(recs)
+    if len(columns) < 2:
+        return []
+    rows = [["case", "pass", "provider"] + columns]
+    for rec in recs:
+        for n in names:
+            res = rec["results"].get(n)
+            if res is not None and res.get("allocators"):
+                rows.append([_case_name(rec), rec["pass"], n] + [_column_cell(res, c) for c in columns])
+        for n in fa:
+            by = (rec["ratios"].get(n) or {}).get("by_allocator") or {}
+            rows.append([_case_name(rec), rec["pass"], f"{n} vs best other"] + [
+                f"{by[c]['vs_best_other']:.2f}x ({by[c]['best_other']})" if c in by else "-" for c in columns])
+    return ["Median ms under each allocator (each column's own processes; - where a column did not run):", ""] + \
+        _md_table(rows) + [""]
+
+
 def markdown(result: dict, plots: list[str]) -> str:
     lines = [f"# fastattn benchmark: {result['device']}", ""]
-    lines += [f"- {line}" for line in header(result)[1:]]
+    lines += [f"  - {line.strip()}" if line.startswith("  ") else f"- {line}" for line in header(result)[1:]]
     lines += [f"- wall time of the run: {result['timing']['wall_s']:.0f} s; commit {result['environment']['git_commit']}",
               "", "Full data: the JSON next to this file; method: [bench/README.md](../README.md).", ""]
     for family in result["families"]:
@@ -245,6 +319,7 @@ def markdown(result: dict, plots: list[str]) -> str:
                     ("" if res is None else f"{_num(res['rate'])} ({_num(res['pct_peak'])}%)" if ok(res) else "failed")
                     for res in (rec["results"].get(n) for n in names)])
             lines += _md_table(rows) + [""]
+        lines += _allocator_table(recs, names, fa)
         mem = [r for r in recs if any(ok(x) and x.get("peak_mem_mib") is not None for x in r["results"].values())]
         if mem:
             rss = _has_rss(mem)

@@ -53,8 +53,22 @@ def matmul_size(device: torch.device, quick: bool) -> int:
     return 8192 if device.type == "cuda" else 2048
 
 
+def _cpu_16bit_size(dtype: torch.dtype, clock: Clock, largest: int, call_s: float = 0.1) -> int:
+    """A CPU without native 16-bit matmul (AVX2 only) runs it a hundred times slower than float32 (a 2048^2
+    bfloat16 a @ b took minutes on one): from 256, double n while a call stays under call_s."""
+    n = 256
+    while n < largest:
+        a = torch.ones(n, n, dtype=dtype)
+        if clock.time(lambda: a @ a) * 8 > call_s:
+            break
+        n *= 2
+    return n
+
+
 def matmul_throughput(device: torch.device, dtype: torch.dtype, clock: Clock, quick: bool, repeats: int) -> dict:
     n = matmul_size(device, quick)
+    if device.type == "cpu" and dtype != torch.float32:
+        n = _cpu_16bit_size(dtype, clock, n)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
@@ -67,10 +81,11 @@ def matmul_throughput(device: torch.device, dtype: torch.dtype, clock: Clock, qu
                                        "best of the runs"}
 
 
-def matmul_dtypes(device: torch.device) -> list[torch.dtype]:
+def matmul_dtypes(device: torch.device, case_dtypes=()) -> list[torch.dtype]:
+    """Every dtype on a GPU; float32 and the run's other case dtypes on the CPU."""
     if device.type == "cuda":
         return [torch.float32, torch.float16, torch.bfloat16]
-    return [torch.float32]
+    return [torch.float32] + [getattr(torch, d) for d in case_dtypes if d != "float32"]
 
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by dtype of the inputs: "float32" is the
@@ -92,10 +107,10 @@ def dense_peak(device_name: str | None) -> dict | None:
     return None
 
 
-def measure(device: torch.device, clock: Clock, quick: bool) -> dict:
+def measure(device: torch.device, clock: Clock, quick: bool, case_dtypes=()) -> dict:
     repeats = 3 if quick else 7
     out = {"copy": copy_bandwidth(device, clock, quick, repeats), "matmul": {}}
-    for dtype in matmul_dtypes(device):
+    for dtype in matmul_dtypes(device, case_dtypes):
         out["matmul"][str(dtype).replace("torch.", "")] = matmul_throughput(device, dtype, clock, quick, repeats)
     out["peak"] = dense_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if device.type == "cuda":

@@ -11,6 +11,7 @@ import traceback
 from dataclasses import dataclass, replace
 
 from bench import allocator
+from bench.allocator_columns import OUT_OF_PROCESS
 
 SCHEMA = "fastattn-bench/1"
 RSS_CHOICES = ("all", "main", "none")
@@ -29,22 +30,28 @@ class Settings:
     compile_backend: str
     deadline_s: float | None = None  # for all cases; behind schedule, cases run with fewer repeats
     hurried: bool = False
+    preload: str = "main"  # which cases get the LD_PRELOAD allocator columns (CPU): "all", "main", "none"
 
     @classmethod
     def for_mode(cls, mode: str, compile_backend: str) -> "Settings":
         if mode == "quick":
             return cls(0, 2, 2, 0.0, 1, True, "all", compile_backend)
         if mode == "full":
-            return cls(2, 5, 30, 6.0, 7, True, "all", compile_backend)
-        # make bench: under 5 minutes on 2 cores, start-up and plots included; a resident-set reading takes two
-        # calls with every page faulted in afresh (slow on a model step), so only the main shapes get one
-        return cls(1, 3, 15, 2.5, 5, True, "main", compile_backend, deadline_s=240.0)
+            return cls(2, 5, 30, 6.0, 7, True, "all", compile_backend, preload="all")
+        # make bench: a resident-set reading takes two calls with every page faulted in afresh (slow on a model
+        # step), so only the main shapes get one; so for the preloaded allocators' columns. On the CPU every case
+        # is timed twice (in process, and in a process per provider for the default allocator): the deadline
+        # grew from 240 s with that second timing
+        return cls(1, 3, 15, 2.5, 5, True, "main", compile_backend, deadline_s=360.0)
 
-    def for_case(self, elapsed_s: float, cases_left: int) -> "Settings":
-        """These settings, or fewer repeats when the run is behind its deadline (never fewer cases)."""
+    def for_case(self, elapsed_s: float, cases_left: int, timings: int = 1) -> "Settings":
+        """These settings, or fewer repeats when the run is behind its deadline (never fewer cases).
+
+        timings: how many times the case is timed (the allocator columns); the share of each is what is
+        left of the deadline / cases left / timings."""
         if self.deadline_s is None:
             return self
-        share = (self.deadline_s - elapsed_s) / cases_left
+        share = (self.deadline_s - elapsed_s) / cases_left / timings
         if share >= 4 * self.budget_s:
             return self
         # the first call warms up; one timed round is still a median of one run per provider, interleaved
@@ -93,6 +100,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rss", choices=RSS_CHOICES, default=None,
                         help="which fwd+bwd/train cases also get a resident-set reading on the CPU, in a process per "
                              "provider: all, main (the main shapes), none (default: main; all with --full, --quick)")
+    parser.add_argument("--allocators", default=",".join(OUT_OF_PROCESS), metavar="LIST",
+                        help="CPU allocator columns besides warm (the bench's own process), each timed in processes "
+                             "of their own: a comma list of " + ", ".join(OUT_OF_PROCESS) + ", or none (default: all; "
+                             "jemalloc and tcmalloc where installed). The headline is default where it runs")
+    parser.add_argument("--allocator-cases", choices=("all", "main", "none"), default=None,
+                        help="which cases get the jemalloc and tcmalloc columns: all, main (the main shapes; the "
+                             "default), none; all with --full")
     parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                         help="time for all cases: behind it, cases run with fewer repeats, never fewer cases "
                              "(default: 240 s; none with --full, --quick)")
@@ -105,6 +119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     args.mode = "quick" if args.quick else "full" if args.full else "default"
+    args.allocators = [c.strip() for c in args.allocators.split(",") if c.strip() and c.strip() != "none"]
+    unknown = [c for c in args.allocators if c not in OUT_OF_PROCESS]
+    if unknown:
+        parser.error(f"--allocators takes a comma list of {', '.join(OUT_OF_PROCESS)}, or none; "
+                     f"got {', '.join(unknown)}")
     return args
 
 
@@ -127,11 +146,38 @@ def wants_rss(case, settings: Settings, device) -> bool:
         (settings.rss == "all" or settings.rss == "main" and is_main(case))
 
 
+def headline_from_columns(results: dict, measured: dict, in_process: str) -> None:
+    """Every provider's figures per allocator column under "allocators"; its headline (median_ms and the rest)
+    from allocator_columns.HEADLINE where that column ran, else the in-process figures stay. A provider whose
+    headline column failed is a failure record (stage "allocator"), its other columns kept."""
+    from bench.allocator_columns import HEADLINE
+    timing_keys = ("median_ms", "min_ms", "times_ms", "repeats")
+    for name, res in list(results.items()):
+        if res.get("status") != "ok" or "median_ms" not in res:
+            continue
+        columns = {in_process: {"status": "ok", **{k: res[k] for k in timing_keys}}}
+        columns.update((column, per[name]) for column, per in measured.items() if name in per)
+        res["allocators"] = columns
+        if HEADLINE not in columns:
+            res["allocator"] = in_process
+            continue
+        headline = columns[HEADLINE]
+        if headline.get("status") == "ok":
+            res.update({k: headline[k] for k in timing_keys}, allocator=HEADLINE)
+        else:
+            results[name] = {"status": "failed", "stage": "allocator",
+                             "error": f"{HEADLINE} allocator column: {headline.get('error')}",
+                             "traceback": headline.get("traceback", ""), "allocators": columns,
+                             "first_call_s": res["first_call_s"], "info": res["info"]}
+
+
 def run_case(case, provider_names: list[str], device, clock, settings: Settings, progress=lambda text: None,
-             rss_probe=None) -> dict:
+             rss_probe=None, columns=None) -> dict:
     """Measure every provider of one case. -> the case's JSON record (bench/README.md, "cases").
 
     rss_probe: a memory.RSSProbe, for the resident-set readings (CPU; see wants_rss).
+    columns: an allocator_columns.Columns, for the figures under other allocators, each in processes of their own
+    (CPU); its headline column then gives the case's headline figures.
     """
     import torch
     from bench import cases as cases_mod
@@ -224,6 +270,11 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings,
                 results[name].update(peak_rss_mib=reading["peak_rss_mib"], rss_base_mib=reading["base_rss_mib"])
             else:
                 results[name]["peak_rss_error"] = reading["error"]
+    if columns is not None and device.type == "cpu":
+        allocator.trim()  # what the timed calls freed here, back to the OS for the columns' processes
+        progress("allocator columns, in processes of their own")
+        measured = columns.measure(case, list(prepared), warmup, repeats)
+        headline_from_columns(results, measured, allocator.mode())
     for prep in prepared.values():
         prep.clear()
     del prepared, inputs
@@ -243,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import cases as cases_mod
     from bench import env as env_mod
-    from bench import memory, providers, report, roofline
+    from bench import allocator_columns, memory, providers, report, roofline
     from bench.timing import Clock
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -253,8 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device(args.device)
-    dtypes = [d.strip() for value in (args.dtype or []) for d in value.split(",") if d.strip()] or \
-        (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    dtypes, dtype_note = [d.strip() for value in (args.dtype or []) for d in value.split(",") if d.strip()], None
+    if not dtypes:
+        # bfloat16 on the CPU where it has bfloat16 arithmetic, and in --quick (tiny shapes: seconds anyway)
+        native, why = env_mod.native_bfloat16() if device.type == "cpu" else (True, "")
+        dtypes = ["float32", "bfloat16"] if native or args.mode == "quick" else ["float32"]
+        if "bfloat16" not in dtypes:
+            dtype_note = f"bfloat16 cases left out by default: {why}; --dtype float32,bfloat16 runs them"
     bad = [d for d in dtypes if d not in ("float32", "float16", "bfloat16")]
     if bad:
         print(f"python -m bench: --dtype takes float32, float16, bfloat16; got {', '.join(bad)}", file=sys.stderr)
@@ -269,12 +325,19 @@ def main(argv: list[str] | None = None) -> int:
         settings.deadline_s = args.deadline
     if args.rss:
         settings.rss = args.rss
+    if args.allocator_cases:
+        settings.preload = args.allocator_cases
     rss_on = device.type == "cpu" and settings.memory and settings.rss != "none"
     rss_cases = "every fwd+bwd and train case" if settings.rss == "all" else "the fwd+bwd and train cases of " + \
         ", ".join(f"{family} {label}" for family, label in cases_mod.MAIN_SHAPES.items())
     clock = Clock(device)
     env = env_mod.environment(device, threads)
     env["allocator"]["managed"] = warm
+    planned = allocator_columns.plan([allocator_columns.IN_PROCESS] + args.allocators, warm) if device.type == "cpu" else {}
+
+    def column_applies(column: str, case) -> bool:
+        return column == allocator_columns.HEADLINE or settings.preload == "all" or \
+            settings.preload == "main" and cases_mod.is_main(case)
     device_name = env_mod.device_name(device, threads)
     stem = device_name + {"default": "", "full": "-full", "quick": "-quick"}[args.mode]
     if args.families != list(cases_mod.FAMILIES):
@@ -302,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
         "families": args.families,
         "dtypes": dtypes,
+        "dtype_note": dtype_note,
         "complete": False,
         "environment": env,
         "memory": {"statistic": "peak_mem_mib: extra tensor memory of one call at its peak, MiB",
@@ -313,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
                    "repeats": [settings.min_repeats, settings.max_repeats], "budget_s_per_case": settings.budget_s,
                    "cold_repeats": settings.cold_repeats, "compile_backend": settings.compile_backend,
                    "deadline_s": settings.deadline_s, "startup_s": started - t_start, "wall_s": None},
+        "allocators": {"headline": allocator_columns.HEADLINE if allocator_columns.HEADLINE in planned
+                       else allocator.mode(), "in_process": allocator.mode(), "columns": planned,
+                       "preloaded_cases": {"all": "every case", "main": "the main shapes", "none": "none"}[
+                           settings.preload],
+                       "method": allocator_columns.METHOD} if planned else None,
         "roofline": None,
         "cases": [],
     }
@@ -320,15 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     # what is done so far, rewritten after every case: a crash (a kernel's segfault) still leaves the data
     partial = os.path.join(args.out, stem + ".partial.json")
     # the server of the resident-set readings starts at the first one and ends with the run
+    # and so do the servers of the allocator columns
     with tqdm(total=len(cases) + 1, desc="roofline", unit="case", dynamic_ncols=True, file=sys.stderr) as bar, \
-            memory.RSSProbe(settings.compile_backend, threads) as rss_probe:
-        result["roofline"] = roofline.measure(device, clock, args.mode == "quick")
+            memory.RSSProbe(settings.compile_backend, threads) as rss_probe, \
+            allocator_columns.Columns(planned, settings.compile_backend, threads, column_applies) as columns:
+        result["roofline"] = roofline.measure(device, clock, args.mode == "quick", dtypes)
         bar.update()
         for index, case in enumerate(cases):
             bar.set_description(f"{case.family} {case.label} {case.pass_}")
-            case_settings = settings.for_case(time.perf_counter() - started, len(cases) - index)
+            timings = 1 + sum(column_applies(c, case) for c in columns.clients)
+            case_settings = settings.for_case(time.perf_counter() - started, len(cases) - index, timings)
             result["cases"].append(run_case(case, provider_names(case.family), device, clock, case_settings,
-                                            progress=bar.set_postfix_str, rss_probe=rss_probe if rss_on else None))
+                                            progress=bar.set_postfix_str, rss_probe=rss_probe if rss_on else None,
+                                            columns=columns))
             with open(partial, "w") as f:
                 json.dump(result, f, default=str)
             allocator.trim()  # the case's freed memory back to the OS (the next case's warm-up faults its own in)
