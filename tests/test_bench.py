@@ -19,11 +19,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import allocator, cases, memory, report, timing  # noqa: E402
+from bench import allocator, allocator_columns, cases, memory, report, timing  # noqa: E402
 from bench.providers import INJECTED_FAILURE  # noqa: E402
 
-TOP_KEYS = {"schema", "device", "mode", "families", "dtypes", "complete", "environment", "memory", "timing",
-            "roofline", "cases"}
+TOP_KEYS = {"schema", "device", "mode", "families", "dtypes", "dtype_note", "complete", "environment", "memory",
+            "timing", "allocators", "roofline", "cases"}
 ENV_KEYS = {"date", "python", "torch", "triton", "timm", "fastattn", "git_commit", "device_type", "cpu_model",
             "threads", "allocator", "load_average_start", "load_average_end"}
 CASE_KEYS = {"id", "family", "group", "label", "pass", "dtype", "params", "sweep", "work", "providers", "results",
@@ -32,16 +32,21 @@ OK_KEYS = {"status", "first_call_s", "info", "median_ms", "min_ms", "times_ms", 
 FAILED_KEYS = {"status", "stage", "error", "traceback"}
 
 
+def _bench_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; the bench runs no Triton on a CPU
+    return env
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    env.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; the bench runs no Triton on a CPU
     # torch.compile's "eager" backend: the compile provider's plumbing without minutes of inductor codegen;
-    # one thread: on a loaded 2-core machine two OpenMP threads wait on each other at every op (20x slower)
+    # one thread: on a loaded 2-core machine two OpenMP threads wait on each other at every op (20x slower);
+    # the default allocator's column (the headline) for every case; the preloaded ones: test_allocator_columns
     cmd = [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--inject-failure",
-           "--compile-backend", "eager", "--threads", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           "--compile-backend", "eager", "--threads", "1", "--allocators", "default"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_bench_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"python -m bench --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     jsons = list(out.glob("*.json"))  # and no *.partial.json left behind
     assert len(jsons) == 1, f"expected one JSON in {out}, found {jsons}"
@@ -96,6 +101,48 @@ def test_every_provider_has_a_number_or_a_failure(quick_run):
         # the harness measured something real in every case: at least one provider other than fastattn
         assert any(r["status"] == "ok" for n, r in case["results"].items() if not n.startswith("fastattn-")), \
             case["id"]
+
+
+def test_headline_is_the_default_allocator(quick_run):
+    """On the CPU every figure of the table is the default allocator's, timed in processes of their own; the
+    in-process (warm) figures and each column's ratios are kept beside it."""
+    result, _, _, stdout = quick_run
+    if result["environment"]["device_type"] != "cpu":
+        pytest.skip("allocator columns are a CPU matter")
+    columns = result["allocators"]
+    assert columns["headline"] == "default" and columns["in_process"] == allocator.mode() == "warm"
+    assert columns["columns"]["default"]["status"] == "measured" and set(columns["columns"]) == {"warm", "default"}
+    for case in result["cases"]:
+        for name, res in case["results"].items():
+            if res["status"] != "ok":
+                assert name == INJECTED_FAILURE, (case["id"], name, res["error"])
+                continue
+            where = f"{case['id']} / {name}"
+            default, warm = res["allocators"]["default"], res["allocators"]["warm"]
+            assert res["allocator"] == "default" and default["status"] == warm["status"] == "ok", where
+            assert res["median_ms"] == default["median_ms"] and len(default["times_ms"]) == default["repeats"] >= 1
+            assert math.isfinite(warm["median_ms"]) and warm["median_ms"] > 0, where
+            assert default["first_call_s"] > 0, where
+            if name.startswith("fastattn-"):
+                assert set(case["ratios"][name]["by_allocator"]) == {"default", "warm"}, where
+    assert "warm ms" in stdout and "median ms = default allocator" in stdout
+
+
+def test_bfloat16_cases(quick_run):
+    """--quick runs CBAM and attention in bfloat16 besides float32 (the default run does where the CPU has
+    bfloat16 arithmetic): every provider gives a number, against a bfloat16 matmul roofline."""
+    result, *_ = quick_run
+    assert result["dtypes"] == ["float32", "bfloat16"]
+    for family in ("cbam", "attention"):
+        bf16 = [c for c in result["cases"] if c["family"] == family and c["dtype"] == "bfloat16"
+                and not c["params"].get("autocast")]
+        f32 = [c for c in result["cases"] if c["family"] == family and c["dtype"] == "float32"]
+        assert bf16 and [c["label"] for c in bf16] == [c["label"] for c in f32], family
+        for case in bf16:
+            failed = {n: r["error"] for n, r in case["results"].items() if r["status"] != "ok" and n != INJECTED_FAILURE}
+            assert not failed, (case["id"], failed)
+    assert result["roofline"]["matmul"]["bfloat16"]["gflops"] > 0
+    assert all(c["roofline_value"] for c in result["cases"] if c["family"] == "attention")
 
 
 def test_autocast_case(quick_run):
@@ -243,11 +290,14 @@ def test_full_mode_cases_and_sweep_plots(tmp_path):
 def test_deadline_hurries_cases_without_dropping_them(capsys):
     from bench import run
     default = run.Settings.for_mode("default", "inductor")
-    assert default.deadline_s == 240.0 and run.Settings.for_mode("full", "inductor").deadline_s is None
+    assert default.deadline_s == 360.0 and run.Settings.for_mode("full", "inductor").deadline_s is None
+    # a case timed under three allocators gets a third of the time for each timing
+    assert default.for_case(elapsed_s=0.0, cases_left=20) == default
+    assert default.for_case(elapsed_s=0.0, cases_left=20, timings=3).budget_s == pytest.approx(360 / 20 / 3 / 4)
     assert run.parse_args(["--deadline", "90"]).deadline == 90.0 and run.parse_args([]).deadline is None
-    on_time = default.for_case(elapsed_s=0.0, cases_left=4)  # 60 s a case: the full settings
+    on_time = default.for_case(elapsed_s=0.0, cases_left=4)  # 90 s a case: the full settings
     assert on_time == default
-    late = default.for_case(elapsed_s=230.0, cases_left=10)  # 1 s a case: one round, no warm-up
+    late = default.for_case(elapsed_s=350.0, cases_left=10)  # 1 s a case: one round, no warm-up
     assert late.hurried and late.min_repeats == 1 and late.warmup == 0 and late.budget_s == pytest.approx(0.25)
     assert run.main(["--deadline", "0", "--only", "cbam"]) == 2
     assert "--deadline must be positive" in capsys.readouterr().err
@@ -479,3 +529,88 @@ def test_session_script_runs_each_step_with_its_settings(tmp_path):
     calls.unlink()
     proc = _session(tmp_path, TOTAL="0", **env)
     assert proc.returncode == 0 and proc.stdout.count("skipped, 0 s left of 0") == 5 and _steps_run(calls) == []
+
+
+# ---------------------------------------------------------------------------
+# Allocator columns (CPU)
+# ---------------------------------------------------------------------------
+LDCONFIG = """\t2 libs found in cache `/etc/ld.so.cache'
+\tlibtcmalloc_minimal_debug.so.4 (libc6,x86-64) => /lib/x86_64-linux-gnu/libtcmalloc_minimal_debug.so.4
+\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => /lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+"""
+
+
+def test_allocator_libraries_and_environment(tmp_path):
+    assert allocator_columns.find_library("tcmalloc", LDCONFIG, dirs=()) == \
+        "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    assert allocator_columns.find_library("jemalloc", LDCONFIG, dirs=()) is None
+    (tmp_path / "libjemalloc.so.2").write_bytes(b"")
+    assert allocator_columns.find_library("jemalloc", "", dirs=(str(tmp_path),)) == str(tmp_path / "libjemalloc.so.2")
+    absent = allocator_columns.plan(["warm", "default", "jemalloc"], True, {"jemalloc": None})
+    assert absent["jemalloc"]["status"] == "absent" and "apt-get install libjemalloc2" in absent["jemalloc"]["reason"]
+    assert allocator_columns.plan(["warm"], False)["warm"]["status"] == "absent"
+    base = {"PATH": "/bin", "MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": "glibc.malloc.x=1", "LD_PRELOAD": "/x.so"}
+    assert allocator_columns.column_env("default", None, base) == {"PATH": "/bin", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    assert allocator_columns.column_env("jemalloc", "/j.so", base)["LD_PRELOAD"] == "/j.so"
+
+
+def test_native_bfloat16_flags():
+    from bench import env
+    assert env.native_bfloat16("flags\t: fpu sse avx2 avx512f avx512_bf16\n") == (True, "CPU flags avx512_bf16")
+    assert env.native_bfloat16("Features\t: fp asimd bf16\n")[0]
+    native, why = env.native_bfloat16("flags\t: fpu avx2 fma\n")
+    assert not native and "avx512_bf16" in why
+
+
+def test_allocator_columns(tmp_path):
+    """jemalloc and tcmalloc columns where a library is installed (each provider under LD_PRELOAD, in the table
+    and the summary), left out with the reason where not."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--only", "cbam", "--cases", "tiny/2x32x8x8/fwd/float32",
+           "--providers", "fastattn-cpu,timm", "--allocator-cases", "all", "--compile-backend", "eager",
+           "--threads", "1", "--no-memory", "--no-plots", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_bench_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    summary = next(tmp_path.glob("*.md")).read_text()
+    (case,) = result["cases"]
+    for column in ("jemalloc", "tcmalloc"):
+        entry = result["allocators"]["columns"][column]
+        if allocator_columns.find_library(column) is None:
+            assert entry["status"] == "absent" and "apt-get install" in entry["reason"], entry
+            assert f"{column} ms" not in proc.stdout and "not measured" in proc.stdout
+            continue
+        assert entry["status"] == "measured", entry
+        for name in ("fastattn-cpu", "timm"):
+            res = case["results"][name]["allocators"][column]
+            assert res["status"] == "ok" and res["median_ms"] > 0, (column, name, res)
+        assert column in case["ratios"]["fastattn-cpu"]["by_allocator"]
+        assert f"{column} ms" in proc.stdout and f"| {column} |" in summary.replace(" | ", " |\n| ").replace("\n", " ")
+
+
+def test_a_broken_allocator_column_is_a_failure_record():
+    """A column whose allocator does not load (the dynamic loader only warns about a bad LD_PRELOAD) gives every
+    provider a failure record instead of glibc figures under its name; a failed headline fails the provider."""
+    case = next(c for c in cases.build("quick", ["cbam"], ["float32"], "cpu") if c.pass_ == "fwd")
+    planned = {"jemalloc": {"status": "measured", "library": "/nonexistent/libjemalloc.so.2"}}
+    with allocator_columns.Columns(planned, "eager", 1) as columns:
+        measured = columns.measure(case, ["timm", INJECTED_FAILURE], warmup=0, repeats=1)
+    for name in ("timm", INJECTED_FAILURE):
+        res = measured["jemalloc"][name]
+        assert res["status"] == "failed" and "wants jemalloc, but this process runs glibc" in res["error"], res
+
+    from bench import run
+    results = {"timm": {"status": "ok", "first_call_s": 0.1, "info": {}, "median_ms": 2.0, "min_ms": 1.0,
+                        "times_ms": [2.0], "repeats": 1},
+               "compile": {"status": "ok", "first_call_s": 0.1, "info": {}, "median_ms": 3.0, "min_ms": 3.0,
+                           "times_ms": [3.0], "repeats": 1}}
+    run.headline_from_columns(results, {"default": {
+        "timm": {"status": "ok", "median_ms": 5.0, "min_ms": 4.0, "times_ms": [5.0], "repeats": 1},
+        "compile": {"status": "failed", "stage": "allocator", "error": "the provider's process died: killed"}}},
+        "warm")
+    assert results["timm"]["median_ms"] == 5.0 and results["timm"]["allocators"]["warm"]["median_ms"] == 2.0
+    assert results["compile"]["status"] == "failed" and results["compile"]["stage"] == "allocator"
+    assert "default allocator column: the provider's process died" in results["compile"]["error"]
+    assert results["compile"]["allocators"]["warm"]["median_ms"] == 3.0
+    with pytest.raises(SystemExit):
+        run.parse_args(["--allocators", "default,mimalloc"])
+    assert run.parse_args(["--allocators", "none"]).allocators == []
