@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -174,9 +175,11 @@ def _provider_process(request: dict, name: str, commands: int, replies: int) -> 
     reader = _Reader(commands)
     while (command := reader.read(None)) and command.get("do") == "time":
         try:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             prepared.run()
-            _send(replies, {"seconds": time.perf_counter() - start})
+            seconds = time.perf_counter() - start
+            _send(replies, {"seconds": seconds, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
         except BaseException as exc:
             _send(replies, forkserver.exception_failure("timing", exc))
             return
@@ -246,7 +249,9 @@ def time_case(request: dict) -> dict:
     """In the driver (a fork of the server): every provider of the case in a process of its own, timed in rounds.
 
     -> {"status": "ok", "allocator": what runs, "results": {provider: {"status": "ok", "first_call_s", "times_ms",
-    "median_ms", "min_ms", "repeats"} | failure record}}, or a failure record when the column's allocator is not
+    "median_ms", "min_ms", "repeats", "minor_faults_per_call"} | failure record}}; minor faults (getrusage, the
+    whole process): the pages the call touched for the first time, what the allocator costs without the noise of
+    a shared machine's clock, or a failure record when the column's allocator is not
     the one loaded (an LD_PRELOAD that did not load: the dynamic loader only warns).
     """
     from bench.timing import median
@@ -254,13 +259,13 @@ def time_case(request: dict) -> dict:
     if running != expected:
         return forkserver.failure("allocator", f"the column wants {expected}, but this process runs {running} "
                                   f"(LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r})")
-    workers, results, times = {}, {}, {}
+    workers, results, times, faults = {}, {}, {}, {}
     try:
         for name in request["providers"]:
             worker = _Worker(request, name, [fd for w in workers.values() for fd in w.fds])
             answer = worker.ask(None, request["timeout_s"])
             if answer.get("status") == "ready":
-                workers[name], times[name] = worker, []
+                workers[name], times[name], faults[name] = worker, [], []
                 results[name] = {"status": "ok", "first_call_s": answer["first_call_s"]}
             else:
                 worker.stop()
@@ -276,6 +281,7 @@ def time_case(request: dict) -> dict:
                 answer = workers[name].ask({"do": "time"}, request["timeout_s"])
                 if "seconds" in answer:
                     times[name].append(answer["seconds"])
+                    faults[name].append(answer["faults"])
                 else:
                     results[name] = answer
                     del times[name]
@@ -290,7 +296,8 @@ def time_case(request: dict) -> dict:
             worker.close()
     for name, seconds in times.items():
         results[name].update(times_ms=[1e3 * s for s in seconds], median_ms=1e3 * median(seconds),
-                             min_ms=1e3 * min(seconds), repeats=len(seconds))
+                             min_ms=1e3 * min(seconds), repeats=len(seconds),
+                             minor_faults_per_call=median(faults[name]))
     return {"status": "ok", "allocator": running, "results": results}
 
 

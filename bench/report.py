@@ -274,8 +274,17 @@ def _allocator_table(recs: list[dict], names: list[str], fa: list[str]) -> list[
             by = (rec["ratios"].get(n) or {}).get("by_allocator") or {}
             rows.append([_case_name(rec), rec["pass"], f"{n} vs best other"] + [
                 f"{by[c]['vs_best_other']:.2f}x ({by[c]['best_other']})" if c in by else "-" for c in columns])
+    faults = [["case", "pass", "provider"] + columns]
+    for rec in recs:
+        for n in names:
+            entries = ((rec["results"].get(n) or {}).get("allocators") or {})
+            if any("minor_faults_per_call" in e for e in entries.values()):
+                faults.append([_case_name(rec), rec["pass"], n] + [
+                    _num((entries.get(c) or {}).get("minor_faults_per_call")) for c in columns])
     return ["Median ms under each allocator (each column's own processes; - where a column did not run):", ""] + \
-        _md_table(rows) + [""]
+        _md_table(rows) + [""] + (
+            ["Page faults per call (minor faults, median; the pages a call touched afresh, whatever the load):", ""]
+            + _md_table(faults) + [""] if len(faults) > 1 else [])
 
 
 def markdown(result: dict, plots: list[str]) -> str:

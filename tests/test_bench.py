@@ -122,7 +122,7 @@ def test_headline_is_the_default_allocator(quick_run):
             assert res["allocator"] == "default" and default["status"] == warm["status"] == "ok", where
             assert res["median_ms"] == default["median_ms"] and len(default["times_ms"]) == default["repeats"] >= 1
             assert math.isfinite(warm["median_ms"]) and warm["median_ms"] > 0, where
-            assert default["first_call_s"] > 0, where
+            assert default["first_call_s"] > 0 and default["minor_faults_per_call"] >= 0, where
             if name.startswith("fastattn-"):
                 assert set(case["ratios"][name]["by_allocator"]) == {"default", "warm"}, where
     assert "warm ms" in stdout and "median ms = default allocator" in stdout
