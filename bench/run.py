@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "default), none; all with --full")
     parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                         help="time for all cases: behind it, cases run with fewer repeats, never fewer cases "
-                             "(default: 240 s; none with --full, --quick)")
+                             "(default: 360 s; none with --full, --quick)")
     parser.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
     # the harness's self-test: a provider that always fails, to check failures are reported, not dropped
     parser.add_argument("--inject-failure", action="store_true", help=argparse.SUPPRESS)
