@@ -13,24 +13,11 @@ from torch import nn
 
 import fastattn
 from fastattn import reference
-from _util import compiled_backends
+from _util import OpLog, compiled_backends
 
 pytestmark = pytest.mark.skipif("cpu" not in compiled_backends("cpu"), reason="needs the compiled cpu backend")
 
 ops = torch.ops.fastattn
-
-
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """The fastattn ops a call dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastattn":
-            self.ops.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
 
 
 def _op_args(c: int, dtype, kernel: int = 7, light: bool = False, max_first: bool = False, spatial: bool = True,
@@ -174,7 +161,7 @@ def test_module_writes_y_over_x(flavor, layout, mode):
             x = x.clone(memory_format=torch.preserve_format)  # an inference tensor, written inside the mode
         want = plain(x)
         ptr = x.data_ptr()
-        with _OpLog() as log:
+        with OpLog() as log:
             y = inplace(x)
     assert y is x and x.data_ptr() == ptr
     assert log.ops == ["cbam_forward_eval_"]
@@ -195,7 +182,7 @@ def test_module_without_an_inplace_kernel_still_writes_over_x(case):
         plain.backend = inplace.backend = "reference"
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         want = plain(x)  # float32 x under a bfloat16 autocast: the original forward
-        with _OpLog() as log:
+        with OpLog() as log:
             y = inplace(x)
     assert y is x
     assert "cbam_forward_eval_" not in log.ops
@@ -274,7 +261,7 @@ def test_convert_sets_inplace_only_where_proven():
     assert "also used by" in reasons["cbam_residual"]
     assert [fused.cbam_in.inplace, fused.cbam_safe.inplace, fused.cbam_residual.inplace] == [False, True, False]
     x_before = x.clone()
-    with torch.no_grad(), _OpLog() as log:
+    with torch.no_grad(), OpLog() as log:
         y = fused(x)
     assert log.ops.count("cbam_forward_eval_") == 1
     assert torch.equal(x, x_before)  # the caller's input is untouched
@@ -304,3 +291,26 @@ def test_convert_refuses_a_model_that_does_not_trace():
     _, report = fastattn.convert(Branchy().eval(), backend="cpu", return_report=True, cbam_inplace=True)
     assert report.inplace == []
     assert "does not trace with torch.fx" in dict(report.not_inplace)["cbam"]
+
+
+# ---------------------------------------------------------------------------
+# The bench's provider (bench/providers.py: fastattn-cpu-inplace)
+# ---------------------------------------------------------------------------
+def test_bench_inplace_provider_refills_its_input():
+    from bench import cases, providers
+    from bench.timing import Clock, round_robin
+
+    fwd, train = cases._cbam("tiny", (2, 32, 8, 8), "float32")
+    inputs = providers.make_inputs(fwd, torch.device("cpu"))
+    want = providers.prepare("fastattn-cpu", fwd, inputs).run()
+    prep = providers.prepare(providers.INPLACE, fwd, inputs)
+    for _ in range(2):  # refilled before each call: the same input, the same output
+        prep.refill()
+        _assert_same_bits(prep.run(), want)
+    calls = []
+    times, errors = round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2,
+                                Clock(torch.device("cpu")), before={"a": lambda: calls.append("refill a")})
+    assert not errors and calls.count("refill a") == 2 and calls.count("b") == 2
+    assert [c for c in calls if c.endswith("a")] == ["refill a", "a"] * 2
+    with pytest.raises(ValueError, match="inference only"):
+        providers.prepare(providers.INPLACE, train, providers.make_inputs(train, torch.device("cpu")))
