@@ -209,17 +209,12 @@ def _inplace_runner(module: torch.nn.Module, inputs: dict, why: str) -> Prepared
     if inputs["train"]:
         raise ValueError(f"{INPLACE} is inference only: in-place CBAM refuses calls that want a gradient")
     module.inplace = True
-    module.eval()
     x = inputs["x"]
     work = x.clone()
-
-    def refill():
-        work.copy_(x)
-
-    def run():
-        with torch.no_grad():
-            return module(work)
-    return Prepared(run, refill=refill, info={"backend": why})
+    prepared = _module_runner(module, module, {**inputs, "x": work})
+    prepared.refill = functools.partial(work.copy_, x)
+    prepared.info["backend"] = why
+    return prepared
 
 
 def cbam_provider(name: str, case: Case, inputs: dict, compile_backend: str) -> Prepared:

@@ -169,6 +169,18 @@ def test_module_writes_y_over_x(flavor, layout, mode):
     assert "inplace=True" in repr(inplace)
 
 
+def test_module_under_autocast_in_x_dtype_runs_in_place():
+    """bfloat16 x under a bfloat16 autocast (float32 parameters): the fused path, in place."""
+    plain, inplace = _pair()
+    x = torch.randn(2, 32, 9, 8).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = plain(x)
+        with OpLog() as log:
+            y = inplace(x)
+    assert y is x and log.ops == ["cbam_forward_eval_"]
+    _assert_same_bits(x, want)
+
+
 @pytest.mark.parametrize("case", ["strided view", "train-mode BatchNorm", "autocast", "reference backend"])
 def test_module_without_an_inplace_kernel_still_writes_over_x(case):
     """Where the in-place op cannot run, y is computed out of place and copied into x."""
