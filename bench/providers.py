@@ -54,7 +54,9 @@ OTHERS = {
     "models": {"cpu": ("timm",), "cuda": ("timm",)},
 }
 # run only when --providers names them
-OPTIONAL = {"cbam": (), "attention": ("sdpa-nchw-views", *_FORCED_SDPA), "models": ()}
+# fastattn-cpu-inplace: nn.CBAM(inplace=True), inference (fwd) only
+INPLACE = "fastattn-cpu-inplace"
+OPTIONAL = {"cbam": (INPLACE,), "attention": ("sdpa-nchw-views", *_FORCED_SDPA), "models": ()}
 INJECTED_FAILURE = "injected-failure"
 UNVERIFIED_SUFFIX = "-unverified"
 
@@ -100,6 +102,7 @@ def _noop() -> None:
 class Prepared:
     run: Callable[[], object]              # one timed iteration
     clear: Callable[[], None] = _noop      # drop what an iteration leaves behind (grads)
+    refill: Callable[[], None] | None = None  # untimed, before each timed call: restore an input the call overwrote
     info: dict = field(default_factory=dict)
 
 
@@ -127,7 +130,7 @@ def _injected() -> Prepared:
 
 def fastattn_backend(name: str) -> tuple[str, bool]:
     """'fastattn-cuda-unverified' -> ('cuda', True): the backend, and whether its unverified kernels run."""
-    backend = name.removeprefix("fastattn-")
+    backend = name.removeprefix("fastattn-").removesuffix("-inplace")
     return backend.removesuffix(UNVERIFIED_SUFFIX), backend.endswith(UNVERIFIED_SUFFIX)
 
 
@@ -200,6 +203,20 @@ def _module_runner(module: torch.nn.Module, callable_: Callable, inputs: dict) -
     return Prepared(run, clear)
 
 
+def _inplace_runner(module: torch.nn.Module, inputs: dict, why: str) -> Prepared:
+    """The block writing y over its own copy of x; the copy is refilled from x before each timed call
+    (untimed), as the layer before the block would have written it."""
+    if inputs["train"]:
+        raise ValueError(f"{INPLACE} is inference only: in-place CBAM refuses calls that want a gradient")
+    module.inplace = True
+    x = inputs["x"]
+    work = x.clone()
+    prepared = _module_runner(module, module, {**inputs, "x": work})
+    prepared.refill = functools.partial(work.copy_, x)
+    prepared.info["backend"] = why
+    return prepared
+
+
 def cbam_provider(name: str, case: Case, inputs: dict, compile_backend: str) -> Prepared:
     template, x = inputs["template"], inputs["x"]
     if is_fastattn(name):
@@ -209,6 +226,8 @@ def cbam_provider(name: str, case: Case, inputs: dict, compile_backend: str) -> 
         module = fastattn.nn.CBAM(template.channel.fc1.in_channels, flavor="timm", backend=backend)
         module = module.to(x.device, template.channel.fc1.weight.dtype)
         module.load_state_dict(template.state_dict())
+        if name == INPLACE:
+            return _inplace_runner(module, inputs, why)
         prepared = _module_runner(module, module, inputs)
         prepared.info["backend"] = why
         return prepared

@@ -223,7 +223,7 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings,
     for name, prep in list(prepared.items()):
         try:
             for _ in range(warmup):
-                round_s += clock.time(prep.run) / warmup
+                round_s += clock.time(prep.run, prep.refill) / warmup
         except Exception as exc:
             results[name] = failure("warmup", exc)
             del prepared[name]
@@ -231,7 +231,8 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings,
             _release_cuda(device)
     repeats = plan_repeats(round_s, settings.budget_s, settings.min_repeats, settings.max_repeats)
     progress(f"{repeats} timed rounds of {len(prepared)} providers")
-    times, errors = round_robin({n: p.run for n, p in prepared.items()}, repeats, clock)
+    times, errors = round_robin({n: p.run for n, p in prepared.items()}, repeats, clock,
+                                before={n: p.refill for n, p in prepared.items() if p.refill})
     for name, exc in errors.items():
         results[name] = failure("timing", exc)
         del prepared[name]
@@ -246,7 +247,8 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings,
         progress("cold allocator")
         with allocator.using("cold"):
             cold, cold_errors = round_robin({n: p.run for n, p in prepared.items()},
-                                            min(repeats, settings.cold_repeats), clock, before=allocator.trim)
+                                            min(repeats, settings.cold_repeats), clock,
+                                            before={n: _then(p.refill, allocator.trim) for n, p in prepared.items()})
         for name, seconds in cold.items():
             results[name].update(cold_median_ms=1e3 * median(seconds), cold_times_ms=[1e3 * s for s in seconds])
         for name, exc in cold_errors.items():
@@ -282,6 +284,17 @@ def run_case(case, provider_names: list[str], device, clock, settings: Settings,
     _release_cuda(device)
     record["wall_s"] = time.perf_counter() - started
     return record
+
+
+def _then(first, second):
+    """first (if any), then second: the untimed steps before a call."""
+    if first is None:
+        return second
+
+    def both():
+        first()
+        second()
+    return both
 
 
 def main(argv: list[str] | None = None) -> int:

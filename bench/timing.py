@@ -62,8 +62,10 @@ def plan_repeats(round_seconds: float, budget_s: float, min_repeats: int, max_re
 
 
 def round_robin(fns: dict[str, Callable[[], object]], repeats: int, clock: Clock,
-                before: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict[str, BaseException]]:
+                before: Callable[[], None] | dict | None = None
+                ) -> tuple[dict[str, list[float]], dict[str, BaseException]]:
     """Time each fn `repeats` times, interleaved. -> (seconds per name, exception per name that failed).
+    before: called untimed before each call; one callable for all, or one per name (a dict).
 
     A provider that raises is dropped from the remaining rounds and reported in the second dict.
     """
@@ -77,7 +79,7 @@ def round_robin(fns: dict[str, Callable[[], object]], repeats: int, clock: Clock
         shift = r % len(alive)
         for name in alive[shift:] + alive[:shift]:
             try:
-                times[name].append(clock.time(fns[name], before))
+                times[name].append(clock.time(fns[name], before.get(name) if isinstance(before, dict) else before))
             except Exception as exc:  # a provider failing mid-run is a result, not a crash
                 # keep the message and the line numbers, free the frames' tensors (after an out-of-memory above all)
                 traceback.clear_frames(exc.__traceback__)

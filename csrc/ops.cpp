@@ -51,6 +51,13 @@ TORCH_LIBRARY(fastattn, m) {
       "cbam_forward_eval(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? conv_w, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int[2] padding, "
       "bool light, bool max_first) -> Tensor");
+  // The same with y written over x (x NCHW- or channels_last-contiguous): a mutating op without
+  // outputs, so that functionalization (torch.compile, export) turns it into auto_functionalized
+  // and Inductor can write in place again; an alias returned, or out=, would not functionalize.
+  m.def(
+      "cbam_forward_eval_(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? conv_w, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int[2] padding, "
+      "bool light, bool max_first) -> ()");
 
   // ---- Spatial attention ----------------------------------------------------
   // q: (N, Cq, Lq), k: (N, Cq, Lk), v: (N, Cv, Lk), any strides.

@@ -179,7 +179,7 @@ class FusedCBAMFunction(torch.autograd.Function):
 
 def inference_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
                       conv_w: Tensor | None, bn_w: Tensor | None, bn_b: Tensor | None, bn_mean: Tensor | None,
-                      bn_var: Tensor | None, spec: CbamSpec) -> Tensor:
+                      bn_var: Tensor | None, spec: CbamSpec, inplace: bool = False) -> Tensor:
     """The block's forward as the single cpu op cbam_forward_eval, for calls that need no gradient with
     BatchNorm on its running statistics: no images are coupled, so the spatial gate is made band by
     band of rows and applied while the band is in cache (x read twice, against three times).
@@ -188,7 +188,14 @@ def inference_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: 
     sigmoid are loops in the op); BatchNorm is folded into one scale and shift as PyTorch's CPU
     kernel folds it. The two paths agree up to the last bits of the BatchNorm and sigmoid arithmetic
     (tests/test_cbam_modules.py).
+
+    inplace: y written over x by cbam_forward_eval_ and x returned, when x is contiguous or
+    channels_last (the op writes no other strides); else y out of place, for the caller to copy.
     """
+    if inplace and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        torch.ops.fastattn.cbam_forward_eval_(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, bn_mean, bn_var, spec.bn_eps,
+                                              list(spec.padding), spec.light, spec.max_first)
+        return x
     return torch.ops.fastattn.cbam_forward_eval(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, bn_mean, bn_var, spec.bn_eps,
                                                 list(spec.padding), spec.light, spec.max_first)
 

@@ -196,12 +196,16 @@ def _define_triton_ops() -> None:
 
 
 _AUTOCAST_LIB = torch.library.Library("fastattn", "IMPL")  # keeps the autocast kernels registered
+_INPLACE_LIB = torch.library.Library("fastattn", "IMPL")  # keeps the in-place ops' autograd kernels registered
 
 _INTERNAL_OP = ("fastattn::{op} is an internal op of the fused CBAM block (its forward and backward call it) "
                 "and has no derivative of its own; double backward through the block is not supported")
 _INFERENCE_OP = ("fastattn::{op} is the fused CBAM block's inference forward and has no derivative; the block "
                  "calls it only where no gradient is needed (no input or parameter requires grad, or grad mode is "
                  "off)")
+_INPLACE_INFERENCE_OP = ("fastattn::{op} writes the CBAM block's output over x and has no derivative: the backward "
+                         "would need the x it overwrites. It runs only where no gradient is wanted (grad mode off, "
+                         "or no input requires grad); got {wanted} requiring grad")
 _DOUBLE_BACKWARD = ("fastattn: double backward (a gradient of a gradient, create_graph=True) is not supported "
                     "through {op}; use backend='reference' for higher-order gradients")
 _NO_DERIVATIVE = {_registry.INTERNAL: _INTERNAL_OP, _registry.INFERENCE: _INFERENCE_OP,
@@ -213,6 +217,28 @@ def _raising_backward(message: str):
     def backward(ctx, *grads):
         raise RuntimeError(message)
     return backward
+
+
+def _register_inplace(qualname: str, op: str) -> None:
+    """The Autograd and ADInplaceOrView kernels of a mutating op (register_autograd takes functional ops only):
+    a clear error where a gradient is wanted, and x's version counter bumped as PyTorch's in-place ops bump it,
+    so a graph that saved x before the write notices it in backward."""
+    overload = getattr(torch.ops.fastattn, qualname.split("::")[1]).default
+    names = [a.name for a in overload._schema.arguments]
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled():
+            wanted = [name for name, a in zip(names, args) if isinstance(a, Tensor) and a.requires_grad]
+            if wanted:
+                raise RuntimeError(_INPLACE_INFERENCE_OP.format(op=op, wanted=", ".join(wanted)))
+        return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    def version_kernel(keyset, *args):
+        torch.autograd.graph.increment_version(args[0])
+        return overload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+
+    _INPLACE_LIB.impl(qualname, autograd_kernel, "Autograd", with_keyset=True)
+    _INPLACE_LIB.impl(qualname, version_kernel, "ADInplaceOrView", with_keyset=True)
 
 
 def _register() -> None:
@@ -231,6 +257,8 @@ def _register() -> None:
             if spec.autograd == _registry.FORMULA:
                 setup, backward = formulas[op]
                 torch.library.register_autograd(qualname, backward, setup_context=setup)
+            elif spec.autograd == _registry.INPLACE_INFERENCE:
+                _register_inplace(qualname, op)
             else:
                 torch.library.register_autograd(qualname, _raising_backward(_NO_DERIVATIVE[spec.autograd].format(op=op)))
             if op in _autocast.OP_RULES:

@@ -23,6 +23,8 @@ FORMULA = "formula"                        # an autograd formula of its own (fas
 NO_DOUBLE_BACKWARD = "no_double_backward"  # a backward op: differentiating it again raises
 INTERNAL = "internal"                      # a helper of the fused block's forward and backward; raises
 INFERENCE = "inference"                    # the fused block's inference forward; raises
+INPLACE_INFERENCE = "inplace_inference"    # the same writing over x: mutating, so no autograd formula can be
+                                           # registered; an Autograd kernel raises when a gradient is wanted
 
 
 # ---------------------------------------------------------------------------
@@ -41,6 +43,10 @@ def _fake_gated_spatial_pool(x, gate, split_ties):
 
 def _fake_like_x(x, *args):
     return torch.empty_like(x)
+
+
+def _fake_mutates_x(x, *args):
+    return None  # the op writes over x and returns nothing: x's metadata is unchanged
 
 
 def _fake_cbam_apply_backward(grad_y, x, ch_gate, sp_gate):
@@ -127,6 +133,11 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
            "Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int[2] padding, bool light, "
            "bool max_first) -> Tensor",
            "cbam", _fake_like_x, INFERENCE, _CPU_ONLY),
+    OpSpec("cbam_forward_eval_",
+           "(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? conv_w, Tensor? bn_weight, "
+           "Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int[2] padding, bool light, "
+           "bool max_first) -> ()",
+           "cbam", _fake_mutates_x, INPLACE_INFERENCE, _CPU_ONLY),
     OpSpec("spatial_attention_forward",
            "(Tensor q, Tensor k, Tensor v, int heads, float scale) -> (Tensor out, Tensor lse)",
            "attention", _fake_spatial_attention_forward, FORMULA, _ALL),

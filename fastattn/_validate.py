@@ -113,3 +113,29 @@ def check_module_input(module, x, channels: int | None, like: Tensor, rank: int 
         raise ValueError(f"{type(module).__name__} expects x on {like.device}, where its parameters are, "
                          f"got x on {device} (shape {tuple(shape)})")
     return device
+
+
+def check_inplace_input(module, x: Tensor) -> None:
+    """The checks of a module built with inplace=True, before it writes its output over x (as
+    nn.ReLU(inplace=True) writes over its input). RuntimeError where autograd or inference mode
+    forbid the write (PyTorch raises RuntimeError there too); ValueError for an x whose memory
+    cannot hold the output (elements that share memory, as expand() makes)."""
+    name = type(module).__name__
+    if torch.is_grad_enabled():
+        wanted = ["x"] if x.requires_grad else []
+        wanted += [f"parameter {n!r}" for n, p in module.named_parameters() if p.requires_grad]
+        if wanted:
+            raise RuntimeError(
+                f"{name}(inplace=True) writes its output over x (shape {tuple(x.shape)}), but a gradient is wanted "
+                f"({', '.join(wanted[:3])}{' ...' if len(wanted) > 3 else ''} requires grad) and the backward "
+                "needs the x it would overwrite; call it under torch.no_grad() or torch.inference_mode(), or "
+                "set inplace=False for training")
+    if torch.compiler.is_compiling():  # the graph's input mutation is PyTorch's to check; these calls break graphs
+        return
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{name}(inplace=True) cannot write over x (shape {tuple(x.shape)}): x is an inference "
+                           "tensor and in-place updates to it are allowed only inside torch.inference_mode()")
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise ValueError(f"{name}(inplace=True) cannot write over x of shape {tuple(x.shape)} and strides "
+                         f"{x.stride()}: several of its elements share one memory location (a view made by "
+                         "expand() or as_strided()); pass x.contiguous() or set inplace=False")

@@ -30,6 +30,8 @@ log = logging.getLogger("fastattn")
 class ConversionReport:
     replaced: Counter = field(default_factory=Counter)          # type name -> count
     skipped: list = field(default_factory=list)                 # (path, type name, reason)
+    inplace: list = field(default_factory=list)                 # paths of CBAM blocks set to inplace=True
+    not_inplace: list = field(default_factory=list)             # (path, reason) of CBAM blocks left out of place
 
     def __str__(self) -> str:
         lines = [f"fastattn.convert: replaced {sum(self.replaced.values())} layer(s)"]
@@ -37,6 +39,11 @@ class ConversionReport:
         if self.skipped:
             lines.append(f"left alone {len(self.skipped)} layer(s):")
             lines += [f"  {path} ({name}): {reason}" for path, name, reason in self.skipped]
+        if self.inplace:
+            lines.append(f"in place: {len(self.inplace)} CBAM block(s): {', '.join(self.inplace)}")
+        if self.not_inplace:
+            lines.append(f"left out of place {len(self.not_inplace)} CBAM block(s):")
+            lines += [f"  {path}: {reason}" for path, reason in self.not_inplace]
         return "\n".join(lines)
 
 
@@ -249,7 +256,18 @@ def _convert_one(m: nn.Module, rules: list[Rule], backend: str):
     return None, None
 
 
-def convert(model: nn.Module, *, inplace: bool = False, backend: str = "auto", return_report: bool = False):
+def _mark_inplace(model: nn.Module, report: ConversionReport) -> None:
+    from fastattn._inplace_proof import proven_inplace
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, CBAM)}
+    safe, refused = proven_inplace(model, blocks, _FUSED)
+    for name in safe:
+        blocks[name].inplace = True
+    report.inplace.extend(safe)
+    report.not_inplace.extend((name or "<root>", reason) for name, reason in refused)
+
+
+def convert(model: nn.Module, *, inplace: bool = False, backend: str = "auto", return_report: bool = False,
+            cbam_inplace: bool = False):
     """Replace the attention layers of `model` that fastattn fuses with fused
     modules holding the same submodules, parameters and buffers:
 
@@ -267,6 +285,12 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: str = "auto", r
     (timm's BatNonLocalAttn, mmcv's dot_product and concatenation modes, which
     have no softmax attention, diffusers' cross-attention, ...) are left alone,
     with the reason in the report.
+
+    cbam_inplace=True also sets inplace=True (nn.CBAM: y written over x, for inference) on the
+    fused CBAM blocks that are proven not to need their input afterwards: a torch.fx trace of the
+    model shows that each call's input is a fresh tensor (from a conv, norm, activation, ...)
+    that nothing else reads (fastattn/_inplace_proof.py). The others stay out of place, with the
+    reason in the report; a model that does not trace gets none.
 
     Returns the converted model (a deep copy unless inplace=True), or
     (model, ConversionReport) with return_report=True. The report is also
@@ -293,5 +317,7 @@ def convert(model: nn.Module, *, inplace: bool = False, backend: str = "auto", r
         return module
 
     model = visit(model, "")
+    if cbam_inplace:
+        _mark_inplace(model, report)
     log.info("%s", report)
     return (model, report) if return_report else model

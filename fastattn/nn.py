@@ -17,7 +17,7 @@ from fastattn import functional as FA
 from fastattn import twins
 from fastattn._backend import BACKENDS, choose, op_backends
 from fastattn._fused_cbam import CbamSpec, FusedCBAMFunction, inference_forward
-from fastattn._validate import check_module_input
+from fastattn._validate import check_inplace_input, check_module_input
 
 FLAVORS = ("timm", "timm_light", "official")
 
@@ -79,10 +79,23 @@ class CBAM(nn.Module):
     Under torch.autocast with x in the autocast dtype the block stays fused, in the dtypes the
     original gives there (see _autocast_forward); any other x under autocast, and parameters of
     another dtype than x outside it, run the original forward.
+
+    inplace=True writes y over x and returns x, as nn.ReLU(inplace=True) does: the caller must not
+    need x afterwards. It is for inference: where a gradient is wanted (grad mode on and x or a
+    parameter requires grad) it raises RuntimeError, since the backward needs the x it would
+    overwrite; so does an inference tensor outside torch.inference_mode(), and an x whose elements
+    share memory (expand()) raises ValueError. With a contiguous or channels_last CPU x on the cpu
+    backend and BatchNorm on its running statistics it runs the in-place op cbam_forward_eval_: no
+    output allocated, x read twice and written once. Everywhere else (another device or backend,
+    BatchNorm in training mode under no_grad, other strides, autocast) y is computed out of place and
+    copied into x, so `x is y` holds in every case that does not raise. `inplace` is a plain
+    attribute: set it to False to train the same module.
     """
 
+    inplace = False  # modules pickled before the option existed
+
     def __init__(self, channels: int, reduction: int = 16, *, flavor: str = "timm", spatial_kernel: int = 7,
-                 no_spatial: bool = False, backend: str = "auto"):
+                 no_spatial: bool = False, backend: str = "auto", inplace: bool = False):
         super().__init__()
         if _check_flavor(flavor) == "official":
             twin = twins.OfficialCBAM(channels, reduction, no_spatial=no_spatial, kernel_size=spatial_kernel)
@@ -91,16 +104,17 @@ class CBAM(nn.Module):
                 raise ValueError("no_spatial=True exists only in the official flavor")
             twin = twins.TimmCBAM(channels, 1.0 / reduction, spatial_kernel_size=spatial_kernel,
                                       light=flavor == "timm_light")
-        self._adopt(twin, flavor, backend)
+        self._adopt(twin, flavor, backend, inplace)
 
     @classmethod
-    def from_module(cls, module: nn.Module, flavor: str, backend: str = "auto") -> "CBAM":
+    def from_module(cls, module: nn.Module, flavor: str, backend: str = "auto", inplace: bool = False) -> "CBAM":
         """A fused CBAM holding `module`'s own submodules (shared, not copied)."""
-        return _adopted(cls, module, flavor, backend)
+        return _adopted(cls, module, flavor, backend, inplace)
 
-    def _adopt(self, source: nn.Module, flavor: str, backend: str) -> None:
+    def _adopt(self, source: nn.Module, flavor: str, backend: str, inplace: bool = False) -> None:
         self.flavor = flavor
         self.backend = _check_backend(backend)
+        self.inplace = bool(inplace)
         self.no_spatial = bool(getattr(source, "no_spatial", False))
         # the source's own forward is the eager path (reference backend, empty batches, float64 on GPU ...)
         self._eager_cls = type(source)
@@ -125,14 +139,20 @@ class CBAM(nn.Module):
         parts = self._parts()
         fc1_weight = parts[0]._parameters["weight"]  # (hidden, C) or (hidden, C, 1, 1)
         device = check_module_input(self, x, fc1_weight.shape[1], fc1_weight)
+        if self.inplace:
+            check_inplace_input(self, x)
         backend, _ = choose("cbam", device, x.dtype, self.backend)
         if backend == "reference" or x.numel() == 0:
-            return self._eager_cls.forward(self, x)
-        if torch.is_autocast_enabled(device.type):
-            return self._autocast_forward(x, backend, parts)
-        if fc1_weight.dtype != x.dtype:
-            return self._eager_cls.forward(self, x)
-        return self._fused(x, backend, parts)
+            y = self._eager_cls.forward(self, x)
+        elif torch.is_autocast_enabled(device.type):
+            y = self._autocast_forward(x, backend, parts)
+        elif fc1_weight.dtype != x.dtype:
+            y = self._eager_cls.forward(self, x)
+        else:
+            y = self._fused(x, backend, parts)
+        if self.inplace and y is not x:  # no in-place kernel for this case: y written over x all the same
+            return x.copy_(y)
+        return y
 
     def _autocast_forward(self, x: Tensor, backend: str, parts: tuple) -> Tensor:
         """Under torch.autocast, what the original computes there: when x has the autocast dtype (the
@@ -169,14 +189,15 @@ class CBAM(nn.Module):
         if cast_weights:  # the Linear and conv weights and biases; BatchNorm's parameters and statistics stay
             params = tuple(p if p is None else p.to(x.dtype) for p in params[:5]) + params[5:]
         if backend == "cpu" and (conv is None or not batch_stats) and not _grad_wanted(x, *params[:7]):
-            return inference_forward(x, *params, spec)
+            return inference_forward(x, *params, spec, inplace=self.inplace)
         y, mean, var = FusedCBAMFunction.apply(x, *params, spec)
         if conv is not None and bn.training and bn.track_running_stats:
             _update_running_stats(bn, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
         return y
 
     def extra_repr(self) -> str:
-        return f"flavor={self.flavor!r}, backend={self.backend!r}" + (", no_spatial=True" if self.no_spatial else "")
+        return (f"flavor={self.flavor!r}, backend={self.backend!r}" + (", no_spatial=True" if self.no_spatial else "")
+                + (", inplace=True" if self.inplace else ""))
 
 
 class ChannelGate(nn.Module):

@@ -180,6 +180,11 @@ def ref_cbam_forward_eval(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, 
     return ref_cbam_apply(x, ch_gate, torch.sigmoid(normed).view(n, h, w))
 
 
+def ref_cbam_forward_eval_(x: Tensor, *args) -> None:
+    """ref_cbam_forward_eval written over x (the in-place op; same arguments)."""
+    x.copy_(ref_cbam_forward_eval(x, *args))
+
+
 # --------------------------------------------------------------------------
 # Spatial attention
 # --------------------------------------------------------------------------

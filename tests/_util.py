@@ -20,6 +20,19 @@ from fastattn.reference import ref_spatial_attention_forward
 from _contract import ATOL, GRAD_ATOL, assert_equal_values, assert_error_rule, max_err  # noqa: F401
 
 
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The fastattn ops a call dispatches: `with OpLog() as log: ...; log.ops`."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastattn":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
 def compiled_backends(device: str = "cpu") -> list[str]:
     """The non-reference backends that can run on `device` here."""
     names = []

@@ -13,7 +13,7 @@ CBAM_OPS = ["channel_pool", "gated_spatial_pool", "cbam_apply", "cbam_apply_back
             "gated_spatial_pool_backward_gate", "cbam_grad_x"]
 ATTENTION_OPS = ["spatial_attention_forward", "spatial_attention_backward"]
 # on CUDA the block calls cuDNN for its conv, and runs inference through the training path's kernels
-CPU_ONLY_OPS = ["cbam_spatial_conv", "cbam_spatial_conv_weight_grad", "cbam_forward_eval"]
+CPU_ONLY_OPS = ["cbam_spatial_conv", "cbam_spatial_conv_weight_grad", "cbam_forward_eval", "cbam_forward_eval_"]
 
 
 def test_compiled_library_loads():

@@ -10,8 +10,8 @@ from timm.layers.cbam import CbamModule, LightCbamModule
 
 import fastattn
 from fastattn import reference
-from _util import ATOL, GRAD_ATOL, assert_error_rule, compiled_backends, interpreted, module_forward_backward, \
-    run_module
+from _util import ATOL, GRAD_ATOL, OpLog, assert_error_rule, compiled_backends, interpreted, \
+    module_forward_backward, run_module
 
 torch.manual_seed(0)
 
@@ -168,7 +168,7 @@ def test_autocast_stays_fused_and_matches_original(label, backend, flavor, mode,
     x, grad_y = torch.randn(shape).to(dtype), torch.randn(shape)
     truth = run_module(copy.deepcopy(original).double(), x.double(), grad_y.double(), mode)
     eager = run_module(copy.deepcopy(original), x, grad_y, mode, autocast_dtype=dtype)
-    with _OpLog() as log:
+    with OpLog() as log:
         got = run_module(fused, x, grad_y, mode, autocast_dtype=dtype)
     assert log.ops or ran_fused, "the fused block ran its original forward under autocast"
     assert got[0].dtype == eager[0].dtype == dtype
@@ -233,19 +233,6 @@ def test_gate_modules_match_reference(flavor):
 # ---------------------------------------------------------------------------
 # Inference on the cpu backend: one op, cbam_forward_eval (fastattn/_fused_cbam.py inference_forward)
 # ---------------------------------------------------------------------------
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """The fastattn ops a call dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastattn":
-            self.ops.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 # odd batches and one-row or one-column maps, a map wider than a lane tile (512), channel counts that
 # leave vector tails, a batch below the thread count (images split in row chunks)
 INFERENCE_SHAPES = [(3, 32, 9, 11), (1, 17, 56, 56), (2, 3, 1, 7), (2, 5, 13, 1), (1, 4, 3, 600), (4, 256, 7, 7),
@@ -275,7 +262,7 @@ def test_cpu_inference_is_one_op(flavor, shape, channels_last, dtype):
     fused.to(dtype)
     x = _inputs(shape, ties=False, channels_last=channels_last).to(dtype)
     with torch.no_grad():
-        with _OpLog() as log:
+        with OpLog() as log:
             y = fused(x)
         truth = copy.deepcopy(original).double()(x.double())
         eager = copy.deepcopy(original).to(dtype)(x)
@@ -299,7 +286,7 @@ def test_cpu_inference_other_spatial_kernels(flavor, kernel):
     fused = fastattn.nn.CBAM(24, 4, flavor=flavor, spatial_kernel=kernel, backend="cpu").eval()
     fused.load_state_dict(original.state_dict())
     x = torch.randn(3, 24, 10, 13)
-    with torch.no_grad(), _OpLog() as log:
+    with torch.no_grad(), OpLog() as log:
         y = fused(x)
     assert log.ops == ["cbam_forward_eval"]
     with torch.no_grad():
@@ -318,7 +305,7 @@ def test_cpu_inference_path_is_taken_only_without_grad_and_running_stats():
              ("eval, nothing requires grad", False, False, True, False, True)]
     for label, train, params_grad, grad_mode, x_grad, takes_eval_op in cases:
         fused.train(train).requires_grad_(params_grad)
-        with torch.set_grad_enabled(grad_mode), _OpLog() as log:
+        with torch.set_grad_enabled(grad_mode), OpLog() as log:
             y = fused(x.clone().requires_grad_(x_grad))
         assert ("cbam_forward_eval" in log.ops) == takes_eval_op, (label, log.ops)
         assert y.requires_grad == (grad_mode and (params_grad or x_grad)), label

@@ -45,6 +45,10 @@ struct EvalSpatial {
 };
 
 // Pass 2 over the images' rows in bands (see above). cg: N*C channel gates, padded by a vector.
+// y_p may be x itself (the in-place op): a band's rows are written only after every row of its
+// conv's reach below it is pooled, and the rows of a chunk's reach that a neighbouring chunk
+// writes (its halo) are pooled for every chunk before any chunk writes (prepool), so no row of x
+// is read after it was overwritten.
 template <typename scalar_t>
 void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<acc_type<scalar_t>>& p, int64_t kh,
                        int64_t kw, int64_t ph, int64_t pw, bool light, bool max_first, const acc_type<scalar_t>* cg,
@@ -66,54 +70,75 @@ void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<a
   const int64_t chunk_rows = ceil_div(H, chunks);
   chunks = ceil_div(H, chunk_rows);
   const int64_t buf_rows = chunk_rows + 2 * ph, row_len = round_up(W, kN) + kw;
+  const int64_t in_size = cin * buf_rows * row_len + kN;
   const acc channels = acc(C);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C * chunk_rows * W));  // small: one thread
+  // pooled (mean, max) of rows [row_begin, row_end) of image n into `in`, the conv input rows
+  // [c0 - ph, c0 + chunk_rows + ph) of the chunk starting at row c0, with pw zeros left of each
+  // row and zeros past it, as the flavour takes them
+  auto pool = [&](acc* in, int64_t n, int64_t c0, int64_t row_begin, int64_t row_end, LaneStates<acc>& st) {
+    const acc* cg_n = cg + n * C;
+    auto put = [&](int64_t pos, acc sum, acc max) {
+      const acc mean = IO::round(sum / channels), mx = IO::round(max);
+      acc* at0 = in + (pos / W - c0 + ph) * row_len + pw + pos % W;
+      if (light) {
+        at0[0] = IO::round(IO::round(acc(0.5) * mean) + IO::round(acc(0.5) * mx));
+      } else {
+        at0[0] = max_first ? mx : mean;
+        at0[buf_rows * row_len] = max_first ? mean : mx;
+      }
+    };
+    for (int64_t pos0 = row_begin * W; pos0 < row_end * W; pos0 += kMaxLaneTile) {
+      const int64_t len = std::min(kMaxLaneTile, row_end * W - pos0);
+      if (d.channels_last) {
+        for (const auto l : c10::irange(len)) {
+          const auto s = reduce_contiguous<scalar_t, true, false>(x_p + (n * HW + pos0 + l) * C, cg_n, C, end);
+          put(pos0 + l, s.sum, s.max);
+        }
+      } else {
+        reduce_rows<scalar_t, false>(x_p + n * C * HW + pos0, HW, C, len, cg_n, end, st);
+        for (const auto l : c10::irange(len)) put(pos0 + l, st.sum[l], st.max[l]);
+      }
+    }
+  };
+  // in place with several chunks per image: each chunk's conv input buffer, its halo rows pooled
+  // in a first parallel pass (the chunks' other rows are pooled by the band walk)
+  const bool prepool = y_p == x_p && chunks > 1;
+  std::vector<acc> chunk_inputs(prepool ? d.N * chunks * in_size : 0, acc(0));
+  if (prepool) {
+    at::parallel_for(0, d.N * chunks, grain, [&](int64_t begin, int64_t stop) {
+      LaneStates<acc> st;
+      for (int64_t t = begin; t < stop; ++t) {
+        const int64_t n = t / chunks, c0 = (t % chunks) * chunk_rows, c1 = std::min(H, c0 + chunk_rows);
+        acc* in = chunk_inputs.data() + t * in_size;
+        pool(in, n, c0, std::max<int64_t>(0, c0 - ph), c0, st);
+        pool(in, n, c0, c1, std::min(H, c1 + ph), st);
+      }
+    });
+  }
   at::parallel_for(0, d.N * chunks, grain, [&](int64_t begin, int64_t stop) {
-    // conv input rows [c0 - ph, c1 + ph) of the chunk, with pw zeros left of each row and zeros past it
-    std::vector<acc> in(cin * buf_rows * row_len + kN);
+    std::vector<acc> own_input(prepool ? 0 : in_size);
     std::vector<acc> sg(round_up(band * W, kN) + kN, 0);
     LaneStates<acc> st;
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t n = t / chunks, c0 = (t % chunks) * chunk_rows, c1 = std::min(H, c0 + chunk_rows);
       const acc* cg_n = cg + n * C;
-      std::fill(in.begin(), in.end(), acc(0));
-      // pooled (mean, max) at position pos of image n into the conv input, as the flavour takes it
-      auto put = [&](int64_t pos, acc sum, acc max) {
-        const acc mean = IO::round(sum / channels), mx = IO::round(max);
-        acc* at0 = in.data() + (pos / W - c0 + ph) * row_len + pw + pos % W;
-        if (light) {
-          at0[0] = IO::round(IO::round(acc(0.5) * mean) + IO::round(acc(0.5) * mx));
-        } else {
-          at0[0] = max_first ? mx : mean;
-          at0[buf_rows * row_len] = max_first ? mean : mx;
-        }
-      };
-      auto pool = [&](int64_t row_begin, int64_t row_end) {
-        for (int64_t pos0 = row_begin * W; pos0 < row_end * W; pos0 += kMaxLaneTile) {
-          const int64_t len = std::min(kMaxLaneTile, row_end * W - pos0);
-          if (d.channels_last) {
-            for (const auto l : c10::irange(len)) {
-              const auto s = reduce_contiguous<scalar_t, true, false>(x_p + (n * HW + pos0 + l) * C, cg_n, C, end);
-              put(pos0 + l, s.sum, s.max);
-            }
-          } else {
-            reduce_rows<scalar_t, false>(x_p + n * C * HW + pos0, HW, C, len, cg_n, end, st);
-            for (const auto l : c10::irange(len)) put(pos0 + l, st.sum[l], st.max[l]);
-          }
-        }
-      };
-      int64_t pooled_to = std::max<int64_t>(0, c0 - ph);
+      acc* in = prepool ? chunk_inputs.data() + t * in_size : own_input.data();
+      if (!prepool) std::fill(own_input.begin(), own_input.end(), acc(0));
+      // rows pooled so far, and the last row this walk pools (the halo past c1 is pooled already)
+      int64_t pooled_to = prepool ? c0 : std::max<int64_t>(0, c0 - ph);
+      const int64_t pool_end = prepool ? c1 : H;
       for (int64_t r = c0; r < c1; r += band) {
         const int64_t r_end = std::min(c1, r + band);
-        const int64_t need = std::min(H, r_end + ph);
-        pool(pooled_to, need);
-        pooled_to = need;
+        const int64_t need = std::min(pool_end, r_end + ph);
+        pool(in, n, c0, pooled_to, need, st);
+        pooled_to = std::max(pooled_to, need);
         // the band's gate: conv (cbam_spatial_conv's sum order), BN on running stats, sigmoid
         for (int64_t yy = r; yy < r_end; ++yy) {
           for (int64_t x0 = 0; x0 < W; x0 += kN * kVecs) {
             const int64_t vecs = std::min(kVecs, ceil_div(W - x0, kN));
             fvec a[kVecs];
-            conv_vectors<acc, kVecs>(in.data() + (yy - c0) * row_len + x0, buf_rows * row_len, row_len, cin, kh, kw,
+            conv_vectors<acc, kVecs>(in + (yy - c0) * row_len + x0, buf_rows * row_len, row_len, cin, kh, kw,
                                      p.conv_w.data(), vecs, a);
             for (int64_t v = 0; v < vecs; ++v) {
               const fvec normed = IO::round(IO::round(a[v]) * fvec(p.bn_scale) + fvec(p.bn_shift));
@@ -200,13 +225,13 @@ std::vector<acc_type<scalar_t>> eval_channel_gate(const std::vector<acc_type<sca
   return gate;
 }
 
-Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
-                             const std::optional<Tensor>& b2, const std::optional<Tensor>& conv_w,
-                             const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
-                             const std::optional<Tensor>& bn_mean, const std::optional<Tensor>& bn_var, double bn_eps,
-                             at::IntArrayRef padding, bool light, bool max_first) {
-  constexpr const char* op = "cbam_forward_eval";
-  const Dense d = dense_input(x, op);
+// The block's output into y (x-sized, of d's dense layout; x's own memory for the in-place op)
+void cbam_forward_eval_into(const char* op, const Dense& d, const Tensor& x, const Tensor& w1,
+                            const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2,
+                            const std::optional<Tensor>& conv_w, const std::optional<Tensor>& bn_weight,
+                            const std::optional<Tensor>& bn_bias, const std::optional<Tensor>& bn_mean,
+                            const std::optional<Tensor>& bn_var, double bn_eps, at::IntArrayRef padding, bool light,
+                            bool max_first, const Tensor& y) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK(d.C > 0 && d.HW > 0, op, ": C and H*W must be positive, got shape ", x.sizes());
   // hidden may be 0: the official MLP has C // reduction hidden units, 0 when reduction > C, and
@@ -239,8 +264,7 @@ Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optio
                 " kernel with padding ", padding);
     TORCH_CHECK(bn_eps >= 0, op, ": bn_eps must be non-negative, got ", bn_eps);
   }
-  const XSized y_out(x, d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cbam_forward_eval", [&] {
     using acc = acc_type<scalar_t>;
     constexpr int64_t kN = VecIO<scalar_t>::kN;
     // pass 1: the channel pool (sum and max; no argmax at inference), as channel_pool rounds them
@@ -252,7 +276,7 @@ Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optio
     });
     const auto cg = eval_channel_gate<scalar_t>(avg, mx, d.N, d.C, w1m, b1, w2m, b2, light);
 
-    scalar_t* y_p = y_out.work.data_ptr<scalar_t>();
+    scalar_t* y_p = y.data_ptr<scalar_t>();
     if (!spatial) {  // the channel gate alone
       const std::vector<acc> ones(d.N * d.HW + kN, acc(1));
       apply_gates<scalar_t>(d, cg.data(), ones.data(), y_p);
@@ -266,7 +290,37 @@ Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optio
     p.bn_shift = acc(bn_value(bn_bias, 0, op, "bn_bias")) - acc(bn_value(bn_mean, 0, op, "bn_mean")) * p.bn_scale;
     eval_spatial_pass<scalar_t>(d, H, W, p, kh, kw, padding[0], padding[1], light, max_first, cg.data(), y_p);
   });
-  return y_out.finish();
+}
+
+Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                             const std::optional<Tensor>& b2, const std::optional<Tensor>& conv_w,
+                             const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
+                             const std::optional<Tensor>& bn_mean, const std::optional<Tensor>& bn_var, double bn_eps,
+                             at::IntArrayRef padding, bool light, bool max_first) {
+  constexpr const char* op = "cbam_forward_eval";
+  const Dense d = dense_input(x, op);
+  const XSized y(x, d);
+  cbam_forward_eval_into(op, d, x, w1, b1, w2, b2, conv_w, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, padding,
+                         light, max_first, y.work);
+  return y.finish();
+}
+
+// In place: y written over x, which must be NCHW- or channels_last-contiguous (no copy to write
+// back through, no element stored twice). The band walk never reads a row of x it has written
+// (eval_spatial_pass); the small inputs are all read before pass 2 writes.
+void cbam_forward_eval_cpu_(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                            const std::optional<Tensor>& b2, const std::optional<Tensor>& conv_w,
+                            const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
+                            const std::optional<Tensor>& bn_mean, const std::optional<Tensor>& bn_var, double bn_eps,
+                            at::IntArrayRef padding, bool light, bool max_first) {
+  constexpr const char* op = "cbam_forward_eval_";
+  check_x(x, op);
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": x is written in place and must be contiguous or channels_last contiguous, got shape ", x.sizes(),
+              " with strides ", x.strides());
+  const Dense d = dense_input(x, op);
+  cbam_forward_eval_into(op, d, x, w1, b1, w2, b2, conv_w, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, padding,
+                         light, max_first, x);
 }
 
 
@@ -276,4 +330,5 @@ Tensor cbam_forward_eval_cpu(const Tensor& x, const Tensor& w1, const std::optio
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("cbam_forward_eval", &fastattn::cpu::cbam_forward_eval_cpu);
+  m.impl("cbam_forward_eval_", &fastattn::cpu::cbam_forward_eval_cpu_);
 }
