@@ -14,6 +14,7 @@ from timm.layers.cbam import CbamModule
 
 import fastattn
 from fastattn import reference
+from _util import randomize
 
 torch.set_num_threads(2)
 
@@ -22,19 +23,6 @@ torch.set_num_threads(2)
 CBAM_SHAPES = [(3, 40, 37, 29, False), (2, 6, 75, 77, False), (2, 300, 9, 11, True), (2, 1030, 7, 5, True)]
 # (N, C, H, W, heads): d = 12 and 128, lengths past the largest stream block and row tile
 ATTENTION_SHAPES = [(2, 24, 13, 29, 2), (1, 128, 23, 27, 1)]
-
-
-def _randomized(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g))
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return module
 
 
 def _forward_backward(module, x, grad_y):
@@ -53,7 +41,7 @@ def cbam_results(results):
             x = x.contiguous(memory_format=torch.channels_last)
         for flavor in ("timm", "official"):
             original = (CbamModule(c, rd_ratio=0.25) if flavor == "timm" else reference.OfficialCBAM(c, 4))
-            _randomized(original, i)
+            randomize(original, seed=i)
             fused = fastattn.nn.CBAM(c, 4, flavor=flavor, backend="cpu")
             fused.load_state_dict(original.state_dict())
             truth_module = copy.deepcopy(original).double()
