@@ -7,10 +7,37 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_tuning.h"
+
+namespace {
+
+// fastattn._C.cpu_tuning() -> dict: the cache sizes the CPU kernels read and the tiles derived from
+// them (fastattn.cpu_tuning wraps it). Introspection, not a tensor op: a module function, not a schema.
+PyObject* cpu_tuning(PyObject*, PyObject*) {
+  try {
+    const auto& c = fastattn::cpu::cache_sizes();
+    const auto& t = fastattn::cpu::cpu_tiling();
+    return Py_BuildValue(
+        "{s:L,s:L,s:L,s:{s:s,s:s,s:s},s:{s:L,s:L,s:L,s:L,s:L,s:L}}", "l1", (long long)c.l1, "l2", (long long)c.l2,
+        "l3", (long long)c.l3, "source", "l1", c.l1_source.c_str(), "l2", c.l2_source.c_str(), "l3",
+        c.l3_source.c_str(), "tiles", "lane_tile", (long long)t.lane_tile, "scan_piece", (long long)t.scan_piece,
+        "l2_block", (long long)t.l2_block, "eval_band", (long long)t.eval_band, "panel_floats",
+        (long long)t.panel_floats, "score_tile_floats", (long long)t.score_tile_floats);
+  } catch (const c10::Error& e) {  // a malformed FASTATTN_CPU_CACHE
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {{"cpu_tuning", cpu_tuning, METH_NOARGS, "CPU cache sizes and the tiles derived from them"},
+                         {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import fastattn._C` loads this library, which registers the ops below (the
-// extension-cpp pattern: an empty Python module, the ops live in torch.ops).
+// extension-cpp pattern: the ops live in torch.ops; the module has only cpu_tuning).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

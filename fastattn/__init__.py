@@ -8,7 +8,7 @@
 from fastattn import nn  # noqa: F401
 from fastattn import eager, twins  # noqa: F401
 from fastattn._backend import BACKENDS, BackendUnavailable, explain  # noqa: F401
-from fastattn._ext import LOAD_ERROR as _LOAD_ERROR, CompiledLibraryMissing  # noqa: F401
+from fastattn._ext import LOAD_ERROR as _LOAD_ERROR, CompiledLibraryMissing, cpu_tuning  # noqa: F401
 from fastattn.functional import cbam_apply, channel_pool, gated_spatial_pool, spatial_attention  # noqa: F401
 from fastattn.convert import convert  # noqa: F401
 

@@ -38,3 +38,15 @@ def require_compiled(backend: str) -> None:
         raise CompiledLibraryMissing(
             f"backend={backend!r} needs the compiled library fastattn._C, which failed to import "
             f"({LOAD_ERROR}); {BUILD_HINT}")
+
+
+def cpu_tuning() -> dict:
+    """The cache sizes the CPU kernels use and the tile sizes derived from them (docs/cpu-tuning.md).
+
+    Returns {"l1", "l2", "l3": bytes (L1 data and L2 per core, L3 shared), "source": {level: where
+    the size came from: "FASTATTN_CPU_CACHE", "sysfs", "sysconf" or "default"}, "tiles": {name: size}}.
+    The sizes are read once per process; FASTATTN_CPU_CACHE="l1=32K,l2=1M,l3=32M" (any subset) set
+    before the first CPU kernel runs overrides them. A malformed value raises ValueError.
+    """
+    require_compiled("cpu")
+    return _C.cpu_tuning()

@@ -15,6 +15,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_tuning.h"
+
 namespace fastattn::attention_cpu {
 
 // ---------------------------------------------------------------------------
@@ -160,20 +162,18 @@ void store_matrix(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, cons
   scatter(rows_done, rows, 0, cols);
 }
 
-// Positions per streamed panel, so that a d x block operand tile stays within
-// ~256 KiB (measured: brgemm drops to a third of its speed on larger B tiles).
-constexpr int64_t kPanelFloats = 64 * 1024;
-
+// Positions per streamed panel, so that a d x block operand tile stays within an
+// eighth of L2 (cpu_tuning.cpp; brgemm drops to a third of its speed on larger B tiles).
 inline int64_t stream_block(int64_t d_max, int64_t length) {
-  const int64_t block = std::clamp<int64_t>(kPanelFloats / std::max<int64_t>(d_max, 1), 16, 512) / 16 * 16;
+  const int64_t panel_floats = cpu::cpu_tiling().panel_floats;
+  const int64_t block = std::clamp<int64_t>(panel_floats / std::max<int64_t>(d_max, 1), 16, 512) / 16 * 16;
   return std::max<int64_t>(std::min(block, length), 1);
 }
 
 // Rows a task owns and positions it streams per step. More rows per task means
 // fewer passes over the streamed panels, which pays when d is large (each panel
-// is big) as long as the rows x stream score tile stays ~128 KiB; rows shrink
-// again when there would be too few tasks for the threads.
-constexpr int64_t kScoreTileFloats = 32 * 1024;
+// is big) as long as the rows x stream score tile stays within a sixteenth of L2
+// (cpu_tuning.cpp); rows shrink again when there would be too few tasks for the threads.
 
 struct Tiling {
   int64_t rows, stream;
@@ -181,7 +181,7 @@ struct Tiling {
 
 inline Tiling choose_tiling(int64_t d_max, int64_t row_len, int64_t stream_len, int64_t batch_heads) {
   const int64_t stream = stream_block(d_max, stream_len);
-  int64_t rows = std::clamp<int64_t>(kScoreTileFloats / stream, 64, 256);
+  int64_t rows = std::clamp<int64_t>(cpu::cpu_tiling().score_tile_floats / stream, 64, 256);
   const int64_t min_tasks = 4 * at::get_num_threads();
   const int64_t rows_for_tasks = (batch_heads * row_len + min_tasks - 1) / min_tasks;
   rows = std::min(rows, std::max<int64_t>((rows_for_tasks + 15) / 16 * 16, 16));

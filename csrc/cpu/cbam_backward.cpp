@@ -47,12 +47,12 @@ std::tuple<Tensor, Tensor> cbam_apply_backward_cpu(const Tensor& grad_y, const T
     const scalar_t* gy_end = gy_p + gy.numel();
     const int64_t rows = d.rows(), lanes = d.lanes();
     // short tiles: a block of kRowBlock rows of grad_y and x and the next one, prefetched, stay in L1
-    const Grid g(d.N, rows, lanes, kN, /*split_rows=*/true, 0, kMaxLaneTile / 2);
+    const Grid g(d.N, rows, lanes, kN, /*split_rows=*/true, 0, max_lane_tile() / 2);
     // row sums (sum over lanes of g * lane_w) per lane tile, lane sums (sum over rows of g * row_w) per row chunk
     std::vector<acc> row_part(g.N * g.n_tiles * rows, acc(0));
     std::vector<acc> lane_part(g.N * g.n_chunks * lanes, acc(0));
     for_each_task(g, [&](const Grid::Task& k) {
-      __at_align__ acc lane_acc[kMaxLaneTile + kN] = {};
+      __at_align__ acc lane_acc[kLaneTileCapacity + kN] = {};
       const acc* lw_base = lane_w + k.n * lanes + k.lane0;
       for (int64_t r0 = k.row0; r0 < k.row0 + k.rows; r0 += kRowBlock) {
         const int64_t rb = std::min(kRowBlock, k.row0 + k.rows - r0);
@@ -137,7 +137,7 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
       const int64_t base = k.n * rows;
       const int64_t ahead = prefetch_distance(k.lanes, lanes);
       if (!d.channels_last) {  // rows = channels, lanes = positions
-        __at_align__ acc lane_arg[kMaxLaneTile + kN];  // argmax channel, local to this row chunk
+        __at_align__ acc lane_arg[kLaneTileCapacity + kN];  // argmax channel, local to this row chunk
         for (const auto l : c10::irange(k.lanes)) lane_arg[l] = local_index<acc>(arg_p[k.n * lanes + k.lane0 + l], k.row0);
         const int64_t p0 = k.n * lanes + k.lane0;
         for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
@@ -169,7 +169,7 @@ Tensor gated_spatial_pool_backward_gate_cpu(const Tensor& grad_pooled, const Ten
           part[(k.n * grid.n_tiles + k.tile) * rows + r] = hsum((s[0] + s[1]) + (s[2] + s[3]));
         }
       } else {  // rows = positions, lanes = channels
-        __at_align__ acc lane_acc[kMaxLaneTile + kN] = {};
+        __at_align__ acc lane_acc[kLaneTileCapacity + kN] = {};
         const acc* lane_gate = gate_p + k.n * lanes + k.lane0;
         for (int64_t r = k.row0; r < k.row0 + k.rows; ++r) {
           const int64_t p = base + r;

@@ -60,12 +60,13 @@ void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<a
   const int64_t C = d.C, HW = d.HW, cin = light ? 1 : 2;
   const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
   const scalar_t* end = x_p + d.t.numel();
-  // bands of about kEvalBand bytes of x (at least a few vectors per channel), so that a band, the
+  const int64_t lane_tile = max_lane_tile();
+  // bands of about eval_band() bytes of x (at least a few vectors per channel), so that a band, the
   // conv's reach pooled ahead of it and its share of y stay in L2; images split into row chunks
   // only to feed every thread (a chunk pools the conv's reach past its edges once more)
   const int64_t band = std::clamp<int64_t>(
-      std::max(ceil_div(8 * kN, W), kEvalBand / std::max<int64_t>(1, C * W * int64_t(sizeof(scalar_t)))), 1,
-      std::min(H, kMaxLaneTile / W + 1));
+      std::max(ceil_div(8 * kN, W), eval_band() / std::max<int64_t>(1, C * W * int64_t(sizeof(scalar_t)))), 1,
+      std::min(H, lane_tile / W + 1));
   int64_t chunks = std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), d.N), 1, ceil_div(H, band));
   const int64_t chunk_rows = ceil_div(H, chunks);
   chunks = ceil_div(H, chunk_rows);
@@ -88,8 +89,8 @@ void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<a
         at0[buf_rows * row_len] = max_first ? mean : mx;
       }
     };
-    for (int64_t pos0 = row_begin * W; pos0 < row_end * W; pos0 += kMaxLaneTile) {
-      const int64_t len = std::min(kMaxLaneTile, row_end * W - pos0);
+    for (int64_t pos0 = row_begin * W; pos0 < row_end * W; pos0 += lane_tile) {
+      const int64_t len = std::min(lane_tile, row_end * W - pos0);
       if (d.channels_last) {
         for (const auto l : c10::irange(len)) {
           const auto s = reduce_contiguous<scalar_t, true, false>(x_p + (n * HW + pos0 + l) * C, cg_n, C, end);

@@ -148,7 +148,7 @@ struct Grid {
   int64_t lane_tile, n_tiles, row_chunk, n_chunks;
 
   Grid(int64_t N_, int64_t rows_, int64_t lanes_, int64_t vec_size, bool split_rows, int64_t max_block = 0,
-       int64_t max_tile = kMaxLaneTile)
+       int64_t max_tile = max_lane_tile())
       : N(N_), rows(rows_), lanes(lanes_) {
     n_tiles = std::max<int64_t>(1, ceil_div(lanes, max_tile));
     lane_tile = std::min(max_tile, round_up(std::max<int64_t>(1, ceil_div(lanes, n_tiles)), vec_size));

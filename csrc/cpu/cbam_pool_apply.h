@@ -25,7 +25,7 @@ void pool_along_rows(const Dense& d, const acc_type<scalar_t>* row_gate, const E
   const scalar_t* x = d.t.const_data_ptr<scalar_t>();
   const scalar_t* end = x + d.t.numel();
   const int64_t rows = d.rows(), lanes = d.lanes();
-  const Grid g(d.N, rows, lanes, VecIO<scalar_t>::kN, /*split_rows=*/true, kL2Block / sizeof(scalar_t));
+  const Grid g(d.N, rows, lanes, VecIO<scalar_t>::kN, /*split_rows=*/true, l2_block() / int64_t(sizeof(scalar_t)));
   // per (image, chunk) states, merged in chunk order below; a task that has every row emits its own
   const bool whole = g.n_chunks == 1;
   std::vector<MaxStats<acc>> partial(whole ? 0 : g.N * g.n_chunks * lanes);

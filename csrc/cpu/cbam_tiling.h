@@ -6,24 +6,29 @@
 
 #include <cstdint>
 
+#include "cpu_tuning.h"
+
 namespace fastattn {
 namespace cpu {
 
 using at::Tensor;
 using at::vec::Vectorized;
 
-// Tiling and prefetch constants, tuned at ResNet-50 CBAM shapes on a 2-core AVX2 machine.
-constexpr int64_t kMaxLaneTile = 512;        // lanes per task of kernels with per-lane state (in L1)
-constexpr int64_t kMaxStreamTile = 8192;     // lanes per task of kernels without: long streams
+// Tiling and prefetch constants that are no cache-size decision, tuned at ResNet-50 CBAM shapes on a
+// 2-core AVX2 machine. The cache-size decisions come from the caches read at run time (cpu_tuning.h):
+// max_lane_tile(), scan_piece(), l2_block(), eval_band().
+constexpr int64_t kMaxStreamTile = 8192;     // lanes per task of kernels without per-lane state: long streams
 constexpr int64_t kRowBlock = 8;             // rows per pass over a lane tile: lane state stays in registers
 constexpr int64_t kRowChunkLimit = 1 << 22;  // rows per task, far below the 2^24 of float-coded indices
-constexpr int64_t kL2Block = 512 * 1024;     // bytes of x a two-pass lane reduction re-reads from L2
-constexpr int64_t kScanPiece = 2048;         // two-pass row reductions re-read pieces this long from L1
 constexpr int64_t kPrefetchRows = 4;         // row-at-a-time loops prefetch this many rows ahead...
 constexpr int64_t kStreamAhead = 2048;       // ...or this many elements ahead in one contiguous stream
-constexpr int64_t kEvalBand = 192 * 1024;    // bytes of x per row band of the inference forward's pass 2
 constexpr int64_t kSegmentAhead = 4096;      // bytes ahead that loops over short strided segments prefetch
 constexpr int64_t kSums = 4;                 // partial sums of a row reduction: independent chains of adds
+
+inline int64_t max_lane_tile() { return cpu_tiling().lane_tile; }  // lanes per task with per-lane state (L1)
+inline int64_t scan_piece() { return cpu_tiling().scan_piece; }      // row elements re-read from L1
+inline int64_t l2_block() { return cpu_tiling().l2_block; }          // bytes of x re-read from L2
+inline int64_t eval_band() { return cpu_tiling().eval_band; }        // bytes of x per inference band
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float, or double for double

@@ -87,8 +87,9 @@ MaxStats<acc_type<scalar_t>> reduce_contiguous(const scalar_t* row, const acc_ty
   };
 
   MaxStats<acc> stats;
-  for (int64_t base = 0; base < len; base += kScanPiece) {
-    const int64_t stop = std::min(len, base + kScanPiece);
+  const int64_t piece = scan_piece();
+  for (int64_t base = 0; base < len; base += piece) {
+    const int64_t stop = std::min(len, base + piece);
     const int64_t full_stop = base + (stop - base) / kN * kN;
     fvec s[kU], m[kU];
     for (const auto u : c10::irange(kU)) {
@@ -161,7 +162,7 @@ MaxStats<acc_type<scalar_t>> reduce_contiguous(const scalar_t* row, const acc_ty
 // Per-lane stats of rows [0, rows) of a (rows x lanes) block; row indices local to the block.
 template <typename acc>
 struct LaneStates {
-  static constexpr int64_t kPad = kMaxLaneTile + Vectorized<acc>::size();
+  static constexpr int64_t kPad = kLaneTileCapacity + Vectorized<acc>::size();
   __at_align__ acc sum[kPad];
   __at_align__ acc max[kPad];
   __at_align__ acc arg[kPad];
