@@ -315,10 +315,46 @@ def _spatial_attention_bwd_delta_kernel(
         tl.store(delta_ptr + bh.to(tl.int64) * len_q + offs_m, delta, mask=offs_m < len_q)
 
 
+@triton.jit(do_not_specialize=["heads", "batch_heads"])
+def _spatial_attention_bwd_norm_kernel(
+    q_ptr, k_ptr, lse_ptr, norm_ptr,
+    stride_qn, stride_qc, stride_ql,
+    stride_kn, stride_kc, stride_kl,
+    heads, batch_heads, len_q, len_k, dim_qk,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+):
+    """norm[n, h, i] = 1 / sum_j exp(s_ij - lse_i), with s and p computed as the dk/dv and dq kernels
+    compute them (float32 with few queries, see _renormalises)."""
+    bh, n, h, valid = _batch_head(heads, batch_heads)
+    if valid:
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
+        mask_m = offs_m < len_q
+        mask_dqk = offs_dqk < dim_qk
+        k_base = k_ptr + n * stride_kn + h * dim_qk * stride_kc
+        q = tl.load(q_ptr + n * stride_qn + h * dim_qk * stride_qc
+                    + offs_m[:, None] * stride_ql + offs_dqk[None, :] * stride_qc,
+                    mask=mask_m[:, None] & mask_dqk[None, :], other=0.0)
+        row_ptrs = bh.to(tl.int64) * len_q + offs_m
+        lse = tl.load(lse_ptr + row_ptrs, mask=mask_m, other=0.0)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, len_k, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask_n = offs_n < len_k
+            k_t = tl.load(k_base + offs_dqk[:, None] * stride_kc + offs_n[None, :] * stride_kl,
+                          mask=mask_dqk[:, None] & mask_n[None, :], other=0.0)
+            s = tl.dot(q, k_t, input_precision="ieee") * scale
+            total += tl.sum(tl.where(mask_n[None, :], tl.exp2((s - lse[:, None]) * LOG2E), 0.0), 1)
+        # no correction where lse is not finite (every logit -inf)
+        norm = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), 1.0 / total, 1.0)
+        tl.store(norm_ptr + row_ptrs, norm, mask=mask_m)
+
+
 @_autotune("dkdv")
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _spatial_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, norm_ptr,
     stride_qn, stride_qc, stride_ql,
     stride_kn, stride_kc, stride_kl,
     stride_vn, stride_vc, stride_vl,
@@ -329,9 +365,10 @@ def _spatial_attention_bwd_dkdv_kernel(
     scale,
     LENGTH_BUCKET, LAYOUT,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RENORM: tl.constexpr = False,
 ):
-    """One key block: dv = P^T dO and dk = scale * dS^T Q, summed over all query blocks."""
+    """One key block: dv = P^T dO and dk = scale * dS^T Q, summed over all query blocks.
+    RENORM: P is multiplied by norm (per query, _spatial_attention_bwd_norm_kernel)."""
     bh, n, h, valid = _batch_head(heads, batch_heads)
     if valid:
         offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -361,6 +398,8 @@ def _spatial_attention_bwd_dkdv_kernel(
             lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0)
             s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_M)
             p_t = tl.where(mask_m[None, :], tl.exp2((s_t - lse[None, :]) * LOG2E), 0.0)
+            if RENORM:
+                p_t *= tl.load(norm_ptr + row_base + offs_m, mask=mask_m, other=0.0)[None, :]
             do = tl.load(do_base + offs_m[:, None] * stride_dl + offs_dv[None, :] * stride_dc,
                          mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -378,7 +417,7 @@ def _spatial_attention_bwd_dkdv_kernel(
 @_autotune("dq")
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _spatial_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, norm_ptr,
     stride_qn, stride_qc, stride_ql,
     stride_kn, stride_kc, stride_kl,
     stride_vn, stride_vc, stride_vl,
@@ -388,9 +427,10 @@ def _spatial_attention_bwd_dq_kernel(
     scale,
     LENGTH_BUCKET, LAYOUT,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RENORM: tl.constexpr = False,
 ):
-    """One query block: dq = scale * dS K, summed over all key blocks."""
+    """One query block: dq = scale * dS K, summed over all key blocks.
+    RENORM: P is multiplied by norm (per query, _spatial_attention_bwd_norm_kernel)."""
     bh, n, h, valid = _batch_head(heads, batch_heads)
     if valid:
         offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -411,6 +451,8 @@ def _spatial_attention_bwd_dq_kernel(
         row_base = bh.to(tl.int64) * len_q
         lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+        if RENORM:
+            norm = tl.load(norm_ptr + row_base + offs_m, mask=mask_m, other=0.0)
 
         dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
@@ -422,6 +464,8 @@ def _spatial_attention_bwd_dq_kernel(
                           mask=mask_dv[:, None] & mask_n[None, :], other=0.0)
             s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
             p = tl.where(mask_n[None, :], tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+            if RENORM:
+                p *= norm[:, None]
             dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
@@ -887,21 +931,42 @@ def _backward_launches(grad_out, q, k, v, out, lse, delta, dq, dk, dv, heads: in
              more),
         ]
     layout = _layout_key(q, k, v, grad_out)
-    return [
+    launches = [
         (_spatial_attention_bwd_delta_kernel, delta_grid,
          (out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, batch_heads, len_q, d_v),
          dict(BLOCK_M=delta_block_m, BLOCK_DV=block_dv)),
+    ]
+    norm = lse  # read only with RENORM
+    if _renormalises(q.dtype, len_q):
+        norm = torch.empty_like(delta)
+        block_n = 16 if _INTERPRET else max(16, min(64, 8192 // blocks["BLOCK_DQK"]))
+        launches.append((_spatial_attention_bwd_norm_kernel, _grid(batch_heads, len_q, "BLOCK_M")({"BLOCK_M": 16}),
+                         (q, k, lse, norm, *q.stride(), *k.stride(), heads, batch_heads, len_q, len_k, d_qk,
+                          float(scale)),
+                         dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_DQK=blocks["BLOCK_DQK"])))
+        blocks = dict(blocks, RENORM=True)
+    return launches + [
         (_spatial_attention_bwd_dkdv_kernel, _grid(batch_heads, len_k, "BLOCK_N"),
-         (q, k, v, grad_out, lse, delta, dk, dv,
+         (q, k, v, grad_out, lse, delta, dk, dv, norm,
           *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
           heads, batch_heads, len_q, len_k, d_qk, d_v, float(scale), bucket, layout),
          blocks),
         (_spatial_attention_bwd_dq_kernel, _grid(batch_heads, len_q, "BLOCK_M"),
-         (q, k, v, grad_out, lse, delta, dq,
+         (q, k, v, grad_out, lse, delta, dq, norm,
           *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
           heads, batch_heads, len_q, len_k, d_qk, d_v, float(scale), bucket, layout),
          blocks),
     ]
+
+
+# Queries up to which the float32 backward renormalises its probabilities (csrc/cpu/attention.cpp,
+# needs_row_norm, says why: the float32 lse's rounding is shared by a whole row of P and dominates
+# the gradients of short sums over queries).
+_RENORM_MAX_QUERIES = 16
+
+
+def _renormalises(dtype: torch.dtype, len_q: int) -> bool:
+    return dtype == torch.float32 and len_q <= _RENORM_MAX_QUERIES
 
 
 def _launch(launches, device_of: torch.Tensor) -> None:

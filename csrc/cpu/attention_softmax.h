@@ -86,14 +86,16 @@ FASTATTN_TARGET_AVX512 float exp_shifted_sum16(const float* scores, float* probs
 
 template <bool kPerColumn>
 FASTATTN_TARGET_AVX512 void softmax_backward_row16(float* scores, float* dprobs, int64_t n, float scale,
-                                                   const float* lse, const float* delta) {
+                                                   const float* lse, const float* delta, const float* norm) {
   const __m512 scale_v = _mm512_set1_ps(scale);
   const __m512 lse_row = _mm512_set1_ps(lse[0]), delta_row = _mm512_set1_ps(delta[0]);
+  const __m512 norm_row = _mm512_set1_ps(norm ? norm[0] : 1.f);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 mask = tail_mask16(n - j);
     const __m512 lse_v = kPerColumn ? _mm512_maskz_loadu_ps(mask, lse + j) : lse_row;
     const __m512 delta_v = kPerColumn ? _mm512_maskz_loadu_ps(mask, delta + j) : delta_row;
-    const __m512 p = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, scores + j), scale_v, lse_v));
+    __m512 p = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, scores + j), scale_v, lse_v));
+    if (norm) p = _mm512_mul_ps(p, kPerColumn ? _mm512_maskz_loadu_ps(mask, norm + j) : norm_row);
     _mm512_mask_storeu_ps(scores + j, mask, p);
     const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, dprobs + j), delta_v));
     _mm512_mask_storeu_ps(dprobs + j, mask, ds);
@@ -199,16 +201,16 @@ acc_t online_softmax_row(const acc_t* scores, acc_t* probs, int64_t n, acc_t sca
   return rescale;
 }
 
-// Softmax backward on one row of a tile, in place: scores <- p = exp(scale * scores - lse),
-// dprobs <- ds = p * (dprobs - delta). lse and delta are one value for the whole
+// Softmax backward on one row of a tile, in place: scores <- p = exp(scale * scores - lse) * norm,
+// dprobs <- ds = p * (dprobs - delta). lse, delta and norm are one value for the whole
 // row (kPerColumn = false, a query row) or one per column (a key row of the
-// transposed tile).
+// transposed tile); norm may be null (no renormalisation, attention.cpp's softmax_normalisation).
 template <bool kPerColumn, typename acc_t>
 void softmax_backward_row(acc_t* scores, acc_t* dprobs, int64_t n, acc_t scale, const acc_t* lse,
-                          const acc_t* delta) {
+                          const acc_t* delta, const acc_t* norm) {
 #ifdef FASTATTN_AVX512
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_has_avx512()) return softmax_backward_row16<kPerColumn>(scores, dprobs, n, scale, lse, delta);
+    if (cpu_has_avx512()) return softmax_backward_row16<kPerColumn>(scores, dprobs, n, scale, lse, delta, norm);
   }
 #endif
   using Vec = Vectorized<acc_t>;
@@ -218,12 +220,14 @@ void softmax_backward_row(acc_t* scores, acc_t* dprobs, int64_t n, acc_t scale, 
   for (; j + V <= n; j += V) {
     const Vec lse_v = kPerColumn ? Vec::loadu(lse + j) : Vec(lse[0]);
     const Vec delta_v = kPerColumn ? Vec::loadu(delta + j) : Vec(delta[0]);
-    const Vec p = exp_vec(at::vec::fmsub(Vec::loadu(scores + j), scale_v, lse_v));
+    Vec p = exp_vec(at::vec::fmsub(Vec::loadu(scores + j), scale_v, lse_v));
+    if (norm) p = p * (kPerColumn ? Vec::loadu(norm + j) : Vec(norm[0]));
     p.store(scores + j);
     (p * (Vec::loadu(dprobs + j) - delta_v)).store(dprobs + j);
   }
   for (; j < n; ++j) {
-    const acc_t p = std::exp(std::fma(scores[j], scale, -lse[kPerColumn ? j : 0]));
+    acc_t p = std::exp(std::fma(scores[j], scale, -lse[kPerColumn ? j : 0]));
+    if (norm) p *= norm[kPerColumn ? j : 0];
     scores[j] = p;
     dprobs[j] = p * (dprobs[j] - delta[kPerColumn ? j : 0]);
   }
