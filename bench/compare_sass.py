@@ -85,17 +85,46 @@ def kernels_of_library(library: Path, stem: str, scratch: Path) -> dict[tuple[in
     return result
 
 
-def compile_tree(csrc: Path, sources: list[str], out: Path, reuse: bool = False) -> dict[str, Path]:
+def cubin_command(source: Path, csrc: Path, output: Path, arch: int) -> list[str]:
+    """nvcc_command for one arch, device code only (-cubin): the same cicc and ptxas work, no host compile."""
+    cmd = [c for c in nvcc_command(source, csrc, output) if not c.startswith("-gencode")]
+    cmd[cmd.index("-c")] = "-cubin"
+    return [cmd[0], f"-gencode=arch=compute_{arch},code=sm_{arch}", *cmd[1:]]
+
+
+def compile_tree(csrc: Path, sources: list[str], out: Path, reuse: bool = False,
+                 device_only: bool = False) -> dict[str, list[Path]]:
+    """source -> its object (or, device_only, its cubins, one per arch, compiled side by side)."""
     out.mkdir(parents=True, exist_ok=True)
     objects = {}
     for source in sources:
-        obj = out / (Path(source).stem + ".o")
-        objects[source] = obj
-        if reuse and obj.exists():
+        stem = Path(source).stem
+        if device_only:
+            outputs = [out / f"{stem}.sm_{arch}.cubin" for arch in ARCHS]
+            cmds = [cubin_command(csrc.parent / source, csrc, o, arch) for o, arch in zip(outputs, ARCHS)]
+        else:
+            outputs = [out / f"{stem}.o"]
+            cmds = [nvcc_command(csrc.parent / source, csrc, outputs[0])]
+        objects[source] = outputs
+        if reuse and all(o.exists() for o in outputs):
             continue
-        cmd = nvcc_command(csrc.parent / source, csrc, obj)
-        subprocess.run(cmd, check=True)
+        for proc in [subprocess.Popen(cmd) for cmd in cmds]:
+            if proc.wait() != 0:
+                raise subprocess.CalledProcessError(proc.returncode, proc.args)
     return objects
+
+
+def kernels_of_outputs(outputs: list[Path]) -> dict[tuple[int, str], list[str]]:
+    """kernels_of an object, or of the cubins `<stem>.sm_<arch>.cubin` of a device-only compile."""
+    result = {}
+    for path in outputs:
+        if path.suffix == ".cubin":
+            text = subprocess.run([str(nvidia_bin() / "cuobjdump"), "-sass", str(path)], capture_output=True,
+                                  text=True, check=True).stdout
+            result.update(_functions(text, int(path.stem.rsplit("sm_", 1)[1])))
+        else:
+            result.update(kernels_of(path))
+    return result
 
 
 def extract_base(rev: str, dest: Path) -> Path:
@@ -135,6 +164,9 @@ def main() -> int:
     parser.add_argument("--reuse-base", action="store_true",
                         help="keep the base objects of an earlier run with the same --base and --work")
     parser.add_argument("--base-only", action="store_true", help="compile the base and stop")
+    parser.add_argument("--device-only", action="store_true",
+                        help="compile the working tree's files to cubins only (-cubin per arch, in parallel): "
+                        "the same SASS, without the host compile")
     parser.add_argument("--new-library", help="read the working tree's kernels from this built library "
                         "(fastattn/_C*.so of a full build) instead of compiling them")
     parser.add_argument("sources", nargs="+", help="files under csrc/ (paths relative to the repository)")
@@ -148,12 +180,12 @@ def main() -> int:
         new = {source: kernels_of_library(Path(args.new_library), Path(source).stem, work / "new-lib")
                for source in args.sources}
     else:
-        new_objs = compile_tree(ROOT / "csrc", args.sources, work / "new-obj")
-        new = {source: kernels_of(new_objs[source]) for source in args.sources}
+        new_objs = compile_tree(ROOT / "csrc", args.sources, work / "new-obj", device_only=args.device_only)
+        new = {source: kernels_of_outputs(new_objs[source]) for source in args.sources}
     bad = 0
     for source in args.sources:
         print(f"== {source} (base {args.base} vs {args.new_library or 'working tree'})")
-        bad += compare(kernels_of(base_objs[source]), new[source])
+        bad += compare(kernels_of_outputs(base_objs[source]), new[source])
     print(f"{bad} kernel(s) differ" if bad else "all kernels identical, instruction for instruction")
     return 1 if bad else 0
 
