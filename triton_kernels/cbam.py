@@ -165,10 +165,9 @@ def _gated_spatial_pool_kernel(x_ptr, gate_ptr, mean_ptr, max_ptr, arg_ptr, cnt_
 
 
 @triton.jit
-def _cbam_apply_kernel(x_ptr, ch_ptr, sp_ptr, y_ptr, C, L, num_c_tiles, num_l_tiles,
-                       x_s_n, x_s_c, x_s_l, y_s_n, y_s_c, y_s_l,
-                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """y = x * ch_gate[n, c] * sp_gate[n, l] in float32, one tile per program."""
+def _program_tile(C, L, num_c_tiles, num_l_tiles, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(n, c, l, c_ok, l_ok, ok) of this program's BLOCK_C x BLOCK_L tile of an (N, C, L) map; programs
+    count tiles along L, then along C, then along N."""
     pid = tl.program_id(0).to(tl.int64)
     n = pid // (num_c_tiles * num_l_tiles)
     tile = pid % (num_c_tiles * num_l_tiles)
@@ -176,12 +175,32 @@ def _cbam_apply_kernel(x_ptr, ch_ptr, sp_ptr, y_ptr, C, L, num_c_tiles, num_l_ti
     l = (tile % num_l_tiles) * BLOCK_L + tl.arange(0, BLOCK_L)
     c_ok = c < C
     l_ok = l < L
-    ok = c_ok[:, None] & l_ok[None, :]
+    return n, c, l, c_ok, l_ok, c_ok[:, None] & l_ok[None, :]
+
+
+@triton.jit
+def _cbam_apply_kernel(x_ptr, ch_ptr, sp_ptr, y_ptr, C, L, num_c_tiles, num_l_tiles,
+                       x_s_n, x_s_c, x_s_l, y_s_n, y_s_c, y_s_l,
+                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """y = x * ch_gate[n, c] * sp_gate[n, l] in float32, one tile per program."""
+    n, c, l, c_ok, l_ok, ok = _program_tile(C, L, num_c_tiles, num_l_tiles, BLOCK_C, BLOCK_L)
     x = tl.load(x_ptr + n * x_s_n + c[:, None] * x_s_c + l[None, :] * x_s_l, mask=ok, other=0.0)
     ch = tl.load(ch_ptr + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
     sp = tl.load(sp_ptr + n * L + l, mask=l_ok, other=0.0).to(tl.float32)
     y = x.to(tl.float32) * ch[:, None] * sp[None, :]
     tl.store(y_ptr + n * y_s_n + c[:, None] * y_s_c + l[None, :] * y_s_l, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _split_program(A, num_a_tiles, BLOCK_A: tl.constexpr):
+    """(n, a_tile, a, a_ok, split) of a program of the split reductions over an (N, A, B) view: axis 0
+    counts the BLOCK_A-wide tiles a of A, then N; axis 1 is the split of B."""
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    n = pid // num_a_tiles
+    a_tile = pid % num_a_tiles
+    a = a_tile * BLOCK_A + tl.arange(0, BLOCK_A)
+    return n, a_tile, a, a < A, split
 
 
 @triton.jit
@@ -192,12 +211,7 @@ def _cbam_apply_backward_kernel(gy_ptr, x_ptr, gate_a_ptr, gate_b_ptr, part_a_pt
     """With gx = grad_y * x viewed as (N, A, B) (A, B = C, L or L, C; A is the tile's wide axis):
     part_a[split, n*A + a] = sum over this split's b of gx * gate_b[n, b], and
     part_b[a_tile, n*B + b] = sum over this a-tile of gx * gate_a[n, a]."""
-    pid = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    n = pid // num_a_tiles
-    a_tile = pid % num_a_tiles
-    a = a_tile * BLOCK_A + tl.arange(0, BLOCK_A)
-    a_ok = a < A
+    n, a_tile, a, a_ok, split = _split_program(A, num_a_tiles, BLOCK_A)
     gate_a = tl.load(gate_a_ptr + n * A + a, mask=a_ok, other=0.0).to(tl.float32)
     gy_rows = gy_ptr + n * gy_s_n + a[:, None] * gy_s_a
     x_rows = x_ptr + n * x_s_n + a[:, None] * x_s_a
@@ -226,11 +240,7 @@ def _gated_spatial_pool_backward_gate_kernel(gp_ptr, x_ptr, gate_ptr, pmax_ptr, 
                                              BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """out[split, n, c] = sum over this split's l of x * (gp[n, 0, l] / C + w[n, c, l] * gp[n, 1, l]),
     w the spatial max's tie weight; gp, pmax: (N, 2, L) contiguous, arg, cnt: (N, L) contiguous."""
-    pid = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    n = pid // num_c_tiles
-    c = (pid % num_c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    n, _, c, c_ok, split = _split_program(C, num_c_tiles, BLOCK_C)
     gate = tl.load(gate_ptr + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
     x_rows = x_ptr + n * x_s_n + c[:, None] * x_s_c
     acc = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
@@ -267,14 +277,7 @@ def _cbam_grad_x_kernel(x_ptr, gy_ptr, ch_ptr, sp_ptr, gp_ptr, pooled_ptr, sp_ar
                         BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx = the sum of the CBAM gradient terms whose inputs are given (ref_cbam_grad_x), one tile per
     program. Small inputs are contiguous: (N, C), (N, L), (N, 2, L)."""
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // (num_c_tiles * num_l_tiles)
-    tile = pid % (num_c_tiles * num_l_tiles)
-    c = (tile // num_l_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-    l = (tile % num_l_tiles) * BLOCK_L + tl.arange(0, BLOCK_L)
-    c_ok = c < C
-    l_ok = l < L
-    ok = c_ok[:, None] & l_ok[None, :]
+    n, c, l, c_ok, l_ok, ok = _program_tile(C, L, num_c_tiles, num_l_tiles, BLOCK_C, BLOCK_L)
     nc = n * C + c
     nl = n * L + l
     dx = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)

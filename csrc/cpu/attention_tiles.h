@@ -75,6 +75,25 @@ inline void tile_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t 
 // ---------------------------------------------------------------------------
 constexpr int64_t kTransposeBlock = 16;
 
+// body(r, c) over [r_begin, r_end) x [c_begin, c_end) in kTransposeBlock x kTransposeBlock blocks
+// (c outer, r inner within a block), so that a transposing copy keeps its reads and its writes in
+// cache. kRowBlocksOuter: blocks walk along r in the outer loop (else along c).
+template <bool kRowBlocksOuter, typename Body>
+inline void for_each_blocked(int64_t r_begin, int64_t r_end, int64_t c_begin, int64_t c_end, Body&& body) {
+  auto block = [&](int64_t r0, int64_t c0) {
+    const int64_t r1 = std::min(r_end, r0 + kTransposeBlock), c1 = std::min(c_end, c0 + kTransposeBlock);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t r = r0; r < r1; ++r) body(r, c);
+  };
+  if constexpr (kRowBlocksOuter) {
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += kTransposeBlock)
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += kTransposeBlock) block(r0, c0);
+  } else {
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += kTransposeBlock)
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += kTransposeBlock) block(r0, c0);
+  }
+}
+
 // dst[r, c] = factor * src[r * row_stride + c * col_stride], dst row-major with leading dim ld.
 template <typename scalar_t, typename acc_t>
 void pack_matrix(const scalar_t* src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
@@ -100,17 +119,11 @@ void pack_matrix(const scalar_t* src, int64_t rows, int64_t cols, int64_t row_st
           for (int64_t c = 0; c < cols_done; ++c) dst[r * ld + c] *= factor;
     }
   }
-  // transposing gather of the rest, blocked so that reads and writes both stay in cache
+  // transposing gather of the rest
   auto gather = [&](int64_t r_begin, int64_t r_end, int64_t c_begin, int64_t c_end) {
-    for (int64_t r0 = r_begin; r0 < r_end; r0 += kTransposeBlock) {
-      const int64_t r1 = std::min(r_end, r0 + kTransposeBlock);
-      for (int64_t c0 = c_begin; c0 < c_end; c0 += kTransposeBlock) {
-        const int64_t c1 = std::min(c_end, c0 + kTransposeBlock);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r)
-            dst[r * ld + c] = factor * static_cast<acc_t>(src[r * row_stride + c * col_stride]);
-      }
-    }
+    for_each_blocked</*kRowBlocksOuter=*/true>(r_begin, r_end, c_begin, c_end, [&](int64_t r, int64_t c) {
+      dst[r * ld + c] = factor * static_cast<acc_t>(src[r * row_stride + c * col_stride]);
+    });
   };
   gather(0, rows_done, cols_done, cols);
   gather(rows_done, rows, 0, cols);
@@ -148,15 +161,9 @@ void store_matrix(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, cons
     }
   }
   auto scatter = [&](int64_t r_begin, int64_t r_end, int64_t c_begin, int64_t c_end) {
-    for (int64_t c0 = c_begin; c0 < c_end; c0 += kTransposeBlock) {
-      const int64_t c1 = std::min(c_end, c0 + kTransposeBlock);
-      for (int64_t r0 = r_begin; r0 < r_end; r0 += kTransposeBlock) {
-        const int64_t r1 = std::min(r_end, r0 + kTransposeBlock);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r)
-            dst[r * row_stride + c * col_stride] = static_cast<scalar_t>(apply(src[r * ld + c], row_factor[r]));
-      }
-    }
+    for_each_blocked</*kRowBlocksOuter=*/false>(r_begin, r_end, c_begin, c_end, [&](int64_t r, int64_t c) {
+      dst[r * row_stride + c * col_stride] = static_cast<scalar_t>(apply(src[r * ld + c], row_factor[r]));
+    });
   };
   scatter(0, rows_done, cols_done, cols);
   scatter(rows_done, rows, 0, cols);
