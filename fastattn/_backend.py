@@ -120,6 +120,19 @@ def choose(family: str, device: torch.device, dtype: torch.dtype, backend: str =
     return chosen
 
 
+def fused_or_fallback(x: torch.Tensor, backend: str, fused, fallback, problem: str | None = None,
+                      device: torch.device | None = None):
+    """The one rule of every fused attention layer (fastattn.nn's blocks, convert's twins, the
+    diffusers processor): fused(chosen backend) when nothing is against the call (`problem` is None)
+    and choose() picks a kernel backend for x; else fallback(), the layer's eager code, which also
+    raises the layer's own errors for bad input. device: x.device when the caller already has it."""
+    if problem is None:
+        chosen, _ = choose("attention", x.device if device is None else device, x.dtype, backend)
+        if chosen != "reference":
+            return fused(chosen)
+    return fallback()
+
+
 def _auto_order(family: str, device: torch.device, dtype: torch.dtype, op: str | None) -> tuple[tuple[str, ...], str]:
     """-> (order, what it rests on)."""
     per_op = _AUTO_OP_ORDER.get((family, device.type), {})

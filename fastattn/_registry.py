@@ -99,6 +99,18 @@ class OpSpec:
         return "triton" in self.dtypes
 
 
+# the named groups of the long optional-tensor argument lists (csrc/cpu/cbam_grad_x.cpp's GradXTerms)
+_APPLY_TERMS = ("grad_y", "ch_gate", "sp_gate")                          # y = x * ch_gate * sp_gate
+_SPATIAL_POOL_TERMS = ("grad_pooled", "pooled", "sp_argmax", "sp_count")  # the gated spatial pool
+_CHANNEL_POOL_TERMS = ("grad_avg", "grad_max", "ch_max", "ch_argmax", "ch_count")  # the channel pool
+_GATE_CONV = ("conv_w", "bn_weight", "bn_bias", "bn_mean", "bn_var")      # the spatial gate's conv + BN
+
+
+def _optional(*names: str) -> str:
+    """'Tensor? a, Tensor? b, ...': optional tensor arguments of a schema."""
+    return ", ".join(f"Tensor? {name}" for name in names)
+
+
 _ALL = {"cpu": CPU_DTYPES, "cuda": GPU_DTYPES, "triton": GPU_DTYPES}
 _CPU_ONLY = {"cpu": CPU_DTYPES}
 
@@ -117,27 +129,20 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
            "(Tensor grad_pooled, Tensor x, Tensor gate, Tensor pooled, Tensor argmax, Tensor count, "
            "bool split_ties) -> Tensor",
            "cbam", _fake_gated_spatial_pool_backward_gate, NO_DOUBLE_BACKWARD, _ALL),
-    OpSpec("cbam_grad_x",
-           "(Tensor x, Tensor? grad_y, Tensor? ch_gate, Tensor? sp_gate, Tensor? grad_pooled, Tensor? pooled, "
-           "Tensor? sp_argmax, Tensor? sp_count, Tensor? grad_avg, Tensor? grad_max, Tensor? ch_max, "
-           "Tensor? ch_argmax, Tensor? ch_count, bool split_ties) -> Tensor",
-           "cbam", _fake_like_x, NO_DOUBLE_BACKWARD, _ALL),
+    OpSpec("cbam_grad_x", f"(Tensor x, {_optional(*_APPLY_TERMS, *_SPATIAL_POOL_TERMS, *_CHANNEL_POOL_TERMS)}, "
+           "bool split_ties) -> Tensor", "cbam", _fake_like_x, NO_DOUBLE_BACKWARD, _ALL),
     # the cpu backend's direct conv for the spatial gate (the other backends call F.conv2d)
     OpSpec("cbam_spatial_conv", "(Tensor x, Tensor weight, int[2] padding) -> Tensor",
            "cbam", _fake_cbam_spatial_conv, INTERNAL, _CPU_ONLY),
     OpSpec("cbam_spatial_conv_weight_grad",
            "(Tensor grad_out, Tensor x, int kh, int kw, int[2] padding) -> Tensor",
            "cbam", _fake_cbam_spatial_conv_weight_grad, INTERNAL, _CPU_ONLY),
-    OpSpec("cbam_forward_eval",
-           "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? conv_w, Tensor? bn_weight, "
-           "Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int[2] padding, bool light, "
-           "bool max_first) -> Tensor",
-           "cbam", _fake_like_x, INFERENCE, _CPU_ONLY),
-    OpSpec("cbam_forward_eval_",
-           "(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? conv_w, Tensor? bn_weight, "
-           "Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float bn_eps, int[2] padding, bool light, "
-           "bool max_first) -> ()",
-           "cbam", _fake_mutates_x, INPLACE_INFERENCE, _CPU_ONLY),
+    OpSpec("cbam_forward_eval", f"(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, {_optional(*_GATE_CONV)}, "
+           "float bn_eps, int[2] padding, bool light, bool max_first) -> Tensor", "cbam", _fake_like_x, INFERENCE,
+           _CPU_ONLY),
+    OpSpec("cbam_forward_eval_", f"(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, {_optional(*_GATE_CONV)}, "
+           "float bn_eps, int[2] padding, bool light, bool max_first) -> ()", "cbam", _fake_mutates_x,
+           INPLACE_INFERENCE, _CPU_ONLY),
     OpSpec("spatial_attention_forward",
            "(Tensor q, Tensor k, Tensor v, int heads, float scale) -> (Tensor out, Tensor lse)",
            "attention", _fake_spatial_attention_forward, FORMULA, _ALL),

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fastattn import nn as fnn
 from fastattn import twins
-from fastattn._backend import BACKENDS, choose
+from fastattn._backend import BACKENDS, fused_or_fallback
 from fastattn.nn import CBAM
 
 log = logging.getLogger("fastattn")
@@ -165,11 +165,9 @@ class FusedTwin:
         raise NotImplementedError
 
     def forward(self, x, *args, **kwargs):
-        if self._call_problem(x, *args, **kwargs) is None:
-            backend, _ = choose("attention", x.device, x.dtype, self.backend)
-            if backend != "reference":
-                return self._fused(x, backend)
-        return super().forward(x, *args, **kwargs)
+        return fused_or_fallback(x, self.backend, lambda backend: self._fused(x, backend),
+                                 lambda: super(FusedTwin, self).forward(x, *args, **kwargs),
+                                 self._call_problem(x, *args, **kwargs))
 
 
 def param_dtype_problem(module: nn.Module, x) -> str | None:

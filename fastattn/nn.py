@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fastattn import functional as FA
 from fastattn import twins
-from fastattn._backend import BACKENDS, choose, op_backends
+from fastattn._backend import BACKENDS, choose, fused_or_fallback, op_backends
 from fastattn._fused_cbam import CbamSpec, FusedCBAMFunction, inference_forward
 from fastattn._validate import check_inplace_input, check_module_input
 
@@ -305,10 +305,8 @@ class _FusedAttentionBlock(nn.Module):
 
     def _run(self, x: Tensor, device: torch.device) -> Tensor:
         """The block on a checked x: the eager path on the reference backend, else `_fused`."""
-        backend, _ = choose("attention", device, x.dtype, self.backend)
-        if backend == "reference":
-            return self._eager_cls.forward(self, x)
-        return self._fused(x, backend)
+        return fused_or_fallback(x, self.backend, lambda backend: self._fused(x, backend),
+                                 lambda: self._eager_cls.forward(self, x), device=device)
 
     def _fused(self, x: Tensor, backend: str) -> Tensor:
         """The block with its attention core on `backend` ("reference": the eager

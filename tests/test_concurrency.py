@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fastattn
-from _util import compiled_backends, randomize, run_in_threads
+from _util import assert_equal_values, compiled_backends, randomize, run_in_threads
 
 BACKENDS = ["reference"] + [b for b in ("cpu",) if b in compiled_backends("cpu")]
 THREADS = 4
@@ -95,8 +95,8 @@ def workload(backend, data, modules):
 
 def assert_bitwise_equal(got, want, what):
     assert got.keys() == want.keys(), f"{what}: results {sorted(set(got) ^ set(want))} missing on one side"
-    differ = [name for name in want if not torch.equal(got[name], want[name])]
-    assert not differ, f"{what}: {len(differ)} of {len(want)} results differ bitwise, e.g. {differ[:5]}"
+    for name in want:
+        assert_equal_values(f"{what}: {name}", got[name], want[name])
 
 
 def _serialized(results) -> bytes:

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from _contract import CPU_ATTENTION_ATOL, assert_equal_values, assert_error_rule
 from _util import compiled_ops
 
 from fastattn.reference import ref_spatial_attention_forward
@@ -20,11 +21,6 @@ def _load_ops():
 
 ops = _load_ops()
 
-# Error-rule slack on top of 2x the same-dtype eager error (docs/DESIGN.md §4), relative to the
-# tensor's largest magnitude (at least 1: inputs are unit normals).
-ATOL = {torch.float64: 1e-12, torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
 def _make(n, c, length, dtype, layout, gen):
     """(N, C, L) input with the given memory layout: "nchw", "cl" (channel-last) or "strided"."""
     if layout == "cl":
@@ -36,23 +32,6 @@ def _make(n, c, length, dtype, layout, gen):
 
 def _is_channel_last(t):
     return t.stride(1) == 1 and t.shape[1] > 1
-
-
-def _check(name, actual, truth, eager, dtype):
-    """Error vs float64 truth at most 2x the same-dtype eager error + small slack; NaNs where truth has them."""
-    assert actual.shape == truth.shape and actual.dtype == eager.dtype, (name, actual.shape, actual.dtype)
-    assert torch.equal(actual.isnan(), truth.isnan()), f"{name}: NaN pattern differs from the reference"
-    finite = ~truth.isnan()
-    truth, actual, eager = truth[finite], actual.double()[finite], eager.double()[finite]
-    if truth.numel() == 0:
-        return
-    err = (actual - truth).abs().max().item()
-    err_eager = (eager - truth).abs().max().item()
-    atol = ATOL[dtype] * max(truth.abs().max().item(), 1.0)
-    where = (actual - truth).abs().argmax().item()
-    assert err <= 2 * err_eager + atol, (
-        f"{name}: kernel error {err:.3e} > 2 x eager error {err_eager:.3e} + {atol:.1e} "
-        f"(worst at flat index {where}: kernel {actual[where].item():.6g}, truth {truth[where].item():.6g})")
 
 
 def _reference_grads(q, k, v, heads, scale, grad_out, dtype):
@@ -74,8 +53,8 @@ def _run_case(n, cq, cv, lq, lk, heads, scale, layout, dtype, backward=True, see
     eager_out, eager_lse = ref_spatial_attention_forward(q, k, v, heads, scale)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (n, heads, lq)
     assert _is_channel_last(out) == _is_channel_last(q), (out.stride(), q.stride())
-    _check("out", out, truth_out, eager_out, dtype)
-    _check("lse", lse, truth_lse, eager_lse, torch.float32 if dtype != torch.float64 else dtype)
+    assert_error_rule("out", out, truth_out, eager_out, CPU_ATTENTION_ATOL[dtype])
+    assert_error_rule("lse", lse, truth_lse, eager_lse, CPU_ATTENTION_ATOL[torch.float32 if dtype != torch.float64 else dtype])
     if not backward:
         return
     grad_out = torch.randn(out.shape, generator=gen).to(dtype)
@@ -85,7 +64,7 @@ def _run_case(n, cq, cv, lq, lk, heads, scale, layout, dtype, backward=True, see
     for name, g, t, e, x in zip(("dq", "dk", "dv"), grads, truth, eager, (q, k, v)):
         assert g.shape == x.shape and g.dtype == dtype
         assert _is_channel_last(g) == _is_channel_last(x), (name, g.stride(), x.stride())
-        _check(name, g, t, e, dtype)
+        assert_error_rule(name, g, t, e, CPU_ATTENTION_ATOL[dtype])
 
 
 # (N, Cq, Cv, Lq, Lk, heads, scale) — scale None means d_qk ** -0.5
@@ -170,7 +149,8 @@ def test_backward_is_deterministic():
     grad_out = torch.randn(out.shape, generator=gen)
     first = ops.spatial_attention_backward(grad_out, q, k, v, out, lse, 1, 0.125)
     second = ops.spatial_attention_backward(grad_out, q, k, v, out, lse, 1, 0.125)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for name, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert_equal_values(name, a, b)
 
 
 class _Attention(torch.autograd.Function):

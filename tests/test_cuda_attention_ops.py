@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _contract import CUDA_ATTENTION_ATOL, assert_equal_values, assert_error_rule
 from _util import check_minus_inf_keys_drop_out, compiled_ops
 
 from fastattn.reference import ref_spatial_attention_forward
@@ -42,8 +43,6 @@ def ops():
 
 
 DEVICE = "cuda"
-# atol of the error rule, as a fraction of the largest |ground truth| of the tensor compared
-ATOL_REL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channel_last", "strided"]
 
@@ -92,21 +91,10 @@ def _eager_backward_op(grad_out, q, k, v, out, heads, scale):
     return tuple(_heads_merged(g).to(q.dtype) for g in grads)
 
 
-def _check(name: str, got: torch.Tensor, truth: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype,
-           extra_rel: float = 0.0) -> None:
-    """The error rule: max|got - truth| <= 2 * max|eager - truth| + atol (NaN never passes)."""
-    assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
-    diff = (got.double() - truth).abs()
-    err = diff.max().item()
-    eager_err = (eager.double() - truth).abs().max().item()
-    atol = (ATOL_REL[dtype] + extra_rel) * max(truth.abs().max().item(), 1.0)  # inputs are O(1)
-    bound = 2 * eager_err + atol
-    if not err <= bound:  # also catches NaN
-        flat = int(torch.nan_to_num(diff, nan=float("inf")).flatten().argmax())
-        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
-        raise AssertionError(
-            f"{name}: kernel error {err:.3e} > 2 x eager error {eager_err:.3e} + atol {atol:.3e} (= {bound:.3e}); "
-            f"worst at {where}: kernel {got.double()[where].item():.6g}, truth {truth[where].item():.6g}")
+def _check_forward(got, truth, eager) -> None:
+    """The error rule for (out, lse); lse is float32 by contract."""
+    for name, g, t, e in zip(("out", "lse"), got, truth, eager):
+        assert_error_rule(name, g, t.double(), e, CUDA_ATTENTION_ATOL[g.dtype])
 
 
 def _run_case(ops, n, heads, dqk, dv, lq, lk, dtype, layout, scale, *, backward=True, magnitude=1.0, seed=0):
@@ -127,8 +115,7 @@ def _run_case(ops, n, heads, dqk, dv, lq, lk, dtype, layout, scale, *, backward=
         assert out.transpose(1, 2).is_contiguous(), f"out strides {out.stride()}: expected channel-last"
     else:
         assert out.is_contiguous(), f"out strides {out.stride()}: expected contiguous"
-    _check("out", out, truth_out, eager_out, dtype)
-    _check("lse", lse, truth_lse.double(), eager_lse, torch.float32)
+    _check_forward((out, lse), (truth_out, truth_lse), (eager_out, eager_lse))
     if not backward:
         return
 
@@ -145,7 +132,7 @@ def _run_case(ops, n, heads, dqk, dv, lq, lk, dtype, layout, scale, *, backward=
         assert got.dtype == like.dtype and got.shape == like.shape, f"{name}: {got.dtype} {got.shape} vs {like.dtype} {like.shape}"
         if like.is_contiguous() or like.transpose(1, 2).is_contiguous():
             assert got.stride() == like.stride(), f"{name}: strides {got.stride()} != input's {like.stride()}"
-        _check(name, got, t, e, dtype, extra_rel=lse_rounding)
+        assert_error_rule(name, got, t, e, CUDA_ATTENTION_ATOL[dtype] + lse_rounding)
 
 
 # (N, heads, d_qk, d_v, Lq, Lk, scale); scale None means d_qk ** -0.5
@@ -218,8 +205,7 @@ def test_long_square_forward_rows(ops):
                       torch.arange(length - 64, length)]).to(DEVICE)
     truth_out, truth_lse = ref_spatial_attention_forward(q[:, :, rows].double(), k.double(), v.double(), heads, d ** -0.5)
     eager_out, eager_lse = ref_spatial_attention_forward(q[:, :, rows], k, v, heads, d ** -0.5)
-    _check("out", out[:, :, rows], truth_out, eager_out, dtype)
-    _check("lse", lse[:, :, rows], truth_lse.double(), eager_lse, torch.float32)
+    _check_forward((out[:, :, rows], lse[:, :, rows]), (truth_out, truth_lse), (eager_out, eager_lse))
 
 
 def test_batch_heads_past_grid_limit(ops):
@@ -239,9 +225,11 @@ def check_deterministic(ops, dtype):
     grad_out = _make(2, 128, 784, dtype, "channel_last", gen)
     first = ops.spatial_attention_forward(q, k, v, 2, 0.125)
     second = ops.spatial_attention_forward(q, k, v, 2, 0.125)
-    assert all(torch.equal(a, b) for a, b in zip(first, second)), "forward differs between two identical calls"
+    for name, a, b in zip(("out", "lse"), first, second):
+        assert_equal_values(f"{name} of a second identical forward call", b, a)
     grads = [ops.spatial_attention_backward(grad_out, q, k, v, *first, 2, 0.125) for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*grads)), "backward differs between two identical calls"
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert_equal_values(f"{name} of a second identical backward call", b, a)
 
 
 def _raise_clear_errors(ops):

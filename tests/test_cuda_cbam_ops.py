@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _util import assert_equal_values, compiled_ops
+from _contract import CUDA_CBAM_ATOL, assert_equal_values, assert_error_rule
+from _util import compiled_ops
 
 from fastattn.reference import (
     _max_weight,
@@ -58,8 +59,6 @@ SHAPES = [(n, c, h, w) for c, (h, w), n in itertools.product(CHANNELS, SPATIAL, 
 LAYOUTS = ["contiguous", "channels_last"]
 KINDS = ["ties", "nan"]  # relu'd and rounded (many ties); random with NaN and +-inf sprinkled in
 
-# atol of the docs/DESIGN.md §4 rule, relative to the largest magnitude of the ground truth
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _shape_id(shape):
@@ -131,16 +130,7 @@ def _check_values(name: str, out: torch.Tensor, ref: torch.Tensor, truth: torch.
     finite = ~(nan_ref | inf_ref) & truth64.isfinite()
     if not finite.any():
         return
-    err_out = (out64 - truth64).abs().where(finite, 0)
-    err_ref = (ref64 - truth64).abs().where(finite, 0).max().item()
-    scale = truth64.abs().where(finite, 0).max().item()
-    atol = ATOL[out.dtype] * max(1.0, scale)
-    worst = err_out.argmax()
-    worst_index = list(torch.unravel_index(worst, err_out.shape)) if err_out.dim() else []
-    assert err_out.max().item() <= 2 * err_ref + atol, (
-        f"{name}: kernel error {err_out.max().item():.4g} vs float64 truth, same-dtype reference error {err_ref:.4g}, "
-        f"atol {atol:.3g}; worst at {[int(i) for i in worst_index]}: kernel {out64.flatten()[worst].item()!r}, "
-        f"reference {ref64.flatten()[worst].item()!r}, truth {truth64.flatten()[worst].item()!r}")
+    assert_error_rule(name, out[finite], truth64[finite], ref[finite], CUDA_CBAM_ATOL[out.dtype])
 
 
 def _check_layout(name: str, out: torch.Tensor, x: torch.Tensor) -> None:
@@ -345,7 +335,7 @@ def test_other_strides(ops, shape, dtype, x_layout):
         for i, (o, r) in enumerate(zip(out[name], refs[name])):
             if o.is_floating_point():
                 # ties-kind x: every value here is a short sum of exact products, so float32 vs reference is tight
-                torch.testing.assert_close(o, r, atol=ATOL[dtype] * max(1.0, r.abs().max().item()), rtol=0,
+                torch.testing.assert_close(o, r, atol=CUDA_CBAM_ATOL[dtype] * max(1.0, r.abs().max().item()), rtol=0,
                                            equal_nan=True, msg=lambda m: f"{name}[{i}]: {m}")
             else:
                 assert_equal_values(f"{name}[{i}]", o, r)

@@ -12,7 +12,7 @@ import torch
 
 import fastattn
 from fastattn import reference
-from _util import assert_error_rule, compiled_backends, interpreted, run_case_script, run_in_threads
+from _util import assert_equal_values, assert_error_rule, compiled_backends, interpreted, run_case_script, run_in_threads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = compiled_backends("cpu")
@@ -63,7 +63,7 @@ def _attention_fwd_bwd(backend, seed=0):
 def test_attention_is_bitwise_deterministic_on_cpu():
     first, second = _attention_fwd_bwd("cpu"), _attention_fwd_bwd("cpu")
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
-        assert torch.equal(a, b), f"{name} differs between two identical calls"
+        assert_equal_values(f"{name} of a second identical call", b, a)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
@@ -78,7 +78,7 @@ def test_cbam_module_is_bitwise_deterministic_on_cpu(flavor):
         return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
     first, second = run(), run()
     for i, (a, b) in enumerate(zip(first, second)):
-        assert torch.equal(a, b), f"output/grad {i} differs between two identical calls"
+        assert_equal_values(f"output/grad {i} of a second identical call", b, a)
 
 
 # --- inputs are never modified --------------------------------------------------------------------

@@ -4,7 +4,7 @@ Without a GPU the launchers run in Triton's interpreter on CPU tensors (tiny sha
 same tests run on CUDA tensors, plus larger cases (L up to 4097, head dims up to 512, L >= 65 536).
 Accuracy rule (docs/DESIGN.md §4): error against the float64 reference at most 2x the error of the
 eager same-dtype PyTorch formula, plus a small atol: one unit of the dtype at the result's magnitude,
-sqrt(d_qk) units for float32 (see _atol_units).
+sqrt(d_qk) units for float32 (see tests/_contract.py triton_attention_units).
 """
 import importlib
 import os
@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from _contract import assert_equal_values, assert_error_rule, eps_atol, triton_attention_units  # noqa: E402
 from _util import check_minus_inf_keys_drop_out  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn.reference import ref_spatial_attention_forward  # noqa: E402
@@ -126,29 +127,12 @@ def _eager_lse(q, k, heads, scale):
     return torch.logsumexp(scale * (qh @ kh), -1)
 
 
-def _atol_units(dtype, d_qk):
-    """Units of the dtype in the atol. float32: sqrt(d_qk), because Triton's ieee float32 dot sums each
-    d_qk-long logit in one FMA chain, whose rounding grows like sqrt(d_qk) units; on an H100 that left the
-    kernel up to ~4.5x the error of cuBLAS's float32 eager result at d_qk = 512 (still ~1e-6 relative,
-    where TF32 would give ~1e-3). 16-bit dtypes: one unit; their eager error dominates anyway."""
-    return max(1.0, d_qk ** 0.5) if dtype == torch.float32 else 1.0
-
-
 def _assert_rule(name, got, truth, eager, magnitude=None, units=1.0):
     """|got - truth| <= 2 |eager - truth| + atol, atol = `units` units of got's dtype at the result's
     magnitude (default: the truth's; at least 1)."""
-    assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
     assert torch.isfinite(got).all(), f"{name}: {(~torch.isfinite(got)).sum().item()} non-finite values"
-    diff = (got.double() - truth.double()).abs()
-    err = diff.max().item()
-    eager_err = (eager.double() - truth.double()).abs().max().item()
-    if magnitude is None:
-        magnitude = truth.abs().max().item()
-    atol = units * torch.finfo(got.dtype).eps * max(1.0, magnitude)
-    where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-    assert err <= 2 * eager_err + atol, (
-        f"{name}: kernel error {err:.3e} at {where} > 2 x eager {eager.dtype} error {eager_err:.3e} "
-        f"+ atol {atol:.1e} (got {got[where].item():.6g}, truth {truth[where].item():.6g})")
+    magnitude = truth.abs().max().item() if magnitude is None else magnitude
+    assert_error_rule(name, got, truth, eager, eps_atol(got.dtype, units, magnitude), absolute=True)
 
 
 @pytest.mark.parametrize("device", [DEVICE])
@@ -165,7 +149,7 @@ def test_forward_matches_reference(case, dtype, layout, variant, device, kernels
         assert out.transpose(1, 2).is_contiguous(), f"out strides {out.stride()}, expected channel-last"
     else:
         assert out.is_contiguous(), f"out strides {out.stride()}, expected contiguous"
-    units = _atol_units(dtype, case[2])
+    units = triton_attention_units(dtype, case[2])
     _assert_rule("out", out, truth_out, reference.spatial_attention(q, k, v, heads=heads, scale=scale), units=units)
     _assert_rule("lse", lse, truth_lse, _eager_lse(q, k, heads, scale), units=units)
 
@@ -192,7 +176,7 @@ def _assert_grads_rule(grads, truth, eager, inputs, d_qk):
     gradient of the three: dq and dk come from ds = p * (dp - delta), whose cancellation leaves rounding of
     the size of the dv-like terms even where the true dq, dk are ~0 (e.g. Lk = 1: softmax is constant)."""
     magnitude = 2 * max(t.abs().max().item() for t in truth)
-    units = _atol_units(inputs[0].dtype, d_qk)
+    units = triton_attention_units(inputs[0].dtype, d_qk)
     for name, got, want, eager_grad, x in zip(("dq", "dk", "dv"), grads, truth, eager, inputs):
         assert got.dtype == x.dtype and got.device == x.device, name
         # same layout as the input: its strides when dense, else dense strides in the same order
@@ -260,7 +244,8 @@ def test_empty_lengths(device):
     q, k, v, heads, scale = _inputs((2, 2, 8, 4, 5, 0, None), torch.float32, "contiguous")
     out, lse = attention.spatial_attention_forward(q, k, v, heads, scale)
     ref_out, ref_lse = ref_spatial_attention_forward(q, k, v, heads, scale)
-    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert_equal_values("out", out, ref_out)
+    assert_equal_values("lse", lse, ref_lse)
     dq, dk, dv = attention.spatial_attention_backward(torch.ones_like(out), q, k, v, out, lse, heads, scale)
     assert not dq.any() and dk.numel() == 0 and dv.numel() == 0
     q, k, v, heads, scale = _inputs((2, 2, 8, 4, 0, 3, None), torch.float32, "contiguous")
@@ -279,7 +264,7 @@ def test_batch_heads_fold_onto_grid_axis_2(monkeypatch, device):
     out, lse = attention.spatial_attention_forward(q, k, v, heads, scale)
     truth_out, truth_lse = ref_spatial_attention_forward(q.double(), k.double(), v.double(), heads, scale)
     _assert_rule("out", out, truth_out, reference.spatial_attention(q, k, v, heads=heads, scale=scale),
-                 units=_atol_units(torch.float32, case[2]))
+                 units=triton_attention_units(torch.float32, case[2]))
     _assert_grads_rule(*_gradients(case, torch.float32, "contiguous"), d_qk=case[2])
 
 

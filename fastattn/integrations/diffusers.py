@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from torch import Tensor, nn
 
 from fastattn import functional as FA
-from fastattn._backend import BACKENDS, choose
+from fastattn._backend import BACKENDS, fused_or_fallback
 from fastattn.convert import FusedTwin, Rule, linear_on_channels, param_dtype_problem
 
 DEFAULT_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
@@ -101,12 +101,14 @@ class FastattnAttnProcessor:
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
-        if call_problem(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs) is None:
-            backend, _ = choose("attention", hidden_states.device, hidden_states.dtype, self.backend)
-            if backend != "reference":
-                return attention_on_map(attn, hidden_states, backend)
-        fallback = self.fallback or (AttnProcessor2_0() if attn.scale_qk else AttnProcessor())
-        return fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        def eager() -> Tensor:
+            fallback = self.fallback or (AttnProcessor2_0() if attn.scale_qk else AttnProcessor())
+            return fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+        return fused_or_fallback(hidden_states, self.backend,
+                                 lambda backend: attention_on_map(attn, hidden_states, backend), eager,
+                                 call_problem(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                              *args, **kwargs))
 
     def __repr__(self) -> str:
         return f"FastattnAttnProcessor(backend={self.backend!r})"
