@@ -6,8 +6,8 @@ from torch import nn
 pytest.importorskip("mmcv")
 from mmcv.cnn import ConvModule, NonLocal1d, NonLocal2d, NonLocal3d  # noqa: E402
 
-from _convert_parity import check_layer, check_left_alone, check_model, check_same_error, \
-    check_state_dict_round_trip, randomize_  # noqa: E402
+from _convert_parity import GPU_BACKENDS, check_float16_key_bias_deviation, check_layer, check_left_alone, \
+    check_model, check_same_error, check_state_dict_round_trip, randomize_  # noqa: E402
 
 
 def _nl(cls=NonLocal2d, seed=0, channels=16, **kwargs):
@@ -20,8 +20,19 @@ def test_nonlocal2d_embedded_gaussian(size):
     check_layer(_nl(norm_cfg=dict(type="BN")), "NonLocal2d", (2, 16, *size))
 
 
+def test_nonlocal2d_subsampled_keys():
+    layer = _nl(sub_sample=True, norm_cfg=dict(type="BN"))
+    check_layer(layer, "NonLocal2d", (2, 16, 7, 9), dtypes=("float32", "bfloat16"))
+    check_float16_key_bias_deviation(layer, "NonLocal2d", (2, 16, 7, 9), "phi.0.conv.bias")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_on_gpu(backend):
+    check_layer(_nl(norm_cfg=dict(type="BN")), "NonLocal2d", (2, 16, 13, 17), device="cuda", backend=backend)
+    check_layer(_nl(NonLocal3d, sub_sample=True), "NonLocal3d", (2, 16, 3, 6, 5), device="cuda", backend=backend)
+
+
 @pytest.mark.parametrize("cls, shape, kwargs", [
-    (NonLocal2d, (2, 16, 7, 9), dict(sub_sample=True, norm_cfg=dict(type="BN"))),
     (NonLocal2d, (2, 16, 5, 6), dict(use_scale=False)),
     (NonLocal2d, (2, 16, 6, 7), dict(mode="gaussian", sub_sample=True)),
     (NonLocal1d, (2, 16, 11), dict(sub_sample=True)),
