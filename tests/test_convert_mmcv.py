@@ -6,6 +6,8 @@ from torch import nn
 pytest.importorskip("mmcv")
 from mmcv.cnn import ConvModule, NonLocal1d, NonLocal2d, NonLocal3d  # noqa: E402
 
+import fastattn  # noqa: E402
+from fastattn.integrations.mmcv import _one_conv_projections  # noqa: E402
 from _convert_parity import GPU_BACKENDS, check_float16_key_bias_deviation, check_layer, check_left_alone, \
     check_model, check_same_error, check_state_dict_round_trip, randomize_  # noqa: E402
 
@@ -41,6 +43,17 @@ def test_on_gpu(backend):
 ])
 def test_nonlocal_configurations(cls, shape, kwargs):
     check_layer(_nl(cls, **kwargs), cls.__name__, shape)
+
+
+def test_stacked_projections_only_where_they_compute_the_same():
+    """theta, phi and g run as one stacked conv only as bare convs without sub-sampling; a hook on one of
+    them (spectral norm, a user's pre-hook) makes the fused path call them as they are."""
+    assert _one_conv_projections(fastattn.convert(_nl()))
+    assert not _one_conv_projections(fastattn.convert(_nl(sub_sample=True)))
+    layer = _nl()
+    layer.phi.conv.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    assert not _one_conv_projections(fastattn.convert(layer))
+    check_layer(layer, "NonLocal2d", (2, 16, 5, 6), dtypes=("float32",))
 
 
 @pytest.mark.parametrize("mode", ["dot_product", "concatenation"])
