@@ -6,7 +6,7 @@ pytest.importorskip("pytorch_pretrained_biggan")
 from pytorch_pretrained_biggan import BigGAN, BigGANConfig  # noqa: E402
 from pytorch_pretrained_biggan.model import SelfAttn  # noqa: E402
 
-from _convert_parity import check_layer, check_model, check_same_error, check_state_dict_round_trip, \
+from _convert_parity import GPU_BACKENDS, check_layer, check_model, check_same_error, check_state_dict_round_trip, \
     randomize_  # noqa: E402
 
 
@@ -24,6 +24,11 @@ def _attn(seed=0, channels=32):
 @pytest.mark.parametrize("size", [(14, 18), (6, 10), (4, 4)])
 def test_selfattn(size):
     check_layer(_attn(), "SelfAttn", (2, 32, *size))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_on_gpu(backend):
+    check_layer(_attn(), "SelfAttn", (2, 32, 14, 18), device="cuda", backend=backend)
 
 
 @pytest.mark.parametrize("size", [(13, 17), (7, 7), (1, 1)])

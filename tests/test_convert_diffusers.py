@@ -10,8 +10,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 import fastattn  # noqa: E402
 from fastattn.integrations.diffusers import FastattnAttnProcessor, FusedAttention  # noqa: E402
-from _convert_parity import (check_layer, check_left_alone, check_model, check_state_dict_round_trip,  # noqa: E402
-                             counting_fused_calls, randomize_)
+from _convert_parity import (GPU_BACKENDS, check_layer, check_left_alone, check_model,  # noqa: E402
+                             check_state_dict_round_trip, counting_fused_calls, randomize_)
 
 
 def _attention(seed=0, channels=16, **kwargs):
@@ -35,8 +35,14 @@ def test_unet_attention_heads_no_bias_rescaled_attnprocessor():
 
 
 def test_no_group_norm_no_residual():
-    check_layer(_attention(norm_num_groups=None, residual_connection=False), "Attention", (1, 16, 4, 9),
-                dtypes=("float32",))
+    check_layer(_attention(norm_num_groups=None, residual_connection=False), "Attention", (1, 16, 4, 9))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_on_gpu(backend):
+    check_layer(_attention(), "Attention", (2, 16, 13, 17), device="cuda", backend=backend)
+    check_layer(_attention(channels=32, heads=4, dim_head=8, bias=False, upcast_softmax=False, processor=AttnProcessor()),
+                "Attention", (2, 32, 5, 6), device="cuda", backend=backend)
 
 
 def test_left_alone_with_reasons():

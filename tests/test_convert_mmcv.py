@@ -6,8 +6,10 @@ from torch import nn
 pytest.importorskip("mmcv")
 from mmcv.cnn import ConvModule, NonLocal1d, NonLocal2d, NonLocal3d  # noqa: E402
 
-from _convert_parity import check_layer, check_left_alone, check_model, check_same_error, \
-    check_state_dict_round_trip, randomize_  # noqa: E402
+import fastattn  # noqa: E402
+from fastattn.integrations.mmcv import _one_conv_projections  # noqa: E402
+from _convert_parity import GPU_BACKENDS, check_float16_key_bias_deviation, check_layer, check_left_alone, \
+    check_model, check_same_error, check_state_dict_round_trip, randomize_  # noqa: E402
 
 
 def _nl(cls=NonLocal2d, seed=0, channels=16, **kwargs):
@@ -20,8 +22,19 @@ def test_nonlocal2d_embedded_gaussian(size):
     check_layer(_nl(norm_cfg=dict(type="BN")), "NonLocal2d", (2, 16, *size))
 
 
+def test_nonlocal2d_subsampled_keys():
+    layer = _nl(sub_sample=True, norm_cfg=dict(type="BN"))
+    check_layer(layer, "NonLocal2d", (2, 16, 7, 9), dtypes=("float32", "bfloat16"))
+    check_float16_key_bias_deviation(layer, "NonLocal2d", (2, 16, 7, 9), "phi.0.conv.bias")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_on_gpu(backend):
+    check_layer(_nl(norm_cfg=dict(type="BN")), "NonLocal2d", (2, 16, 13, 17), device="cuda", backend=backend)
+    check_layer(_nl(NonLocal3d, sub_sample=True), "NonLocal3d", (2, 16, 3, 6, 5), device="cuda", backend=backend)
+
+
 @pytest.mark.parametrize("cls, shape, kwargs", [
-    (NonLocal2d, (2, 16, 7, 9), dict(sub_sample=True, norm_cfg=dict(type="BN"))),
     (NonLocal2d, (2, 16, 5, 6), dict(use_scale=False)),
     (NonLocal2d, (2, 16, 6, 7), dict(mode="gaussian", sub_sample=True)),
     (NonLocal1d, (2, 16, 11), dict(sub_sample=True)),
@@ -30,6 +43,17 @@ def test_nonlocal2d_embedded_gaussian(size):
 ])
 def test_nonlocal_configurations(cls, shape, kwargs):
     check_layer(_nl(cls, **kwargs), cls.__name__, shape)
+
+
+def test_stacked_projections_only_where_they_compute_the_same():
+    """theta, phi and g run as one stacked conv only as bare convs without sub-sampling; a hook on one of
+    them (spectral norm, a user's pre-hook) makes the fused path call them as they are."""
+    assert _one_conv_projections(fastattn.convert(_nl()))
+    assert not _one_conv_projections(fastattn.convert(_nl(sub_sample=True)))
+    layer = _nl()
+    layer.phi.conv.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    assert not _one_conv_projections(fastattn.convert(layer))
+    check_layer(layer, "NonLocal2d", (2, 16, 5, 6), dtypes=("float32",))
 
 
 @pytest.mark.parametrize("mode", ["dot_product", "concatenation"])

@@ -6,7 +6,7 @@ pytest.importorskip("monai")
 from monai.networks.blocks import SpatialAttentionBlock  # noqa: E402
 from monai.networks.nets import AutoencoderKL  # noqa: E402
 
-from _convert_parity import check_layer, check_left_alone, check_model, check_same_error, \
+from _convert_parity import GPU_BACKENDS, check_layer, check_left_alone, check_model, check_same_error, \
     check_state_dict_round_trip, randomize_  # noqa: E402
 
 
@@ -29,6 +29,13 @@ def test_2d(size):
 ])
 def test_3d(kwargs, shape):
     check_layer(_block(3, **kwargs), "SpatialAttentionBlock", shape)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_on_gpu(backend):
+    check_layer(_block(), "SpatialAttentionBlock", (2, 16, 13, 17), device="cuda", backend=backend)
+    check_layer(_block(3, use_combined_linear=True), "SpatialAttentionBlock", (1, 16, 2, 3, 5), device="cuda",
+                backend=backend)
 
 
 def test_left_alone_and_errors():

@@ -6,7 +6,8 @@ from torch import nn
 
 import fastattn
 import _user_copies as user
-from _convert_parity import check_layer, check_left_alone, check_state_dict_round_trip, randomize_
+from _convert_parity import GPU_BACKENDS, check_float16_key_bias_deviation, check_layer, check_left_alone, \
+    check_state_dict_round_trip, randomize_
 
 SIZES = [(13, 17), (7, 7), (1, 1)]
 
@@ -30,8 +31,18 @@ def test_official_cbam_copy_no_spatial():
     check_layer(_cbam(no_spatial=True), "CBAM", (2, 32, 7, 5))
 
 
+def test_nonlocal_copy_subsampled_keys():
+    check_layer(_nonlocal(), "NONLocalBlock2D", (2, 16, 13, 17), dtypes=("float32", "bfloat16"))
+    check_float16_key_bias_deviation(_nonlocal(), "NONLocalBlock2D", (2, 16, 13, 17), "phi.0.bias")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_on_gpu(backend):
+    check_layer(_cbam(), "CBAM", (2, 32, 13, 17), device="cuda", backend=backend)
+    check_layer(_nonlocal(sub_sample=False), "NONLocalBlock2D", (2, 16, 13, 17), device="cuda", backend=backend)
+
+
 @pytest.mark.parametrize("block, spatial, kwargs", [
-    (user.NONLocalBlock2D, (13, 17), {}),
     (user.NONLocalBlock2D, (7, 7), dict(sub_sample=False, bn_layer=False)),
     (user.NONLocalBlock2D, (1, 1), dict(sub_sample=False)),
     (user.NONLocalBlock2D, (6, 9), dict(mode="gaussian")),

@@ -2,7 +2,8 @@
 softmax modes, embedded_gaussian and gaussian."""
 from __future__ import annotations
 
-from mmcv.cnn import NonLocal1d, NonLocal2d, NonLocal3d
+import torch
+from mmcv.cnn import ConvModule, NonLocal1d, NonLocal2d, NonLocal3d
 from torch import Tensor, nn
 
 from fastattn import functional as FA
@@ -11,8 +12,33 @@ from fastattn.convert import FusedTwin, Rule, param_dtype_problem
 SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
 
 
+def _bare_conv(module: nn.Module) -> nn.Module | None:
+    """The conv of a ConvModule that computes nothing but it (no padding layer, norm, activation or
+    hook: its weight is the one the call uses); None otherwise."""
+    if type(module) is not ConvModule or module.with_explicit_padding or module.with_norm \
+            or module.with_activation:
+        return None
+    conv = module.conv
+    hooked = any(m._forward_pre_hooks or m._forward_hooks for m in (module, conv))
+    return None if hooked or not isinstance(conv, nn.modules.conv._ConvNd) else conv
+
+
+def _one_conv_projections(m: nn.Module) -> bool:
+    """theta, phi and g can run as one conv with their weights stacked (x read once, one GEMM for the
+    three): bare convs of the same configuration on x (no sub-sampling pool after phi and g)."""
+    if m.sub_sample:
+        return False
+    convs = [_bare_conv(module) for module in (m.theta, m.phi, m.g)]
+    if None in convs:
+        return False
+    config = {(type(c), c.kernel_size, c.stride, c.padding, c.dilation, c.groups, c.padding_mode, c.bias is None)
+              for c in convs}
+    return len(config) == 1
+
+
 def layer_problem(m: nn.Module) -> str | None:
-    # g, theta, phi and conv_out are called as they are: any ConvModule configuration computes the same
+    # any ConvModule configuration of g, theta, phi and conv_out computes the same: bare ones run stacked
+    # (_one_conv_projections), the others are called as they are
     if m.mode not in SOFTMAX_MODES:
         return f"mode {m.mode!r} has no softmax attention to fuse"
     return None
@@ -21,7 +47,9 @@ def layer_problem(m: nn.Module) -> str | None:
 class _FusedNonLocal(FusedTwin):
     """mmcv's _NonLocalNd in a softmax mode, on (N, C, *spatial) maps: y = softmax(scale q^T k) v over
     the positions with q = theta(x), k = phi(x) (embedded_gaussian; scale Ci ** -0.5 with use_scale)
-    or q = x, k = x or its max pool (gaussian; scale 1), v = g(x); out = x + conv_out(y)."""
+    or q = x, k = x or its max pool (gaussian; scale 1), v = g(x); out = x + conv_out(y). Where theta,
+    phi and g are bare convs of one configuration (no sub-sampling), they run as one conv with their
+    weights stacked per call: x is read once and the three GEMMs, forward and backward, are one."""
 
     def _call_problem(self, x, *args, **kwargs) -> str | None:
         if args or kwargs:
@@ -36,10 +64,15 @@ class _FusedNonLocal(FusedTwin):
         if self.mode == "gaussian":
             q, k = x, (self.phi(x) if self.sub_sample else x)
             scale = 1.0
+            v = self.g(x)
         else:
-            q, k = self.theta(x), self.phi(x)
             scale = self.inter_channels ** -0.5 if self.use_scale else 1.0
-        v = self.g(x)
+            if _one_conv_projections(self):
+                convs = (self.theta.conv, self.phi.conv, self.g.conv)
+                bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+                q, k, v = convs[0]._conv_forward(x, torch.cat([c.weight for c in convs]), bias).chunk(3, dim=1)
+            else:
+                q, k, v = self.theta(x), self.phi(x), self.g(x)
         y = FA.spatial_attention(q.flatten(2), k.flatten(2), v.flatten(2), scale=scale, backend=backend)
         return x + self.conv_out(y.view(n, self.inter_channels, *x.shape[2:]))
 
