@@ -298,6 +298,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_ddp_step_one_state_gradients_match_in_one_process():
+    """The DDP worker's comparison, in one process, at the state of rank 1's step 1: the
+    weights after one SGD step on both ranks' step-0 gradients averaged as DDP averages
+    them (each halved, then summed: bit for bit), and rank 1's batch. There, in float32
+    on an AVX2 machine, an input of layer2.1.act1 fell within rounding of zero and took
+    different sides of the ReLU in the original and the converted copy (see
+    _ddp_worker's docstring)."""
+    import _ddp_worker as worker
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker: the state is bit for bit rank 1's
+    try:
+        original = worker.model()
+        steps = [worker.batches(rank) for rank in range(2)]
+        step0_grads = []
+        for x, target in (steps[0][0], steps[1][0]):
+            original.zero_grad()
+            F.cross_entropy(original(x), target).backward()
+            step0_grads.append([p.grad.clone() for p in original.parameters()])
+        for p, g0, g1 in zip(original.parameters(), *step0_grads):
+            p.grad = g0 / 2 + g1 / 2
+        torch.optim.SGD(original.parameters(), lr=worker.LR).step()
+        x, target = steps[1][1]
+        for label, model in {"original": original, **{p: _converted(original, p) for p in _model_paths()}}.items():
+            model.zero_grad()
+            F.cross_entropy(model(x), target).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            if label == "original":
+                grads_original = grads
+            else:
+                worker.assert_gradients_match(grads, grads_original, f"{label} at rank 1's step 1")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_ddp_gloo_gradients_match_original(tmp_path):
     import _ddp_worker
     world_size, timeout_s = 2, 240
