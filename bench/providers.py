@@ -393,7 +393,7 @@ def attention_provider(name: str, case: Case, inputs: dict, compile_backend: str
     def run():
         clear()
         fn(q, k, v, heads, scale).backward(inputs["grad_out"])
-    return Prepared(run, clear, info)
+    return Prepared(run, clear, info=info)
 
 
 # ---------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def model_provider(name: str, case: Case, inputs: dict, compile_backend: str) ->
         clear()
         F.cross_entropy(model(images), labels).backward()
         opt.step()
-    return Prepared(step, clear, info)
+    return Prepared(step, clear, info=info)
 
 
 _FAMILY = {"cbam": (cbam_inputs, cbam_provider), "attention": (attention_inputs, attention_provider),
