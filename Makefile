@@ -24,7 +24,7 @@ $(BUILT): $(STAMP) $(SOURCES)
 
 # the whole suite, then the C++ CPU kernels' op and fuzz tests again under ASan + UBSan
 test: build
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=15 tests
 	$(MAKE) sanitize
 
 bench: build
