@@ -29,10 +29,23 @@ CASES = {
 }
 
 
+def attention_passes(q, k, v, go, heads, scale):
+    """[("fwd", fn), ("fwd+bwd", fn)]: the cpu ops' forward, and forward then backward, on these tensors."""
+    ops = torch.ops.fastattn
+
+    def fwd():
+        return ops.spatial_attention_forward(q, k, v, heads, scale)
+
+    def fwd_bwd():
+        out, lse = fwd()
+        ops.spatial_attention_backward(go, q, k, v, out, lse, heads, scale)
+
+    return [("fwd", fwd), ("fwd+bwd", fwd_bwd)]
+
+
 def worker(library: str, reps: int, threads: int, cases: list[str], cpu_time: bool) -> dict:
     torch.ops.load_library(library)
     torch.set_num_threads(threads)
-    ops = torch.ops.fastattn
     clock = time.thread_time if cpu_time else time.perf_counter
     result = {}
     for name in cases:
@@ -42,14 +55,7 @@ def worker(library: str, reps: int, threads: int, cases: list[str], cpu_time: bo
         q, k, v = (torch.randn(n, c, length, generator=gen) for c, length in ((cq, lq), (cq, lk), (cv, lk)))
         go = torch.randn(n, cv, lq, generator=gen)
 
-        def fwd():
-            return ops.spatial_attention_forward(q, k, v, heads, scale)
-
-        def fwd_bwd():
-            out, lse = fwd()
-            ops.spatial_attention_backward(go, q, k, v, out, lse, heads, scale)
-
-        for pass_, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        for pass_, fn in attention_passes(q, k, v, go, heads, scale):
             fn()
             times = []
             for _ in range(reps):

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from bench.attention_ab import attention_passes
+
 # the bench's ResNet-50 CBAM stages (bench/cases.py) and attention shapes of head dims 64, 128, 256:
 # the stream block depends on the L2 size only where d > 64 (it is capped at 512 positions)
 CBAM_CASES = {f"cbam 8x{c}x{h}x{h}": (8, c, h, h) for c, h in ((256, 56), (512, 28), (1024, 14), (2048, 7))}
@@ -68,14 +70,7 @@ def worker(reps: int, threads: int, cases: list[str], cpu_time: bool) -> dict:
         else:
             n, c, length, heads = ATTENTION_CASES[name]
             q, k, v, go = (torch.randn(n, c, length, generator=gen) for _ in range(4))
-            ops, scale = torch.ops.fastattn, (c // heads) ** -0.5
-
-            def fwd():
-                return ops.spatial_attention_forward(q, k, v, heads, scale)
-
-            def fwd_bwd():
-                out, lse = fwd()
-                ops.spatial_attention_backward(go, q, k, v, out, lse, heads, scale)
+            (_, fwd), (_, fwd_bwd) = attention_passes(q, k, v, go, heads, (c // heads) ** -0.5)
 
         for pass_, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             result["times"][f"{name} {pass_}"] = _median_time(fn, reps, clock)
