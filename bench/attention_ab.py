@@ -29,6 +29,17 @@ CASES = {
 }
 
 
+def median_time(fn, reps: int, clock) -> float:
+    """Median of reps timed calls of fn after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
 def attention_passes(q, k, v, go, heads, scale):
     """[("fwd", fn), ("fwd+bwd", fn)]: the cpu ops' forward, and forward then backward, on these tensors."""
     ops = torch.ops.fastattn
@@ -56,13 +67,7 @@ def worker(library: str, reps: int, threads: int, cases: list[str], cpu_time: bo
         go = torch.randn(n, cv, lq, generator=gen)
 
         for pass_, fn in attention_passes(q, k, v, go, heads, scale):
-            fn()
-            times = []
-            for _ in range(reps):
-                start = clock()
-                fn()
-                times.append(clock() - start)
-            result[f"{name} {pass_}"] = statistics.median(times)
+            result[f"{name} {pass_}"] = median_time(fn, reps, clock)
     return result
 
 

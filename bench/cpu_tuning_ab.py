@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.attention_ab import attention_passes
+from bench.attention_ab import attention_passes, median_time
 
 # the bench's ResNet-50 CBAM stages (bench/cases.py) and attention shapes of head dims 64, 128, 256:
 # the stream block depends on the L2 size only where d > 64 (it is capped at 512 positions)
@@ -31,16 +31,6 @@ ATTENTION_CASES = {  # (N, C, L, heads)
     "attention 2x256x32x32 d128": (2, 256, 1024, 2),
     "attention 2x512x32x32 d256": (2, 512, 1024, 2),
 }
-
-
-def _median_time(fn, reps: int, clock) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times)
 
 
 def worker(reps: int, threads: int, cases: list[str], cpu_time: bool) -> dict:
@@ -73,7 +63,7 @@ def worker(reps: int, threads: int, cases: list[str], cpu_time: bool) -> dict:
             (_, fwd), (_, fwd_bwd) = attention_passes(q, k, v, go, heads, (c // heads) ** -0.5)
 
         for pass_, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            result["times"][f"{name} {pass_}"] = _median_time(fn, reps, clock)
+            result["times"][f"{name} {pass_}"] = median_time(fn, reps, clock)
     return result
 
 
