@@ -43,8 +43,8 @@ eager,sdpa,sdpa-flash,sdpa-efficient,sdpa-cudnn,sdpa-math,flash-attn,timm"}
 BENCH_ARGS=${BENCH_ARGS:-"--only cbam,attention --dtype float16 --cases gpu-targets,8x256x56x56 --unverified \
 --providers $BENCH_PROVIDERS --deadline $((BENCH_TIME - 50))"}
 # the tests that exercise the unverified variants (attention kernels, fastattn/_verified.py)
-UNVERIFIED_TESTS=${UNVERIFIED_TESTS:-"tests/test_cuda_attention_mma.py tests/test_cuda_attention_ops.py tests/test_triton_attention_ops.py \
-tests/test_attention_functional.py"}
+UNVERIFIED_TESTS=${UNVERIFIED_TESTS:-"tests/test_attention_op_cases.py tests/test_cuda_attention_mma.py tests/test_cuda_attention_ops.py \
+tests/test_triton_attention_ops.py tests/test_attention_functional.py"}
 DRY_RUN=${DRY_RUN:-0}
 
 if [ "$DRY_RUN" = 1 ]; then
