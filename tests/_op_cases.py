@@ -411,17 +411,27 @@ def cbam_gate(shape, dtype, kind, gen, device):
     return cbam_randn((n, c), dtype, gen, device)
 
 
-def cbam_grad_x_args(x, gen, kind, grad_layout):
-    """Arguments of cbam_grad_x after x, every term given; saved tensors from the same-dtype reference forward."""
+GRAD_X_TERMS = ("grad_y", "grad_pooled", "grad_avg", "grad_max")
+
+
+def cbam_grad_x_args(x, gen, kind, grad_layout, terms=GRAD_X_TERMS):
+    """Arguments of cbam_grad_x after x (None where the term is absent); saved tensors from the same-dtype
+    reference forward."""
     n, c, h, w = x.shape
     dtype, device = x.dtype, x.device
     ch_gate = cbam_gate(x.shape, dtype, kind, gen, device)
     sp_gate = torch.rand((n, h, w), generator=gen).to(device=device, dtype=dtype)
     pooled, sp_argmax, sp_count = ref_gated_spatial_pool(x, ch_gate)
     _, ch_max, ch_argmax, ch_count = ref_channel_pool(x)
-    return [to_cbam_layout(cbam_randn(x.shape, dtype, gen, device), grad_layout), ch_gate, sp_gate,
-            cbam_randn((n, 2, h, w), dtype, gen, device), pooled, sp_argmax, sp_count,
-            cbam_randn((n, c), dtype, gen, device), cbam_randn((n, c), dtype, gen, device), ch_max, ch_argmax, ch_count]
+    args = dict(grad_y=to_cbam_layout(cbam_randn(x.shape, dtype, gen, device), grad_layout), ch_gate=ch_gate,
+                sp_gate=sp_gate, grad_pooled=cbam_randn((n, 2, h, w), dtype, gen, device), pooled=pooled,
+                sp_argmax=sp_argmax, sp_count=sp_count, grad_avg=cbam_randn((n, c), dtype, gen, device),
+                grad_max=cbam_randn((n, c), dtype, gen, device), ch_max=ch_max, ch_argmax=ch_argmax,
+                ch_count=ch_count)
+    needs = {"grad_y": ["ch_gate", "sp_gate"], "grad_pooled": ["ch_gate", "pooled", "sp_argmax", "sp_count"],
+             "grad_avg": [], "grad_max": ["ch_max", "ch_argmax", "ch_count"]}
+    kept = {name for term in terms for name in [term] + needs[term]}
+    return [args[name] if name in kept else None for name in args]
 
 
 def all_cbam_op_args(x, gen, grad_layout, split_ties=True):

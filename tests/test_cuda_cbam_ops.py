@@ -3,19 +3,19 @@
 Values (means, sums, gradients) follow docs/DESIGN.md §4: the kernel's error against a
 float64 ground truth is at most 2x the same-dtype reference's error plus a small
 atol. Maxima, argmax and tie counts must equal the same-dtype reference exactly,
-NaN and inf in the same places.
+NaN and inf in the same places. The cases every CBAM backend shares (hand-made NaN/inf rows, empty
+batch, other strides, determinism, float64 refused) are in tests/test_cbam_op_cases.py (backend "cuda").
 """
 from __future__ import annotations
 
 import itertools
 import os
-import zlib
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from _contract import CUDA_CBAM_ATOL, assert_equal_values, assert_error_rule
+from _op_cases import GRAD_X_TERMS, cbam_gate, cbam_generator, cbam_grad_x_args, cbam_randn, cbam_x, to_cbam_layout
 from _util import compiled_ops
 
 from fastattn.reference import (
@@ -76,41 +76,23 @@ cases = pytest.mark.parametrize(
 split_ties_cases = pytest.mark.parametrize("split_ties", [True, False], ids=["split", "first"])
 
 
-def _generator(*key) -> torch.Generator:
-    """A generator seeded by the test case, the same in every process."""
-    return torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # neither NCHW- nor channels_last-contiguous
-        return t.transpose(2, 3).contiguous().transpose(2, 3) if t.shape[2] > 1 and t.shape[3] > 1 else t[:, :, :, :]
-    return t.contiguous()
+_generator = cbam_generator  # CPU generators: the values do not depend on the device
 
 
 def _make_x(shape, dtype, layout, kind, gen):
-    x = torch.randn(shape, generator=gen, device=DEVICE)
-    if kind == "ties":
-        x = torch.relu(3 * x).round()
-    elif kind == "nan":
-        flat = x.view(-1)
-        for value, every in ((float("nan"), 97), (float("inf"), 211), (float("-inf"), 307)):
-            positions = torch.randint(0, flat.numel(), (max(1, flat.numel() // every),), generator=gen, device=DEVICE)
-            flat[positions] = value
-    return _to_layout(x.to(dtype), layout)
+    return cbam_x(shape, dtype, layout, kind, gen, DEVICE)
 
 
 def _make_gate(shape, dtype, kind, gen):
-    """(N, C) channel gate; in 'ties' quarters in [0, 1], so gated products tie across channels too."""
-    n, c = shape[:2]
-    if kind == "ties":
-        return (torch.randint(0, 5, (n, c), generator=gen, device=DEVICE) / 4).to(dtype)
-    return torch.randn((n, c), generator=gen, device=DEVICE).to(dtype)
+    return cbam_gate(shape, dtype, kind, gen, DEVICE)
 
 
 def _randn(shape, dtype, gen):
-    return torch.randn(shape, generator=gen, device=DEVICE).to(dtype)
+    return cbam_randn(shape, dtype, gen, DEVICE)
+
+
+def _rand(shape, dtype, gen):
+    return torch.rand(shape, generator=gen).to(device=DEVICE, dtype=dtype)
 
 
 # --------------------------------------------------------------------------
@@ -167,32 +149,9 @@ def _truth_grad_x(x, grad_y, ch_gate, sp_gate, grad_pooled, pooled, sp_argmax, s
     return dx
 
 
-GRAD_X_TERMS = ("grad_y", "grad_pooled", "grad_avg", "grad_max")
-
-
-def _grad_x_args(x, gen, kind, grad_layout, terms=GRAD_X_TERMS):
-    """Arguments of cbam_grad_x after x (None where absent); saved tensors from the same-dtype reference forward."""
-    n, c, h, w = x.shape
-    dtype = x.dtype
-    ch_gate = _make_gate(x.shape, dtype, kind, gen)
-    sp_gate = torch.rand((n, h, w), generator=gen, device=DEVICE).to(dtype)
-    pooled, sp_argmax, sp_count = ref_gated_spatial_pool(x, ch_gate)
-    _, ch_max, ch_argmax, ch_count = ref_channel_pool(x)
-    args = dict(grad_y=_to_layout(_randn(x.shape, dtype, gen), grad_layout), ch_gate=ch_gate, sp_gate=sp_gate,
-                grad_pooled=_randn((n, 2, h, w), dtype, gen), pooled=pooled, sp_argmax=sp_argmax, sp_count=sp_count,
-                grad_avg=_randn((n, c), dtype, gen), grad_max=_randn((n, c), dtype, gen), ch_max=ch_max,
-                ch_argmax=ch_argmax, ch_count=ch_count)
-    needs = {"grad_y": ["ch_gate", "sp_gate"], "grad_pooled": ["ch_gate", "pooled", "sp_argmax", "sp_count"],
-             "grad_avg": [], "grad_max": ["ch_max", "ch_argmax", "ch_count"]}
-    kept = {name for term in terms for name in [term] + needs[term]}
-    order = ["grad_y", "ch_gate", "sp_gate", "grad_pooled", "pooled", "sp_argmax", "sp_count",
-             "grad_avg", "grad_max", "ch_max", "ch_argmax", "ch_count"]
-    return [args[name] if name in kept else None for name in order]
-
-
 def _grad_x_inputs(shape, dtype, layout, kind, gen, terms=GRAD_X_TERMS):
     x = _make_x(shape, dtype, layout, kind, gen)
-    return x, _grad_x_args(x, gen, kind, layout, terms)
+    return x, cbam_grad_x_args(x, gen, kind, layout, terms)
 
 
 # --------------------------------------------------------------------------
@@ -230,7 +189,7 @@ def test_cbam_apply(ops, shape, dtype, layout, kind):
     n, c, h, w = shape
     x = _make_x(shape, dtype, layout, kind, gen)
     ch_gate = _make_gate(shape, dtype, kind, gen)
-    sp_gate = torch.rand((n, h, w), generator=gen, device=DEVICE).to(dtype)
+    sp_gate = _rand((n, h, w), dtype, gen)
     y = ops.cbam_apply(x, ch_gate, sp_gate)
     _check_layout("y", y, x)
     _check_values("y", y, ref_cbam_apply(x, ch_gate, sp_gate), ref_cbam_apply(x.double(), ch_gate.double(), sp_gate.double()))
@@ -241,9 +200,9 @@ def test_cbam_apply_backward(ops, shape, dtype, layout, kind):
     gen = _generator("cbam_apply_backward", shape, dtype, layout, kind)
     n, c, h, w = shape
     x = _make_x(shape, dtype, layout, kind, gen)
-    grad_y = _to_layout(_randn(shape, dtype, gen), layout)
+    grad_y = to_cbam_layout(_randn(shape, dtype, gen), layout)
     ch_gate = _make_gate(shape, dtype, kind, gen)
-    sp_gate = torch.rand((n, h, w), generator=gen, device=DEVICE).to(dtype)
+    sp_gate = _rand((n, h, w), dtype, gen)
     d_ch, d_sp = ops.cbam_apply_backward(grad_y, x, ch_gate, sp_gate)
     ref_ch, ref_sp = ref_cbam_apply_backward(grad_y, x, ch_gate, sp_gate)
     truth_ch, truth_sp = ref_cbam_apply_backward(grad_y.double(), x.double(), ch_gate.double(), sp_gate.double())
@@ -285,85 +244,3 @@ def test_cbam_grad_x_absent_terms(ops, terms, shape, layout, dtype):
         dx = ops.cbam_grad_x(x, *args, split_ties)
         _check_layout("grad_x", dx, x)
         _check_values("grad_x", dx, ref_cbam_grad_x(x, *args, split_ties), _truth_grad_x(x, *args, split_ties))
-
-
-# --------------------------------------------------------------------------
-# Other strides (internal copy), float64 refused, determinism
-# --------------------------------------------------------------------------
-REFERENCE = SimpleNamespace(
-    channel_pool=ref_channel_pool, gated_spatial_pool=ref_gated_spatial_pool, cbam_apply=ref_cbam_apply,
-    cbam_apply_backward=ref_cbam_apply_backward,
-    gated_spatial_pool_backward_gate=ref_gated_spatial_pool_backward_gate, cbam_grad_x=ref_cbam_grad_x)
-
-
-def _all_op_args(x, gen, grad_layout, split_ties=True):
-    """{op name: its arguments} for every CBAM op on x; saved tensors from the same-dtype reference."""
-    n, c, h, w = x.shape
-    gate = _make_gate(x.shape, x.dtype, "nan", gen)
-    sp_gate = torch.rand((n, h, w), generator=gen, device=DEVICE).to(x.dtype)
-    grad_y = _to_layout(_randn(x.shape, x.dtype, gen), grad_layout)
-    pooled, argmax, count = ref_gated_spatial_pool(x, gate)
-    grad_pooled = _randn((n, 2, h, w), x.dtype, gen)
-    return {
-        "channel_pool": (x,),
-        "gated_spatial_pool": (x, gate),
-        "cbam_apply": (x, gate, sp_gate),
-        "cbam_apply_backward": (grad_y, x, gate, sp_gate),
-        "gated_spatial_pool_backward_gate": (grad_pooled, x, gate, pooled, argmax, count, split_ties),
-        "cbam_grad_x": (x, *_grad_x_args(x, gen, "ties", grad_layout), split_ties),
-    }
-
-
-def _call_all(namespace, all_args):
-    """{op name: tuple of outputs}"""
-    outputs = {}
-    for name, args in all_args.items():
-        out = getattr(namespace, name)(*args)
-        outputs[name] = out if isinstance(out, tuple) else (out,)
-    return outputs
-
-
-@pytest.mark.parametrize("x_layout", ["strided", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 17, 13, 17), (1, 3, 7, 7), (2, 40, 9, 1)], ids=_shape_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dtype_id)
-def test_other_strides(ops, shape, dtype, x_layout):
-    """x with other strides, and grad_y in another layout than x, read right."""
-    x = _make_x(shape, dtype, x_layout, "ties", _generator("strided", shape, dtype, x_layout))
-    all_args = _all_op_args(x, _generator("strided-ops", shape, dtype, x_layout), grad_layout="contiguous")
-    out, refs = _call_all(ops, all_args), _call_all(REFERENCE, all_args)
-    for name in out:
-        for i, (o, r) in enumerate(zip(out[name], refs[name])):
-            if o.is_floating_point():
-                # ties-kind x: every value here is a short sum of exact products, so float32 vs reference is tight
-                torch.testing.assert_close(o, r, atol=CUDA_CBAM_ATOL[dtype] * max(1.0, r.abs().max().item()), rtol=0,
-                                           equal_nan=True, msg=lambda m: f"{name}[{i}]: {m}")
-            else:
-                assert_equal_values(f"{name}[{i}]", o, r)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_float64_refused(ops, layout):
-    """The CUDA kernels are not compiled for float64 (auto runs float64 CUDA tensors on the reference
-    backend, csrc/cuda/dispatch.cuh): every op refuses it, naming the dtypes it takes."""
-    shape = (2, 5, 7, 7)
-    x = _make_x(shape, torch.float64, layout, "nan", _generator("float64", shape, layout))
-    for name, args in _all_op_args(x, _generator("float64-ops", shape, layout), grad_layout=layout).items():
-        with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-            getattr(ops, name)(*args)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]) if t.is_floating_point() else t
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dtype_id)
-@pytest.mark.parametrize("shape", [(4, 256, 56, 56), (8, 2048, 7, 7)], ids=_shape_id)
-def test_deterministic(ops, shape, dtype, layout):
-    """The same call twice gives bitwise the same outputs (no atomics, fixed reduction order)."""
-    x = _make_x(shape, dtype, layout, "nan", _generator("determinism", shape, dtype, layout))
-    all_args = _all_op_args(x, _generator("determinism-ops", shape, dtype, layout), grad_layout=layout)
-    first, second = _call_all(ops, all_args), _call_all(ops, all_args)
-    for name in first:
-        for i, (a, b) in enumerate(zip(first[name], second[name])):
-            assert torch.equal(_bits(a), _bits(b)), f"{name}[{i}]: two identical calls differ bitwise"
