@@ -22,13 +22,12 @@ attention_backward_delta_kernel(Operand<const scalar_t> grad_out, Operand<const 
 
   const int64_t bh = block_batch_head();
   if (bh >= shape.batch_heads) return;
-  const int64_t n = bh / shape.heads;
-  const int h = static_cast<int>(bh % shape.heads);
+  const Head head(bh, shape);
   const int dv = shape.dv, lq = shape.lq;
   const int q0 = blockIdx.x * kChunk;
   const int i = threadIdx.x % kChunk, part = threadIdx.x / kChunk;
-  const scalar_t* grad_slab = grad_out.slab(n, static_cast<int64_t>(h) * dv);
-  const scalar_t* out_slab = out.slab(n, static_cast<int64_t>(h) * dv);
+  const scalar_t* grad_slab = head.v(grad_out);
+  const scalar_t* out_slab = head.v(out);
 
   float sum = 0.f;
   for (int c0 = 0; c0 < dv; c0 += kChunk) {
@@ -60,6 +59,11 @@ size_t backward_smem_bytes(int dqk, int dv) {
           kChunk * kStageStride + TILE * kStageStride);
 }
 
+// The products with both operands read along rows of staged tiles (P dO, dS q here, dS k in the dq
+// kernel) stay spelled out: through any inlined helper (accumulate_products, a plain function, a
+// per-step one) nvcc hoists their row offsets differently and the SASS of these verified kernels
+// changes (docs/cuda-attention.md, "FFMA kernels: shared helpers").
+//
 // Block (key tile of BKV keys, n * heads), looping over all query tiles of 64:
 //   dv[j] = sum_i P[i, j] dO[i],   dk[j] = scale * sum_i dS[i, j] q[i],
 //   P = exp2(s_log2 - lse * log2(e)),  dS = P * (dO . v[j] - delta[i]).
@@ -77,8 +81,7 @@ attention_backward_dkdv_kernel(Operand<const scalar_t> grad_out, Operand<const s
 
   const int64_t bh = block_batch_head();
   if (bh >= shape.batch_heads) return;
-  const int64_t n = bh / shape.heads;
-  const int h = static_cast<int>(bh % shape.heads);
+  const Head head(bh, shape);
   const int dqk = shape.dqk, dv = shape.dv, lq = shape.lq, lk = shape.lk;
   const int k0 = blockIdx.x * BKV;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -89,10 +92,10 @@ attention_backward_dkdv_kernel(Operand<const scalar_t> grad_out, Operand<const s
   float* stage = v_s + dv_pad * RS;   // q chunk or dO chunk as [channel][i]; outputs as [j][channel]
   float* p_s = stage + kChunk * kStageStride;  // [j][i]
 
-  const scalar_t* q_slab = q.slab(n, static_cast<int64_t>(h) * dqk);
-  const scalar_t* k_slab = k.slab(n, static_cast<int64_t>(h) * dqk);
-  const scalar_t* v_slab = v.slab(n, static_cast<int64_t>(h) * dv);
-  const scalar_t* grad_out_slab = grad_out.slab(n, static_cast<int64_t>(h) * dv);
+  const scalar_t* q_slab = head.qk(q);
+  const scalar_t* k_slab = head.qk(k);
+  const scalar_t* v_slab = head.v(v);
+  const scalar_t* grad_out_slab = head.v(grad_out);
   const float* lse_row = lse + bh * lq;
   const float* delta_row = delta + bh * lq;
 
@@ -106,11 +109,10 @@ attention_backward_dkdv_kernel(Operand<const scalar_t> grad_out, Operand<const s
   float acc_k[G::kAccChunks][TJ][4];  // dk[j][cc * 64 + tx + 16 b] / scale
   float acc_v[G::kAccChunks][TJ][4];  // dv[j][cc * 64 + tx + 16 b]
 #pragma unroll
-  for (int cc = 0; cc < G::kAccChunks; ++cc)
-#pragma unroll
-    for (int a = 0; a < TJ; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) acc_k[cc][a][b] = acc_v[cc][a][b] = 0.f;
+  for (int cc = 0; cc < G::kAccChunks; ++cc) {
+    zero(acc_k[cc]);
+    zero(acc_v[cc]);
+  }
 
   for (int q0 = 0; q0 < lq; q0 += kChunk) {
     float lse_log2[4], row_delta[4];
@@ -125,27 +127,13 @@ attention_backward_dkdv_kernel(Operand<const scalar_t> grad_out, Operand<const s
     // summed over d in the forward's order: bitwise the forward's logits, so P = exp2(s - lse2)
     // differs from the forward's P only by the rounding of lse.
     float s[TJ][4];
-#pragma unroll
-    for (int a = 0; a < TJ; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) s[a][b] = 0.f;
+    zero(s);
     for (int d0 = 0; d0 < dqk; d0 += kChunk) {
       __syncthreads();  // stage and p_s free (resident tiles complete on the first pass)
       load_tile<kChunk, kChunk>(stage, kStageStride, 1, q_slab, q.stride_c, q.stride_l, d0, dqk, q0, lq, scale_log2);
       __syncthreads();
-      const int dc = min(kChunk, dqk - d0);
-#pragma unroll 4
-      for (int d = 0; d < dc; ++d) {
-        float ka[TJ], qb[4];
-#pragma unroll
-        for (int a = 0; a < TJ; ++a) ka[a] = k_s[(d0 + d) * RS + ty + 16 * a];
-#pragma unroll
-        for (int b = 0; b < 4; ++b) qb[b] = stage[d * kStageStride + tx + 16 * b];
-#pragma unroll
-        for (int a = 0; a < TJ; ++a)
-#pragma unroll
-          for (int b = 0; b < 4; ++b) s[a][b] = fmaf(ka[a], qb[b], s[a][b]);
-      }
+      accumulate_products(s, min(kChunk, dqk - d0), [&](int d, int a) { return k_s[(d0 + d) * RS + ty + 16 * a]; },
+                          [&](int d, int b) { return stage[d * kStageStride + tx + 16 * b]; });
     }
     // P, zero outside the valid queries and keys.
 #pragma unroll
@@ -161,10 +149,7 @@ attention_backward_dkdv_kernel(Operand<const scalar_t> grad_out, Operand<const s
 
     // dP = v . dO and dv += P dO, one 64-channel chunk of dO at a time.
     float dp[TJ][4];
-#pragma unroll
-    for (int a = 0; a < TJ; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) dp[a][b] = 0.f;
+    zero(dp);
     const int ic = min(kChunk, lq - q0);
 #pragma unroll
     for (int cc = 0; cc < G::kAccChunks; ++cc) {
@@ -173,19 +158,9 @@ attention_backward_dkdv_kernel(Operand<const scalar_t> grad_out, Operand<const s
         load_tile<kChunk, kChunk>(stage, kStageStride, 1, grad_out_slab, grad_out.stride_c, grad_out.stride_l,
                                   cc * kChunk, dv, q0, lq, 1.f);
         __syncthreads();
-        const int dc = min(kChunk, dv - cc * kChunk);
-#pragma unroll 4
-        for (int c = 0; c < dc; ++c) {
-          float va[TJ], gb[4];
-#pragma unroll
-          for (int a = 0; a < TJ; ++a) va[a] = v_s[(cc * kChunk + c) * RS + ty + 16 * a];
-#pragma unroll
-          for (int b = 0; b < 4; ++b) gb[b] = stage[c * kStageStride + tx + 16 * b];
-#pragma unroll
-          for (int a = 0; a < TJ; ++a)
-#pragma unroll
-            for (int b = 0; b < 4; ++b) dp[a][b] = fmaf(va[a], gb[b], dp[a][b]);
-        }
+        accumulate_products(dp, min(kChunk, dv - cc * kChunk),
+                            [&](int c, int a) { return v_s[(cc * kChunk + c) * RS + ty + 16 * a]; },
+                            [&](int c, int b) { return stage[c * kStageStride + tx + 16 * b]; });
         // here tx + 16 b indexes channels: dv[j][c] += sum_i P[j][i] dO[i][c]
 #pragma unroll 4
         for (int i = 0; i < ic; ++i) {
@@ -233,34 +208,12 @@ attention_backward_dkdv_kernel(Operand<const scalar_t> grad_out, Operand<const s
   }
 
   // Write dk (times scale) and dv through the stage as [j][channel].
-  scalar_t* grad_k_slab = grad_k.slab(n, static_cast<int64_t>(h) * dqk);
-  scalar_t* grad_v_slab = grad_v.slab(n, static_cast<int64_t>(h) * dv);
-#pragma unroll
-  for (int cc = 0; cc < G::kAccChunks; ++cc) {
-    if (cc * kChunk < dqk) {
-      __syncthreads();
-#pragma unroll
-      for (int a = 0; a < TJ; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) stage[(ty + 16 * a) * kStageStride + tx + 16 * b] = acc_k[cc][a][b];
-      __syncthreads();
-      store_tile<kChunk, BKV>(grad_k_slab, grad_k.stride_c, grad_k.stride_l, stage, 1, kStageStride, cc * kChunk, dqk,
-                              k0, lk, scale);
-    }
-  }
-#pragma unroll
-  for (int cc = 0; cc < G::kAccChunks; ++cc) {
-    if (cc * kChunk < dv) {
-      __syncthreads();
-#pragma unroll
-      for (int a = 0; a < TJ; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) stage[(ty + 16 * a) * kStageStride + tx + 16 * b] = acc_v[cc][a][b];
-      __syncthreads();
-      store_tile<kChunk, BKV>(grad_v_slab, grad_v.stride_c, grad_v.stride_l, stage, 1, kStageStride, cc * kChunk, dv,
-                              k0, lk, 1.f);
-    }
-  }
+  scalar_t* grad_k_slab = head.qk(grad_k);
+  scalar_t* grad_v_slab = head.v(grad_v);  // both before the stores, as the SASS-verified original
+  store_accumulators<BKV>(grad_k_slab, grad_k, stage, dqk, k0, lk, scale, ty, tx,
+                          [&](int cc, int a, int b) { return acc_k[cc][a][b]; });
+  store_accumulators<BKV>(grad_v_slab, grad_v, stage, dv, k0, lk, 1.f, ty, tx,
+                          [&](int cc, int a, int b) { return acc_v[cc][a][b]; });
 }
 
 // Block (query tile of BQ queries, n * heads), looping over all key tiles of 64:
@@ -279,8 +232,7 @@ attention_backward_dq_kernel(Operand<const scalar_t> grad_out, Operand<const sca
 
   const int64_t bh = block_batch_head();
   if (bh >= shape.batch_heads) return;
-  const int64_t n = bh / shape.heads;
-  const int h = static_cast<int>(bh % shape.heads);
+  const Head head(bh, shape);
   const int dqk = shape.dqk, dv = shape.dv, lq = shape.lq, lk = shape.lk;
   const int q0 = blockIdx.x * BQ;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -291,10 +243,10 @@ attention_backward_dq_kernel(Operand<const scalar_t> grad_out, Operand<const sca
   float* stage = grad_s + dv_pad * RS; // k chunk as [d][j], v chunk as [c][j]; dq as [i][d]
   float* ds_s = stage + kChunk * kStageStride;  // [i][j]
 
-  const scalar_t* q_slab = q.slab(n, static_cast<int64_t>(h) * dqk);
-  const scalar_t* k_slab = k.slab(n, static_cast<int64_t>(h) * dqk);
-  const scalar_t* v_slab = v.slab(n, static_cast<int64_t>(h) * dv);
-  const scalar_t* grad_out_slab = grad_out.slab(n, static_cast<int64_t>(h) * dv);
+  const scalar_t* q_slab = head.qk(q);
+  const scalar_t* k_slab = head.qk(k);
+  const scalar_t* v_slab = head.v(v);
+  const scalar_t* grad_out_slab = head.v(grad_out);
 
   for (int c0 = 0; c0 < dqk_pad; c0 += kChunk) {
     load_tile<kChunk, BQ>(q_s + c0 * RS, RS, 1, q_slab, q.stride_c, q.stride_l, c0, dqk, q0, lq, scale_log2);
@@ -314,59 +266,27 @@ attention_backward_dq_kernel(Operand<const scalar_t> grad_out, Operand<const sca
 
   float acc[G::kAccChunks][TI][4];  // dq[i][cc * 64 + tx + 16 b] / scale
 #pragma unroll
-  for (int cc = 0; cc < G::kAccChunks; ++cc)
-#pragma unroll
-    for (int a = 0; a < TI; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) acc[cc][a][b] = 0.f;
+  for (int cc = 0; cc < G::kAccChunks; ++cc) zero(acc[cc]);
 
   for (int k0 = 0; k0 < lk; k0 += kChunk) {
     float s[TI][4];
-#pragma unroll
-    for (int a = 0; a < TI; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) s[a][b] = 0.f;
+    zero(s);
     for (int d0 = 0; d0 < dqk; d0 += kChunk) {
       __syncthreads();  // stage and ds_s free (resident tiles complete on the first pass)
       load_tile<kChunk, kChunk>(stage, kStageStride, 1, k_slab, k.stride_c, k.stride_l, d0, dqk, k0, lk, 1.f);
       __syncthreads();
-      const int dc = min(kChunk, dqk - d0);
-#pragma unroll 4
-      for (int d = 0; d < dc; ++d) {
-        float qa[TI], kb[4];
-#pragma unroll
-        for (int a = 0; a < TI; ++a) qa[a] = q_s[(d0 + d) * RS + ty + 16 * a];
-#pragma unroll
-        for (int b = 0; b < 4; ++b) kb[b] = stage[d * kStageStride + tx + 16 * b];
-#pragma unroll
-        for (int a = 0; a < TI; ++a)
-#pragma unroll
-          for (int b = 0; b < 4; ++b) s[a][b] = fmaf(qa[a], kb[b], s[a][b]);
-      }
+      accumulate_products(s, min(kChunk, dqk - d0), [&](int d, int a) { return q_s[(d0 + d) * RS + ty + 16 * a]; },
+                          [&](int d, int b) { return stage[d * kStageStride + tx + 16 * b]; });
     }
     // dP = dO . v, one 64-channel chunk of v at a time.
     float dp[TI][4];
-#pragma unroll
-    for (int a = 0; a < TI; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) dp[a][b] = 0.f;
+    zero(dp);
     for (int c0 = 0; c0 < dv; c0 += kChunk) {
       __syncthreads();
       load_tile<kChunk, kChunk>(stage, kStageStride, 1, v_slab, v.stride_c, v.stride_l, c0, dv, k0, lk, 1.f);
       __syncthreads();
-      const int dc = min(kChunk, dv - c0);
-#pragma unroll 4
-      for (int c = 0; c < dc; ++c) {
-        float ga[TI], vb[4];
-#pragma unroll
-        for (int a = 0; a < TI; ++a) ga[a] = grad_s[(c0 + c) * RS + ty + 16 * a];
-#pragma unroll
-        for (int b = 0; b < 4; ++b) vb[b] = stage[c * kStageStride + tx + 16 * b];
-#pragma unroll
-        for (int a = 0; a < TI; ++a)
-#pragma unroll
-          for (int b = 0; b < 4; ++b) dp[a][b] = fmaf(ga[a], vb[b], dp[a][b]);
-      }
+      accumulate_products(dp, min(kChunk, dv - c0), [&](int c, int a) { return grad_s[(c0 + c) * RS + ty + 16 * a]; },
+                          [&](int c, int b) { return stage[c * kStageStride + tx + 16 * b]; });
     }
     // dS = P * (dP - delta), zero outside the valid keys (rows past lq are never stored).
 #pragma unroll
@@ -402,20 +322,8 @@ attention_backward_dq_kernel(Operand<const scalar_t> grad_out, Operand<const sca
     }
   }
 
-  scalar_t* grad_q_slab = grad_q.slab(n, static_cast<int64_t>(h) * dqk);
-#pragma unroll
-  for (int cc = 0; cc < G::kAccChunks; ++cc) {
-    if (cc * kChunk < dqk) {
-      __syncthreads();
-#pragma unroll
-      for (int a = 0; a < TI; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) stage[(ty + 16 * a) * kStageStride + tx + 16 * b] = acc[cc][a][b];
-      __syncthreads();
-      store_tile<kChunk, BQ>(grad_q_slab, grad_q.stride_c, grad_q.stride_l, stage, 1, kStageStride, cc * kChunk, dqk,
-                             q0, lq, scale);
-    }
-  }
+  store_accumulators<BQ>(head.qk(grad_q), grad_q, stage, dqk, q0, lq, scale, ty, tx,
+                         [&](int cc, int a, int b) { return acc[cc][a][b]; });
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // Shared pieces of the FFMA attention kernels (forward.cuh, backward.cuh): constants, strided
 // operands, tile copies between global and shared memory, row reductions, tile geometry, and the
-// register-tile loops of the forward kernel (the backward kernels still spell theirs out). Included by csrc/cuda/attention.cu only: everything here
+// register-tile loops of the kernels. Included by csrc/cuda/attention.cu only: everything here
 // lives in that translation unit's anonymous namespace.
 #pragma once
 

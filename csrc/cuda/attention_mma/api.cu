@@ -25,6 +25,17 @@ int head_dim_block(const Shape& shape, int largest) {
   return 0;
 }
 
+// Calls body with a value of the kernels' element type for q's dtype: __half or __nv_bfloat16, the
+// two that applies() admits.
+template <typename Body>
+void with_element_type(const at::Tensor& q, Body&& body) {
+  if (q.scalar_type() == at::kHalf) {
+    body(__half());
+  } else {
+    body(__nv_bfloat16());
+  }
+}
+
 // Tiles are L-contiguous in shared memory unless q is channel-last (as the output, which follows q).
 bool l_contiguous(const at::Tensor& q) { return !(q.stride(1) == 1 && q.size(1) > 1); }
 
@@ -80,13 +91,10 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
                              operand(v, shape.dv, l_contig),  operand(out, shape.dv, l_contig),
                              lse.data_ptr<float>(),           shape,
                              scale_log2};
-  const int block = head_dim_block(shape, kMaxForwardHeadDim);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (q.scalar_type() == at::kHalf) {
-    run_forward<__half>(params, l_contig, block, stream);
-  } else {
-    run_forward<__nv_bfloat16>(params, l_contig, block, stream);
-  }
+  with_element_type(q, [&](auto element) {
+    run_forward<decltype(element)>(params, l_contig, head_dim_block(shape, kMaxForwardHeadDim),
+                                   at::cuda::getCurrentCUDAStream());
+  });
 }
 
 void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -105,13 +113,10 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
                               shape,
                               scale,
                               scale_log2};
-  const int block = head_dim_block(shape, kMaxBackwardHeadDim);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (q.scalar_type() == at::kHalf) {
-    run_backward<__half>(params, l_contig, block, stream);
-  } else {
-    run_backward<__nv_bfloat16>(params, l_contig, block, stream);
-  }
+  with_element_type(q, [&](auto element) {
+    run_backward<decltype(element)>(params, l_contig, head_dim_block(shape, kMaxBackwardHeadDim),
+                                    at::cuda::getCurrentCUDAStream());
+  });
 }
 
 }  // namespace attention_mma

@@ -82,10 +82,7 @@ attention_mma_backward_dkdv_kernel(const BackwardParams params) {
   const int n_tiles = (lq + kQueries - 1) / kQueries;
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int i0 = tile * kQueries, stage = tile % kStages;
-    cp_async_wait<0>();
-    __syncthreads();  // tile `tile` is in; every warp is done with the other stage
-    if (tile + 1 < n_tiles) load_query_tile(tile + 1, (tile + 1) % kStages);
-    cp_async_commit();
+    advance_stages<kStages>(tile, n_tiles, load_query_tile);
     const T* q_tile = q_s + stage * QTile::kElems;
     const T* do_tile = do_s + stage * QTile::kElems;
     const float* lse_tile = lse_s + stage * kQueries;
@@ -157,10 +154,12 @@ attention_mma_backward_dq_kernel(const BackwardParams params) {
   const T* v_slab = head.slab<const T>(params.v, dv);
   const T* do_slab = head.slab<const T>(params.grad_out, dv);
 
+  auto load_key_tile = [&](int tile, int stage) {
+    load_kv_stage<KTile, kThreads>(k_s, v_s, stage, k_slab, v_slab, params, tile * kKeys);
+  };
   load_tile<QTile, kThreads>(q_s, q_slab, params.q, q0, lq, dqk);
   load_tile<QTile, kThreads>(do_s, do_slab, params.grad_out, q0, lq, dv);
-  load_tile<KTile, kThreads>(k_s, k_slab, params.k, 0, lk, dqk);
-  load_tile<KTile, kThreads>(v_s, v_slab, params.v, 0, lk, dv);
+  load_key_tile(0, 0);
   cp_async_commit();
 
   float lse_log2[2], row_delta[2];  // rows warp_row0 + g and + 8
@@ -176,14 +175,7 @@ attention_mma_backward_dq_kernel(const BackwardParams params) {
   const int n_tiles = (lk + kKeys - 1) / kKeys;
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int k0 = tile * kKeys, stage = tile % kStages;
-    cp_async_wait<0>();
-    __syncthreads();  // tile `tile` is in; every warp is done with the other stage
-    if (tile + 1 < n_tiles) {
-      const int next = (tile + 1) % kStages;
-      load_tile<KTile, kThreads>(k_s + next * KTile::kElems, k_slab, params.k, k0 + kKeys, lk, dqk);
-      load_tile<KTile, kThreads>(v_s + next * KTile::kElems, v_slab, params.v, k0 + kKeys, lk, dv);
-    }
-    cp_async_commit();
+    advance_stages<kStages>(tile, n_tiles, load_key_tile);
     const T* k_tile = k_s + stage * KTile::kElems;
     const T* v_tile = v_s + stage * KTile::kElems;
 

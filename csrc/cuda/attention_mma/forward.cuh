@@ -50,9 +50,11 @@ attention_mma_forward_kernel(const ForwardParams params) {
   const T* k_slab = head.slab<const T>(params.k, dqk);
   const T* v_slab = head.slab<const T>(params.v, dv);
 
+  auto load_key_tile = [&](int tile, int stage) {
+    load_kv_stage<KVTile, kThreads>(k_s, v_s, stage, k_slab, v_slab, params, tile * kBlockN);
+  };
   load_tile<QTile, kThreads>(q_s, q_slab, params.q, q0, lq, dqk);
-  load_tile<KVTile, kThreads>(k_s, k_slab, params.k, 0, lk, dqk);
-  load_tile<KVTile, kThreads>(v_s, v_slab, params.v, 0, lk, dv);
+  load_key_tile(0, 0);
   cp_async_commit();
 
   float acc[D / 8][4];  // O[warp_row0 + g (+8)][8 cb + 2t (+1)], unnormalised
@@ -63,14 +65,7 @@ attention_mma_forward_kernel(const ForwardParams params) {
   const int n_tiles = (lk + kBlockN - 1) / kBlockN;
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int k0 = tile * kBlockN, stage = tile % Traits::kStages;
-    cp_async_wait<0>();
-    __syncthreads();  // tile `tile` is in; every warp is done with the other stage
-    if (tile + 1 < n_tiles) {
-      const int next = (tile + 1) % Traits::kStages;
-      load_tile<KVTile, kThreads>(k_s + next * KVTile::kElems, k_slab, params.k, k0 + kBlockN, lk, dqk);
-      load_tile<KVTile, kThreads>(v_s + next * KVTile::kElems, v_slab, params.v, k0 + kBlockN, lk, dv);
-    }
-    cp_async_commit();
+    advance_stages<Traits::kStages>(tile, n_tiles, load_key_tile);
     const T* k_tile = k_s + stage * KVTile::kElems;
     const T* v_tile = v_s + stage * KVTile::kElems;
 

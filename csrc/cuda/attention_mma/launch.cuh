@@ -26,10 +26,13 @@ inline dim3 launch_grid(int tiles, int64_t batch_heads) {
 
 inline int tiles(int length, int tile) { return (length + tile - 1) / tile; }
 
-// Raises the kernel's dynamic shared-memory limit (every configuration fits sm_80's 163 KB).
-template <typename Kernel>
-void set_smem(Kernel kernel, int smem_bytes) {
+// Launches kernel(params) over (tiles of tile_rows along `length`, N * heads) with kThreads threads,
+// after raising its dynamic shared-memory limit to smem_bytes (every configuration fits sm_80's 163 KB).
+template <int kThreads, typename Kernel, typename Params>
+void launch(Kernel kernel, int smem_bytes, int length, int tile_rows, const Params& params, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kernel<<<launch_grid(tiles(length, tile_rows), params.shape.batch_heads), kThreads, smem_bytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Calls body with the head-dim block (std::integral_constant) and the layout flag as compile-time values.
@@ -53,11 +56,8 @@ template <typename T>
 void run_forward(const ForwardParams& params, bool l_contiguous, int head_dim_block, cudaStream_t stream) {
   with_config<64, 128, 256>(head_dim_block, l_contiguous, [&](auto block, auto layout) {
     using Traits = ForwardTraits<T, decltype(block)::value, decltype(layout)::value>;
-    auto kernel = attention_mma_forward_kernel<Traits>;
-    set_smem(kernel, Traits::kSmemBytes);
-    kernel<<<launch_grid(tiles(params.shape.lq, Traits::kBlockM), params.shape.batch_heads), Traits::kThreads,
-             Traits::kSmemBytes, stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<Traits::kThreads>(attention_mma_forward_kernel<Traits>, Traits::kSmemBytes, params.shape.lq, Traits::kBlockM,
+                             params, stream);
   });
 }
 
@@ -65,16 +65,10 @@ template <typename T>
 void run_backward(const BackwardParams& params, bool l_contiguous, int head_dim_block, cudaStream_t stream) {
   with_config<64, 128>(head_dim_block, l_contiguous, [&](auto block, auto layout) {
     using Traits = BackwardTraits<T, decltype(block)::value, decltype(layout)::value>;
-    auto dkdv = attention_mma_backward_dkdv_kernel<Traits>;
-    set_smem(dkdv, Traits::kDkdvSmemBytes);
-    dkdv<<<launch_grid(tiles(params.shape.lk, Traits::kKeyBlock), params.shape.batch_heads), Traits::kThreads,
-           Traits::kDkdvSmemBytes, stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto dq = attention_mma_backward_dq_kernel<Traits>;
-    set_smem(dq, Traits::kDqSmemBytes);
-    dq<<<launch_grid(tiles(params.shape.lq, Traits::kQueryBlock), params.shape.batch_heads), Traits::kThreads,
-         Traits::kDqSmemBytes, stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<Traits::kThreads>(attention_mma_backward_dkdv_kernel<Traits>, Traits::kDkdvSmemBytes, params.shape.lk,
+                             Traits::kKeyBlock, params, stream);
+    launch<Traits::kThreads>(attention_mma_backward_dq_kernel<Traits>, Traits::kDqSmemBytes, params.shape.lq,
+                             Traits::kQueryBlock, params, stream);
   });
 }
 

@@ -79,5 +79,25 @@ __device__ __forceinline__ void store_tile(T* slab, const Operand& op, const T* 
   }
 }
 
+// K and V of the key tile at k0 into stage `stage` of the double-buffered k_s and v_s (the forward's
+// and the dq kernel's streamed operands).
+template <typename KVTile, int kThreads, typename T, typename Params>
+__device__ __forceinline__ void load_kv_stage(T* k_s, T* v_s, int stage, const T* k_slab, const T* v_slab,
+                                              const Params& params, int k0) {
+  load_tile<KVTile, kThreads>(k_s + stage * KVTile::kElems, k_slab, params.k, k0, params.shape.lk, params.shape.dqk);
+  load_tile<KVTile, kThreads>(v_s + stage * KVTile::kElems, v_slab, params.v, k0, params.shape.lk, params.shape.dv);
+}
+
+// The head of each step of a kernel's loop over streamed tiles: waits for tile `tile` (its cp.async
+// group and every warp being done with the other stage), then starts load(tile + 1, its stage) if
+// there is a next tile. The caller has committed tile 0's group before the loop.
+template <int kStages, typename Load>
+__device__ __forceinline__ void advance_stages(int tile, int n_tiles, Load load) {
+  cp_async_wait<0>();
+  __syncthreads();
+  if (tile + 1 < n_tiles) load(tile + 1, (tile + 1) % kStages);
+  cp_async_commit();
+}
+
 }  // namespace attention_mma
 }  // namespace fastattn
