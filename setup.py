@@ -90,6 +90,19 @@ else:
     ext = CppExtension("fastattn._C", cpp_sources, include_dirs=include_dirs,
                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """One object tree, build/temp, for every build of this checkout: `make build` (pip install -e ., which
+    would compile in a temporary folder and throw the objects away), `setup.py build_ext --inplace` and
+    `pip wheel .` (tests/test_install.py). ninja then recompiles only what changed: a source, a header, or the
+    flags (a CPU-only build after a CUDA one recompiles the files whose command differs). An explicit
+    --build-temp (make sanitize) wins."""
+
+    def finalize_options(self):
+        if self.build_temp is None:
+            self.build_temp = os.path.join(here, "build", "temp")
+        super().finalize_options()
+
+
 setup(
     name="fastattn",
     version="0.1.0",
@@ -97,7 +110,7 @@ setup(
     packages=["fastattn", "fastattn.triton_kernels"],
     package_dir={"fastattn": "fastattn", "fastattn.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.9",
     install_requires=["torch>=2.11"],
 )
