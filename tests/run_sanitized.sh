@@ -46,7 +46,8 @@ sys.exit(0 if f.startswith('$src/') else 'the sanitized fastattn._C was not load
     t0=$(date +%s)
     # Triton's kernels are not C++: their cases would only run the interpreter slowly under ASan
     "$PY" -m pytest -q -p no:cacheprovider -k "not triton" \
-        tests/test_cpu_cbam_ops.py tests/test_cpu_attention_ops.py tests/test_fuzz.py
+        tests/test_cpu_cbam_ops.py tests/test_cpu_attention_ops.py tests/test_attention_op_cases.py \
+        tests/test_cbam_op_cases.py tests/test_fuzz.py
     # the one-op inference forward is checked through the module (its weights come from there)
     "$PY" -m pytest -q -p no:cacheprovider -k "cpu_inference" tests/test_cbam_modules.py
     echo "== sanitized tests took $(( $(date +%s) - t0 )) s"
