@@ -17,7 +17,9 @@ statistics) the whole block is one op, cbam_forward_eval, in two passes:
 inference  channel pool                                       1 read
            per row band: spatial pool, gate, apply            1 read, 1 write
                          (the band's rows re-read from L2)
-          -> x read twice, y written once; see inference_forward.
+          -> x read twice, y written once; see inference_forward. Where the
+             MLP is small, each image is pooled right before its band walk, so
+             the second read finds it in cache (DESIGN.md §7).
 
 Saved for backward: x, the two gates, the pooled map and the small index and
 tie-count tensors (N*C and N*H*W); not y and not x*ch_gate. The tie counts

@@ -72,6 +72,31 @@ def test_inplace_op_gives_the_out_of_place_bits(threads, shape, kernel, layout, 
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_per_image_walk_gives_the_same_bits_on_any_thread_count(dtype):
+    """Where the MLP is small beside an image (here 2 * 4 * 16 weights, 90 positions of 16 channels)
+    the MLP runs per image; with at least two images per thread (5 images on 1 and 2 threads) each
+    task also pools its image's channels right before its band walk. Every thread count, pipelined
+    or not, in place or not, must give the same bits, and float64 the oracle's values."""
+    args = _op_args(16, dtype, biases=True)
+    x = torch.randn(5, 16, 9, 10).to(dtype)
+    old = torch.get_num_threads()
+    try:
+        outs = {}
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            outs[threads] = ops.cbam_forward_eval(x, *args)
+            w = x.clone()
+            ops.cbam_forward_eval_(w, *args)
+            _assert_same_bits(w, outs[threads])
+    finally:
+        torch.set_num_threads(old)
+    for threads in (2, 3, 8):
+        _assert_same_bits(outs[threads], outs[1])
+    if dtype == torch.float64:
+        torch.testing.assert_close(outs[1], reference.ref_cbam_forward_eval(x, *args))
+
+
 @pytest.mark.parametrize("variant", ["no-spatial", "biases", "nan"])
 def test_inplace_op_other_variants(variant):
     old = torch.get_num_threads()

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -29,13 +30,18 @@ namespace {
 // channels (with the rows below it that the conv reaches), makes the band's gate (conv, BN,
 // sigmoid), and applies both gates to the band while its rows are still in L2. x is read from
 // memory twice and y written once, against three reads for the op-by-op forward; no pooled map or
-// gate tensor is made, and the small parts cost no op calls.
+// gate tensor is made, and the small parts cost no op calls. Where the MLP is small beside an image
+// and there are images enough for every thread (NCHW), each task pools its image's channels, runs
+// the image's MLP and walks the image at once: pass 2 finds the image in cache (an image of a
+// ResNet stage is 1-3 MB, the L2 and L3 hold it) and x is read from memory once, in one parallel
+// region.
 //
 // Every value is rounded to x's dtype where the op-by-op forward stores a tensor of that dtype;
 // pooling, conv and apply sum in the same order as channel_pool, gated_spatial_pool,
 // cbam_spatial_conv and cbam_apply, and the MLP's Linear layers are the same PyTorch ops. The two
-// paths differ only in how BatchNorm's scale and shift meet (one multiply-add here) and in the last
-// bit of exp (both sigmoids).
+// paths differ only in how BatchNorm's scale and shift meet (one multiply-add here), in the last
+// bit of exp (both sigmoids) and, where the MLP runs per image, in the Linear layers' last bits
+// (a matrix product of 2 rows need not sum as one of 2N rows does).
 
 // The spatial gate's parameters: conv weight (Cin, kh, kw) and BatchNorm folded to a scale and shift
 template <typename acc>
@@ -49,10 +55,12 @@ struct EvalSpatial {
 // conv's reach below it is pooled, and the rows of a chunk's reach that a neighbouring chunk
 // writes (its halo) are pooled for every chunk before any chunk writes (prepool), so no row of x
 // is read after it was overwritten.
+// With `channel_gate_of` the walk makes each image's channel gates itself, by calling it with the
+// image before its first band (one task per image then): see cbam_forward_eval_into.
 template <typename scalar_t>
 void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<acc_type<scalar_t>>& p, int64_t kh,
                        int64_t kw, int64_t ph, int64_t pw, bool light, bool max_first, const acc_type<scalar_t>* cg,
-                       scalar_t* y_p) {
+                       scalar_t* y_p, const std::function<void(int64_t)>& channel_gate_of = nullptr) {
   using IO = VecIO<scalar_t>;
   using acc = typename IO::acc;
   using fvec = typename IO::fvec;
@@ -67,7 +75,7 @@ void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<a
   const int64_t band = std::clamp<int64_t>(
       std::max(ceil_div(8 * kN, W), eval_band() / std::max<int64_t>(1, C * W * int64_t(sizeof(scalar_t)))), 1,
       std::min(H, lane_tile / W + 1));
-  int64_t chunks = std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), d.N), 1, ceil_div(H, band));
+  int64_t chunks = channel_gate_of ? 1 : std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), d.N), 1, ceil_div(H, band));
   const int64_t chunk_rows = ceil_div(H, chunks);
   chunks = ceil_div(H, chunk_rows);
   const int64_t buf_rows = chunk_rows + 2 * ph, row_len = round_up(W, kN) + kw;
@@ -123,6 +131,7 @@ void eval_spatial_pass(const Dense& d, int64_t H, int64_t W, const EvalSpatial<a
     LaneStates<acc> st;
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t n = t / chunks, c0 = (t % chunks) * chunk_rows, c1 = std::min(H, c0 + chunk_rows);
+      if (channel_gate_of) channel_gate_of(n);
       const acc* cg_n = cg + n * C;
       acc* in = prepool ? chunk_inputs.data() + t * in_size : own_input.data();
       if (!prepool) std::fill(own_input.begin(), own_input.end(), acc(0));
@@ -196,8 +205,8 @@ double bn_value(const std::optional<Tensor>& t, double fallback, const char* op,
 // between them are loops here, rounded where PyTorch stores a tensor. (Six small ATen ops less:
 // right after pass 1 each costs 5-10 us with the interpreter's and ATen's data out of cache.)
 template <typename scalar_t>
-std::vector<acc_type<scalar_t>> eval_channel_gate(const std::vector<acc_type<scalar_t>>& avg,
-                                                  const std::vector<acc_type<scalar_t>>& mx, int64_t N, int64_t C,
+std::vector<acc_type<scalar_t>> eval_channel_gate(const acc_type<scalar_t>* avg, const acc_type<scalar_t>* mx,
+                                                  int64_t N, int64_t C,
                                                   const Tensor& w1m, const std::optional<Tensor>& b1,
                                                   const Tensor& w2m, const std::optional<Tensor>& b2, bool light) {
   using IO = VecIO<scalar_t>;
@@ -225,6 +234,10 @@ std::vector<acc_type<scalar_t>> eval_channel_gate(const std::vector<acc_type<sca
   }
   return gate;
 }
+
+// The MLP runs per image where an image has at least this many elements per MLP weight: the
+// weights, read once per image then, stay a small part of the traffic
+constexpr int64_t kImagePerWeight = 8;
 
 // The block's output into y (x-sized, of d's dense layout; x's own memory for the in-place op)
 void cbam_forward_eval_into(const char* op, const Dense& d, const Tensor& x, const Tensor& w1,
@@ -268,14 +281,33 @@ void cbam_forward_eval_into(const char* op, const Dense& d, const Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cbam_forward_eval", [&] {
     using acc = acc_type<scalar_t>;
     constexpr int64_t kN = VecIO<scalar_t>::kN;
-    // pass 1: the channel pool (sum and max; no argmax at inference), as channel_pool rounds them
-    std::vector<acc> avg(d.N * d.C), mx(d.N * d.C);
+    // Where the MLP's weights are small beside an image, each image's MLP runs on that image's rows
+    // alone (the shape decides, not the thread count, so the bits do not depend on it). Then, given
+    // an image per task for every thread (NCHW), the band walk pools each image's channels right
+    // before walking it: pass 2 re-reads the image from cache, and x comes from memory once.
+    const bool mlp_per_image = (w1m.numel() + w2m.numel()) * kImagePerWeight <= d.C * d.HW;
+    const bool pipelined = spatial && mlp_per_image && !d.channels_last && d.N >= 2 * at::get_num_threads();
+    std::vector<acc> avg(d.N * d.C), mx(d.N * d.C), cg(d.N * d.C + kN, acc(0));
     const acc len = acc(d.HW);
-    channel_stats<scalar_t, false>(d, [&](int64_t nc, const MaxStats<acc>& s) {
+    auto pooled = [&](int64_t nc, const MaxStats<acc>& s) {  // as channel_pool rounds them
       avg[nc] = VecIO<scalar_t>::round(s.sum / len);
       mx[nc] = VecIO<scalar_t>::round(s.max);
-    });
-    const auto cg = eval_channel_gate<scalar_t>(avg, mx, d.N, d.C, w1m, b1, w2m, b2, light);
+    };
+    auto gate_of_image = [&](int64_t n) {
+      const auto g = eval_channel_gate<scalar_t>(avg.data() + n * d.C, mx.data() + n * d.C, 1, d.C, w1m, b1, w2m,
+                                                 b2, light);
+      std::copy_n(g.begin(), d.C, cg.begin() + n * d.C);
+    };
+    // pass 1: the channel pool (sum and max; no argmax at inference), then the MLP
+    if (!pipelined) {
+      channel_stats<scalar_t, false>(d, pooled);
+      if (mlp_per_image) {
+        for (const auto n : c10::irange(d.N)) gate_of_image(n);
+      } else {
+        const auto g = eval_channel_gate<scalar_t>(avg.data(), mx.data(), d.N, d.C, w1m, b1, w2m, b2, light);
+        std::copy(g.begin(), g.end(), cg.begin());
+      }
+    }
 
     scalar_t* y_p = y.data_ptr<scalar_t>();
     if (!spatial) {  // the channel gate alone
@@ -289,7 +321,18 @@ void cbam_forward_eval_into(const char* op, const Dense& d, const Tensor& x, con
     const acc inv_std = acc(1) / std::sqrt(acc(bn_value(bn_var, 1, op, "bn_var")) + acc(bn_eps));
     p.bn_scale = inv_std * acc(bn_value(bn_weight, 1, op, "bn_weight"));
     p.bn_shift = acc(bn_value(bn_bias, 0, op, "bn_bias")) - acc(bn_value(bn_mean, 0, op, "bn_mean")) * p.bn_scale;
-    eval_spatial_pass<scalar_t>(d, H, W, p, kh, kw, padding[0], padding[1], light, max_first, cg.data(), y_p);
+    std::function<void(int64_t)> channel_gate_of = nullptr;
+    if (pipelined) {
+      const scalar_t* x_p = d.t.const_data_ptr<scalar_t>();
+      const scalar_t* end = x_p + d.t.numel();
+      channel_gate_of = [&, x_p, end](int64_t n) {  // channel_stats' NCHW reduction, one image
+        for (int64_t nc = n * d.C; nc < (n + 1) * d.C; ++nc)
+          pooled(nc, reduce_contiguous<scalar_t, false, false>(x_p + nc * d.HW, nullptr, d.HW, end));
+        gate_of_image(n);
+      };
+    }
+    eval_spatial_pass<scalar_t>(d, H, W, p, kh, kw, padding[0], padding[1], light, max_first, cg.data(), y_p,
+                                channel_gate_of);
   });
 }
 
