@@ -25,29 +25,56 @@ inline acc_t nan_max(acc_t a, acc_t b) {  // NaN-propagating, like the reference
   return (std::isnan(a) || a >= b) ? a : b;
 }
 
-// SLEEF's exp, within 1 ulp (at::vec's exp_u20 is within 20): the float32 accuracy rule
+// exp8 and exp16: x = n ln2 + r with ln2 split in two (Cody-Waite), e^r by cephes' expf polynomial
+// (Horner, highest power first) on |r| <= ln2 / 2, inputs clamped to [kExpMin, kExpMax].
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kLog2e = 1.44269504f;
+constexpr float kExpMin = -104.f, kExpMax = 88.7228394f;
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// exp within 1 ulp (at::vec's exp_u20 is within 20): the float32 accuracy rule
 // (tests/test_float32_accuracy.py) holds the probabilities to eager softmax's.
-inline Vectorized<float> exp_vec(const Vectorized<float>& x) { return x.exp(); }
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+// The 8-wide twin of exp16 below: the same reduction and polynomial, within 1.01 ulp over the
+// float32 inputs whose exp is finite (docs/accuracy.md). Inline it costs about what exp_u20 does;
+// at::vec's exp is SLEEF's expf8_u10, an out-of-line call that dominated the small-head-dim
+// forwards. AVX2 has no scalef: 2^n is applied as 2^(n/2) * 2^(n - n/2), two exact powers of
+// two, so a result in the denormal range is rounded once, as scalef rounds it.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(kExpMax), _mm256_max_ps(_mm256_set1_ps(kExpMin), x));
+  const __m256 fx =
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(fx, _mm256_set1_ps(kLn2Hi), x));
+  __m256 poly = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(kExpPoly[i]));
+  poly = _mm256_add_ps(_mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i n = _mm256_cvtps_epi32(fx), half_n = _mm256_srai_epi32(n, 1);  // n in [-150, 128]
+  auto pow2 = [](__m256i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  };
+  return _mm256_mul_ps(_mm256_mul_ps(poly, pow2(half_n)), pow2(_mm256_sub_epi32(n, half_n)));
+}
+inline Vectorized<float> exp_vec(const Vectorized<float>& x) { return exp8(x); }
+#else
+inline Vectorized<float> exp_vec(const Vectorized<float>& x) { return x.exp(); }  // SLEEF's, within 1 ulp
+#endif
 inline Vectorized<double> exp_vec(const Vectorized<double>& x) { return x.exp(); }
 
 // The exp-heavy row kernels are the whole non-GEMM cost of the softmax: their
 // float versions run 16 wide where ATen runs AVX-512 (avx512.h).
 #ifdef FASTATTN_AVX512
-// exp within ~1 ulp: x = n ln2 + r with ln2 split in two (Cody-Waite; n * kLn2Hi is exact, so r is
-// exact to ~2^-30), e^r by cephes' expf polynomial on |r| <= ln2 / 2, times 2^n. at::vec's exp_u20
+// exp within ~1 ulp (the reduction above: n * kLn2Hi is exact, so r is exact to ~2^-30). at::vec's exp_u20
 // (bounded by 20 ulps) reduces with one rounded ln2, an error that grows with |x|. min/max return
 // their second operand on NaN, so NaN stays NaN.
 FASTATTN_TARGET_AVX512 inline __m512 exp16(__m512 x) {
-  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  x = _mm512_min_ps(_mm512_set1_ps(88.7228394f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_min_ps(_mm512_set1_ps(kExpMax), _mm512_max_ps(_mm512_set1_ps(kExpMin), x));
+  const __m512 fx =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Hi), x));
-  __m512 poly = _mm512_fmadd_ps(r, _mm512_set1_ps(1.9875691500e-4f), _mm512_set1_ps(1.3981999507e-3f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(8.3334519073e-3f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(4.1665795894e-2f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(1.6666665459e-1f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 poly = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(kExpPoly[i]));
   poly = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(poly, fx);  // e^r * 2^n, 0 below the smallest denormal
 }
