@@ -235,6 +235,37 @@ def _batch_head(heads, batch_heads):
     return bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64), bh < batch_heads
 
 
+@triton.jit
+def _program_offsets(BLOCK: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """(rows, qk channels, v channels) of this program: its BLOCK rows of the resident block (grid axis 0)
+    and the padded head dims, int64 before they meet a stride."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, tl.arange(0, BLOCK_DQK).to(tl.int64), tl.arange(0, BLOCK_DV).to(tl.int64)
+
+
+@triton.jit
+def _masked_program_offsets(length, dim_qk, dim_v,
+                            BLOCK: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """_program_offsets and their masks: rows < length, channels < the runtime head dims."""
+    offs, offs_dqk, offs_dv = _program_offsets(BLOCK, BLOCK_DQK, BLOCK_DV)
+    return offs, offs_dqk, offs_dv, offs < length, offs_dqk < dim_qk, offs_dv < dim_v
+
+
+@triton.jit
+def _head_base(ptr, n, h, dim, stride_n, stride_c):
+    """Where head h of batch n starts in an (N, heads * dim, L) tensor."""
+    return ptr + n * stride_n + h * dim * stride_c
+
+
+@triton.jit
+def _load_head_tile(ptr, n, h, dim, stride_n, stride_c, stride_l, offs_l, offs_c, mask_l, mask_c):
+    """Positions offs_l x channels offs_c of head h of batch n (see _head_base), zero where masked.
+    Triton evaluates a call's keyword arguments first: the mask comes before the head's base, as when the
+    kernels spelled the load out (a helper taking the base as an argument would change the PTX)."""
+    return tl.load(_head_base(ptr, n, h, dim, stride_n, stride_c) + offs_l[:, None] * stride_l
+                   + offs_c[None, :] * stride_c, mask=mask_l[:, None] & mask_c[None, :], other=0.0)
+
+
 @_autotune("fwd")
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _spatial_attention_fwd_kernel(
@@ -332,10 +363,8 @@ def _spatial_attention_bwd_norm_kernel(
         offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
         mask_m = offs_m < len_q
         mask_dqk = offs_dqk < dim_qk
-        k_base = k_ptr + n * stride_kn + h * dim_qk * stride_kc
-        q = tl.load(q_ptr + n * stride_qn + h * dim_qk * stride_qc
-                    + offs_m[:, None] * stride_ql + offs_dqk[None, :] * stride_qc,
-                    mask=mask_m[:, None] & mask_dqk[None, :], other=0.0)
+        k_base = _head_base(k_ptr, n, h, dim_qk, stride_kn, stride_kc)
+        q = _load_head_tile(q_ptr, n, h, dim_qk, stride_qn, stride_qc, stride_ql, offs_m, offs_dqk, mask_m, mask_dqk)
         row_ptrs = bh.to(tl.int64) * len_q + offs_m
         lse = tl.load(lse_ptr + row_ptrs, mask=mask_m, other=0.0)
         total = tl.zeros([BLOCK_M], tl.float32)
@@ -371,21 +400,12 @@ def _spatial_attention_bwd_dkdv_kernel(
     RENORM: P is multiplied by norm (per query, _spatial_attention_bwd_norm_kernel)."""
     bh, n, h, valid = _batch_head(heads, batch_heads)
     if valid:
-        offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
-        offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
-        mask_n = offs_n < len_k
-        mask_dqk = offs_dqk < dim_qk
-        mask_dv = offs_dv < dim_v
-
-        q_base = q_ptr + n * stride_qn + h * dim_qk * stride_qc
-        do_base = dout_ptr + n * stride_dn + h * dim_v * stride_dc
-        k = tl.load(k_ptr + n * stride_kn + h * dim_qk * stride_kc
-                    + offs_n[:, None] * stride_kl + offs_dqk[None, :] * stride_kc,
-                    mask=mask_n[:, None] & mask_dqk[None, :], other=0.0)
-        v = tl.load(v_ptr + n * stride_vn + h * dim_v * stride_vc
-                    + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vc,
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        offs_n, offs_dqk, offs_dv, mask_n, mask_dqk, mask_dv = _masked_program_offsets(
+            len_k, dim_qk, dim_v, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+        q_base = _head_base(q_ptr, n, h, dim_qk, stride_qn, stride_qc)
+        do_base = _head_base(dout_ptr, n, h, dim_v, stride_dn, stride_dc)
+        k = _load_head_tile(k_ptr, n, h, dim_qk, stride_kn, stride_kc, stride_kl, offs_n, offs_dqk, mask_n, mask_dqk)
+        v = _load_head_tile(v_ptr, n, h, dim_v, stride_vn, stride_vc, stride_vl, offs_n, offs_dv, mask_n, mask_dv)
         row_base = bh.to(tl.int64) * len_q
 
         dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
@@ -433,21 +453,12 @@ def _spatial_attention_bwd_dq_kernel(
     RENORM: P is multiplied by norm (per query, _spatial_attention_bwd_norm_kernel)."""
     bh, n, h, valid = _batch_head(heads, batch_heads)
     if valid:
-        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
-        offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
-        mask_m = offs_m < len_q
-        mask_dqk = offs_dqk < dim_qk
-        mask_dv = offs_dv < dim_v
-
-        k_base = k_ptr + n * stride_kn + h * dim_qk * stride_kc
-        v_base = v_ptr + n * stride_vn + h * dim_v * stride_vc
-        q = tl.load(q_ptr + n * stride_qn + h * dim_qk * stride_qc
-                    + offs_m[:, None] * stride_ql + offs_dqk[None, :] * stride_qc,
-                    mask=mask_m[:, None] & mask_dqk[None, :], other=0.0)
-        do = tl.load(dout_ptr + n * stride_dn + h * dim_v * stride_dc
-                     + offs_m[:, None] * stride_dl + offs_dv[None, :] * stride_dc,
-                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+        offs_m, offs_dqk, offs_dv, mask_m, mask_dqk, mask_dv = _masked_program_offsets(
+            len_q, dim_qk, dim_v, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+        k_base = _head_base(k_ptr, n, h, dim_qk, stride_kn, stride_kc)
+        v_base = _head_base(v_ptr, n, h, dim_v, stride_vn, stride_vc)
+        q = _load_head_tile(q_ptr, n, h, dim_qk, stride_qn, stride_qc, stride_ql, offs_m, offs_dqk, mask_m, mask_dqk)
+        do = _load_head_tile(dout_ptr, n, h, dim_v, stride_dn, stride_dc, stride_dl, offs_m, offs_dv, mask_m, mask_dv)
         row_base = bh.to(tl.int64) * len_q
         lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
@@ -587,9 +598,9 @@ def _spatial_attention_fwd_kernel_v2(
         MASK_DQK: tl.constexpr = HEAD_DQK != BLOCK_DQK
         MASK_DV: tl.constexpr = HEAD_DV != BLOCK_DV * DV_CHUNKS
 
-        k_base = k_ptr + n * stride_kn + h * HEAD_DQK * stride_kc
-        v_base = v_ptr + n * stride_vn + h * HEAD_DV * stride_vc
-        q = _load_tile(q_ptr + n * stride_qn + h * HEAD_DQK * stride_qc, offs_m, offs_dqk, stride_ql, stride_qc,
+        k_base = _head_base(k_ptr, n, h, HEAD_DQK, stride_kn, stride_kc)
+        v_base = _head_base(v_ptr, n, h, HEAD_DV, stride_vn, stride_vc)
+        q = _load_tile(_head_base(q_ptr, n, h, HEAD_DQK, stride_qn, stride_qc), offs_m, offs_dqk, stride_ql, stride_qc,
                        load_len_q, HEAD_DQK, not EVEN_M, MASK_DQK)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -606,7 +617,7 @@ def _spatial_attention_fwd_kernel_v2(
                 len_k, load_len_k, qk_scale, m_i, l_i, acc, BLOCK_N, HEAD_DQK, HEAD_DV, True, MASK_DQK, MASK_DV, DOT_PRECISION)
 
         acc = acc / l_i[:, None]
-        _store_tile(out_ptr + n * stride_on + h * HEAD_DV * stride_oc, acc.to(out_ptr.dtype.element_ty),
+        _store_tile(_head_base(out_ptr, n, h, HEAD_DV, stride_on, stride_oc), acc.to(out_ptr.dtype.element_ty),
                     offs_m, offs_dv, stride_ol, stride_oc, len_q, HEAD_DV, not EVEN_M, MASK_DV)
         lse = (m_i + tl.log2(l_i)) / LOG2E  # natural log, as the op returns; every d_v chunk has the same bits
         lse_ptrs = lse_ptr + bh.to(tl.int64) * len_q + offs_m
@@ -629,10 +640,10 @@ def _spatial_attention_bwd_delta_kernel_v2(
     if valid:
         offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
-        o = _load_tile(out_ptr + n * stride_on + h * HEAD_DV * stride_oc, offs_m, offs_dv, stride_ol, stride_oc,
+        o = _load_tile(_head_base(out_ptr, n, h, HEAD_DV, stride_on, stride_oc), offs_m, offs_dv, stride_ol, stride_oc,
                        len_q, HEAD_DV, True, HEAD_DV != BLOCK_DV)
-        do = _load_tile(dout_ptr + n * stride_dn + h * HEAD_DV * stride_dc, offs_m, offs_dv, stride_dl, stride_dc,
-                        len_q, HEAD_DV, True, HEAD_DV != BLOCK_DV)
+        do = _load_tile(_head_base(dout_ptr, n, h, HEAD_DV, stride_dn, stride_dc),
+                        offs_m, offs_dv, stride_dl, stride_dc, len_q, HEAD_DV, True, HEAD_DV != BLOCK_DV)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(delta_ptr + bh.to(tl.int64) * len_q + offs_m, delta, mask=offs_m < len_q)
 
@@ -681,17 +692,15 @@ def _spatial_attention_bwd_dkdv_kernel_v2(
     """One key block: dv = P^T dO and dk = scale * dS^T Q, summed over all query blocks."""
     bh, n, h, valid = _batch_head(heads, batch_heads)
     if valid:
-        offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
-        offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+        offs_n, offs_dqk, offs_dv = _program_offsets(BLOCK_N, BLOCK_DQK, BLOCK_DV)
         MASK_DQK: tl.constexpr = HEAD_DQK != BLOCK_DQK
         MASK_DV: tl.constexpr = HEAD_DV != BLOCK_DV
 
-        q_base = q_ptr + n * stride_qn + h * HEAD_DQK * stride_qc
-        do_base = dout_ptr + n * stride_dn + h * HEAD_DV * stride_dc
-        k = _load_tile(k_ptr + n * stride_kn + h * HEAD_DQK * stride_kc, offs_n, offs_dqk, stride_kl, stride_kc,
+        q_base = _head_base(q_ptr, n, h, HEAD_DQK, stride_qn, stride_qc)
+        do_base = _head_base(dout_ptr, n, h, HEAD_DV, stride_dn, stride_dc)
+        k = _load_tile(_head_base(k_ptr, n, h, HEAD_DQK, stride_kn, stride_kc), offs_n, offs_dqk, stride_kl, stride_kc,
                        load_len_k, HEAD_DQK, not EVEN_N, MASK_DQK)
-        v = _load_tile(v_ptr + n * stride_vn + h * HEAD_DV * stride_vc, offs_n, offs_dv, stride_vl, stride_vc,
+        v = _load_tile(_head_base(v_ptr, n, h, HEAD_DV, stride_vn, stride_vc), offs_n, offs_dv, stride_vl, stride_vc,
                        load_len_k, HEAD_DV, not EVEN_N, MASK_DV)
         lse_ptrs = lse_ptr + bh.to(tl.int64) * len_q
         delta_ptrs = delta_ptr + bh.to(tl.int64) * len_q
@@ -710,9 +719,10 @@ def _spatial_attention_bwd_dkdv_kernel_v2(
                 stride_qc, stride_ql, stride_dc, stride_dl, len_q, load_len_q, qk_scale, dk, dv,
                 BLOCK_M, HEAD_DQK, HEAD_DV, True, MASK_DQK, MASK_DV, DOT_PRECISION)
 
-        _store_tile(dk_ptr + n * stride_dkn + h * HEAD_DQK * stride_dkc, (dk * scale).to(dk_ptr.dtype.element_ty),
-                    offs_n, offs_dqk, stride_dkl, stride_dkc, len_k, HEAD_DQK, not EVEN_N, MASK_DQK)
-        _store_tile(dv_ptr + n * stride_dvn + h * HEAD_DV * stride_dvc, dv.to(dv_ptr.dtype.element_ty),
+        _store_tile(_head_base(dk_ptr, n, h, HEAD_DQK, stride_dkn, stride_dkc),
+                    (dk * scale).to(dk_ptr.dtype.element_ty), offs_n, offs_dqk, stride_dkl, stride_dkc, len_k, HEAD_DQK,
+                    not EVEN_N, MASK_DQK)
+        _store_tile(_head_base(dv_ptr, n, h, HEAD_DV, stride_dvn, stride_dvc), dv.to(dv_ptr.dtype.element_ty),
                     offs_n, offs_dv, stride_dvl, stride_dvc, len_k, HEAD_DV, not EVEN_N, MASK_DV)
 
 
@@ -755,18 +765,16 @@ def _spatial_attention_bwd_dq_kernel_v2(
     """One query block: dq = scale * dS K, summed over all key blocks."""
     bh, n, h, valid = _batch_head(heads, batch_heads)
     if valid:
-        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_dqk = tl.arange(0, BLOCK_DQK).to(tl.int64)
-        offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+        offs_m, offs_dqk, offs_dv = _program_offsets(BLOCK_M, BLOCK_DQK, BLOCK_DV)
         MASK_DQK: tl.constexpr = HEAD_DQK != BLOCK_DQK
         MASK_DV: tl.constexpr = HEAD_DV != BLOCK_DV
 
-        k_base = k_ptr + n * stride_kn + h * HEAD_DQK * stride_kc
-        v_base = v_ptr + n * stride_vn + h * HEAD_DV * stride_vc
-        q = _load_tile(q_ptr + n * stride_qn + h * HEAD_DQK * stride_qc, offs_m, offs_dqk, stride_ql, stride_qc,
+        k_base = _head_base(k_ptr, n, h, HEAD_DQK, stride_kn, stride_kc)
+        v_base = _head_base(v_ptr, n, h, HEAD_DV, stride_vn, stride_vc)
+        q = _load_tile(_head_base(q_ptr, n, h, HEAD_DQK, stride_qn, stride_qc), offs_m, offs_dqk, stride_ql, stride_qc,
                        load_len_q, HEAD_DQK, not EVEN_M, MASK_DQK)
-        do = _load_tile(dout_ptr + n * stride_dn + h * HEAD_DV * stride_dc, offs_m, offs_dv, stride_dl, stride_dc,
-                        load_len_q, HEAD_DV, not EVEN_M, MASK_DV)
+        do = _load_tile(_head_base(dout_ptr, n, h, HEAD_DV, stride_dn, stride_dc),
+                        offs_m, offs_dv, stride_dl, stride_dc, load_len_q, HEAD_DV, not EVEN_M, MASK_DV)
         row_ptrs = bh.to(tl.int64) * len_q + offs_m
         lse2 = _load_rows(lse_ptr + row_ptrs, offs_m, len_q, not EVEN_M) * LOG2E
         delta = _load_rows(delta_ptr + row_ptrs, offs_m, len_q, not EVEN_M)
@@ -782,8 +790,9 @@ def _spatial_attention_bwd_dq_kernel_v2(
                                   stride_kc, stride_kl, stride_vc, stride_vl, len_k, load_len_k, qk_scale, dq,
                                   BLOCK_N, HEAD_DQK, HEAD_DV, True, MASK_DQK, MASK_DV, DOT_PRECISION)
 
-        _store_tile(dq_ptr + n * stride_dqn + h * HEAD_DQK * stride_dqc, (dq * scale).to(dq_ptr.dtype.element_ty),
-                    offs_m, offs_dqk, stride_dql, stride_dqc, len_q, HEAD_DQK, not EVEN_M, MASK_DQK)
+        _store_tile(_head_base(dq_ptr, n, h, HEAD_DQK, stride_dqn, stride_dqc),
+                    (dq * scale).to(dq_ptr.dtype.element_ty), offs_m, offs_dqk, stride_dql, stride_dqc, len_q, HEAD_DQK,
+                    not EVEN_M, MASK_DQK)
 
 
 # --------------------------------------------------------------------------
