@@ -26,6 +26,7 @@ CASES = {
     "vae-mid 1x512x64x64": (1, 512, 512, 4096, 4096, 1, None),
     "unet 8x320x32x32 h8": (8, 320, 320, 1024, 1024, 8, None),
     "d256 2x512x1024 h2": (2, 512, 512, 1024, 1024, 2, None),
+    "nlnet-head 1x256x4096": (1, 256, 256, 4096, 4096, 1, None),  # the mmcv NLNet head's attention, half length
 }
 
 

@@ -255,8 +255,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   at::Tensor lse_acc, row_norm;
   std::tie(lse_acc, row_norm) = softmax_normalisation<scalar_t, acc_t>(lse, q, k, s, scale, needs_row_norm<acc_t>(s));
 
-  const Tiling tiling = choose_tiling(std::max(s.d_qk, s.d_v), s.k_len, s.q_len, batch_heads);
-  const int64_t k_block = tiling.rows, q_block = tiling.stream;
+  const int64_t d_max = std::max(s.d_qk, s.d_v);
+  const Tiling tiling = choose_tiling(d_max, s.k_len, s.q_len, batch_heads);
+  // A step streams four query panels (q, q^T, dO, dO^T) where the forward's streams two (k, v): each
+  // gets half the forward's share of L2, so a step's panels stay in it beside the task's key tiles.
+  const int64_t k_block = tiling.rows, q_block = stream_block(2 * d_max, s.q_len);
   const int64_t k_blocks = (s.k_len + k_block - 1) / k_block, q_blocks = (s.q_len + q_block - 1) / q_block;
   // key ranges per (n, head): a task for every thread, each range adding one dq-sized partial
   const int64_t splits = std::clamp<int64_t>((at::get_num_threads() + batch_heads - 1) / batch_heads, 1, k_blocks);
